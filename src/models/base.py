@@ -1,0 +1,238 @@
+"""The model-family adapter contract: everything downstream asks an adapter, never an if/elif on names.
+
+A *family* (``llava``, ``idefics2``, ``qwen2.5vl``, ``qwen3.5``, ...) is one ``FamilyAdapter`` subclass
+registered with ``@register``. It knows how to
+
+* resolve a *source* string into weights: an HF id, a local folder, ``tiny`` (an offline tiny
+  variant built from the family's transformers config with seeded weights, saved to a folder and
+  loaded through the same ``from_pretrained`` path) or ``config:<name>`` (real published dimensions,
+  random weights, no download);
+* run only the vision tower and the connector and return E_pre / E_post **per image, in canonical
+  spatial order** (row-major over the patch grid; CLS dropped exactly as the model does);
+* apply the model's real connector to a given E_pre (for reconstructed vectors);
+* generate captions from images, optionally with a replacement E_post injected.
+
+Token order conventions (the on-disk contract relies on them):
+    E_pre[i]  is [T_pre, D_pre], row-major over the pre grid ``pre_grid`` (h, w).
+    E_post[i] is [T_post, D_post], row-major over ``post_grid`` (h', w') when the family has a
+    spatial correspondence (``1:1`` or ``merge``), else in the connector's own latent order.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from vlmc.utils.cli import UsageError
+
+CorrespondenceKind = Literal["1:1", "merge", "none"]
+
+
+@dataclass(frozen=True)
+class Correspondence:
+    """How pre tokens map onto post tokens.
+
+    Attributes:
+        kind: ``1:1`` (post token i comes from pre token i), ``merge`` (post token (r, c) comes from
+            the ``merge x merge`` block of pre tokens at rows r*merge.., cols c*merge..), or ``none``
+            (no token correspondence, e.g. a perceiver resampler's learned latents).
+        merge: side of the merged block (2 for Qwen's 2x2 patch merger); 1 otherwise.
+    """
+
+    kind: CorrespondenceKind
+    merge: int = 1
+
+    def __str__(self) -> str:
+        return {"1:1": "1:1", "none": "none"}.get(self.kind, f"merge {self.merge}x{self.merge}")
+
+
+@dataclass
+class Captured:
+    """E_pre / E_post of a batch, one tensor per image (token counts may differ between images).
+
+    Attributes:
+        pre: per image ``[T_pre_i, D_pre]`` in canonical spatial order.
+        post: per image ``[T_post_i, D_post]``.
+        pre_grid: per image ``(h, w)`` of the pre token grid (``h * w == T_pre_i``).
+        post_grid: per image ``(h, w)`` of the post grid, or ``(T_post_i, 1)`` without correspondence.
+        modules: optional extra captures from ``--modules`` globs: module name → per-image tensors.
+    """
+
+    pre: list[Tensor]
+    post: list[Tensor]
+    pre_grid: list[tuple[int, int]]
+    post_grid: list[tuple[int, int]]
+    modules: dict[str, list[Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class VLM:
+    """A loaded model with its processor and the adapter that drives it."""
+
+    adapter: FamilyAdapter
+    model: nn.Module
+    processor: Any
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+
+class FamilyAdapter:
+    """Base class of a model family. Subclasses set the class attributes and implement the hooks.
+
+    Class attributes:
+        name: registry name (``llava``).
+        default_id: the HF id used when no source is given.
+        correspondence: pre→post token correspondence.
+        real_configs: ``config:<name>`` → zero-argument callable building the published config.
+        default_prompt: the captioning instruction.
+    """
+
+    name: ClassVar[str]
+    default_id: ClassVar[str]
+    correspondence: ClassVar[Correspondence]
+    real_configs: ClassVar[dict[str, Callable[[], Any]]] = {}
+    default_prompt: ClassVar[str] = "Describe the image in one sentence."
+
+    # -- weights ---------------------------------------------------------------------------------
+    def build_tiny(self, out_dir: Path, seed: int = 0) -> None:
+        """Build the offline tiny variant (model + processor) and ``save_pretrained`` it to ``out_dir``."""
+        raise NotImplementedError
+
+    def load_pretrained(self, path: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+        """``from_pretrained(path)`` of model and processor (a local folder or an HF id)."""
+        raise NotImplementedError
+
+    def build_from_config(self, config_name: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+        """Model at real published dimensions with random weights (``device='meta'`` allowed) + an offline processor."""
+        raise NotImplementedError
+
+    # -- vision path -----------------------------------------------------------------------------
+    def preprocess(self, processor: Any, images: Sequence[Image.Image], img_size: int | None) -> dict[str, Tensor]:
+        """Pixel inputs for ``images`` only (no text): what ``encode`` needs."""
+        raise NotImplementedError
+
+    def encode(self, vlm: VLM, pixel_inputs: dict[str, Tensor]) -> Captured:
+        """Run vision tower + connector only (never the LM); E_pre/E_post per image, canonical order."""
+        raise NotImplementedError
+
+    def connector_module(self, model: nn.Module) -> nn.Module:
+        """The connector ``nn.Module`` (for ``--list-modules``, training and hooks)."""
+        raise NotImplementedError
+
+    def apply_connector(self, vlm: VLM, pre: Sequence[Tensor], pre_grid: Sequence[tuple[int, int]]) -> list[Tensor]:
+        """The model's real connector applied to E_pre given in canonical order; E_post in canonical order."""
+        raise NotImplementedError
+
+    # -- language path ---------------------------------------------------------------------------
+    def generate(
+        self,
+        vlm: VLM,
+        images: Sequence[Image.Image],
+        prompt: str | None = None,
+        max_new_tokens: int = 32,
+        post: Sequence[Tensor] | None = None,
+        img_size: int | None = None,
+    ) -> list[str]:
+        """Greedy captions for a batch (left padding, KV cache).
+
+        With ``post`` the model's own E_post is replaced by the given per-image tensors (canonical
+        order, same shapes as ``encode`` returns), so stored / reconstructed / perturbed embeddings
+        can be decoded. Without it the model captions the images itself.
+        """
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, FamilyAdapter] = {}
+
+
+def register(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    """Class decorator: add a family adapter to the registry under ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"family {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_adapter(name: str) -> FamilyAdapter:
+    """The adapter registered as ``name``; a ``UsageError`` listing the known names otherwise."""
+    _import_families()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def families() -> list[str]:
+    """Registered family names, sorted."""
+    _import_families()
+    return sorted(_REGISTRY)
+
+
+def _import_families() -> None:
+    import vlmc.models.families  # noqa: F401  (registers every adapter on import)
+
+
+def tiny_cache_dir() -> Path:
+    """Where offline tiny variants are built (``$VLMC_CACHE`` or ``~/.cache/vlmc``)."""
+    return Path(os.environ.get("VLMC_CACHE", Path.home() / ".cache" / "vlmc"))
+
+
+# -- module capture by glob (VLM-Lens style) ------------------------------------------------------
+
+
+def list_modules(model: nn.Module) -> list[tuple[str, str]]:
+    """``(name, class name)`` of every named module."""
+    return [(n, type(m).__name__) for n, m in model.named_modules() if n]
+
+
+def match_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Names of modules matching any Unix glob in ``patterns`` (``*`` spans dots too)."""
+    names = [n for n, _ in model.named_modules() if n]
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+@contextmanager
+def capture_modules(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+    """Forward hooks storing each named module's output tensor (first tensor of tuples/ModelOutputs)."""
+    store: dict[str, Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = []
+
+    def hook_for(name: str):
+        def hook(_mod: nn.Module, _args: Any, out: Any) -> None:
+            store[name] = _first_tensor(out).detach()
+
+        return hook
+
+    for n in names:
+        handles.append(modules[n].register_forward_hook(hook_for(n)))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _first_tensor(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "values"):
+        out = list(out.values())
+    for item in out:
+        if isinstance(item, Tensor):
+            return item
+    raise TypeError(f"module output of type {type(out).__name__} holds no tensor")

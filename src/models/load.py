@@ -1,0 +1,83 @@
+"""Turn a (family, source) pair into a loaded ``VLM``: HF id, local folder, ``tiny`` or ``config:<name>``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from vlmc.models.base import VLM, FamilyAdapter, get_adapter, tiny_cache_dir
+from vlmc.utils.cli import UsageError
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+CONFIG_PREFIX = "config:"
+
+
+def tiny_path(adapter: FamilyAdapter, seed: int = 0) -> Path:
+    """Folder of the family's offline tiny variant, built on first use (atomically: safe for array jobs)."""
+    version = getattr(adapter, "tiny_version", 1)
+    path = tiny_cache_dir() / f"tiny-{adapter.name}-v{version}-s{seed}"
+    if not (path / "config.json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            adapter.build_tiny(tmp, seed=seed)
+            try:
+                os.rename(tmp, path)
+            except OSError:  # another process won the race; theirs is identical
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("built tiny %s at %s", adapter.name, path)
+    return path
+
+
+def resolve_source(adapter: FamilyAdapter, source: str | None) -> str:
+    """The concrete source string: ``None`` → the family's default HF id; ``tiny`` → its built folder."""
+    if not source:
+        return adapter.default_id
+    if source == TINY:
+        return str(tiny_path(adapter))
+    return source
+
+
+def load_vlm(
+    family: str,
+    source: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> VLM:
+    """Load a family's model and processor from ``source``.
+
+    Args:
+        family: registry name, e.g. ``llava``.
+        source: HF id, local folder, ``tiny`` or ``config:<name>`` (random weights at real
+            dimensions; ``device="meta"`` builds without memory). ``None`` → the default HF id.
+        dtype: parameter dtype.
+        device: where to put the model.
+
+    Returns:
+        The loaded ``VLM`` in eval mode.
+    """
+    adapter = get_adapter(family)
+    device = torch.device(device)
+    resolved = resolve_source(adapter, source)
+    if resolved.startswith(CONFIG_PREFIX):
+        name = resolved[len(CONFIG_PREFIX) :]
+        if name not in adapter.real_configs:
+            known = ", ".join(sorted(adapter.real_configs)) or "none"
+            raise UsageError(f"{family}: unknown config {name!r}; known: {known}")
+        model, processor = adapter.build_from_config(name, dtype, device)
+    else:
+        if os.path.sep in resolved and not Path(resolved).exists():
+            raise UsageError(f"{family}: model path {resolved} does not exist")
+        model, processor = adapter.load_pretrained(resolved, dtype, device)
+    model.eval()
+    return VLM(adapter=adapter, model=model, processor=processor, source=resolved, device=device, dtype=dtype)
