@@ -1,0 +1,152 @@
+"""Stage 1: extract E_pre (connector input) and E_post (connector output) for every image.
+
+Runs only the vision tower and the connector of each model (never the language model unless
+--caption asks for a caption too) and writes, per model and shard:
+
+    <out_dir>/<model>/<shard>/pre_vectors_<NNNNN>.pt   {"keys", "vecs" [N,T,D], "pooled" [N,D], "grids"}
+    <out_dir>/<model>/<shard>/post_vectors_<NNNNN>.pt
+    <out_dir>/<model>/<shard>/manifest.json            (written after every chunk; complete=true at the end)
+
+Token order is canonical: row-major over the patch grid (Qwen's window permutation undone, CLS
+dropped as the model drops it). See docs/formats.md.
+
+Examples:
+    python src/extract/extract_vectors.py --root sample/images --models llava --model-path tiny
+    python src/extract/extract_vectors.py --root data/images --models all --device cuda --dtype bf16
+    python src/extract/extract_vectors.py --models llava --model-path tiny --list-modules
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import defaultdict
+
+from tqdm import tqdm
+
+from vlmc.data.images import discover_images
+from vlmc.extract.runner import RunConfig, run_shard
+from vlmc.extract.vectors import VLMEncoder
+from vlmc.models.base import families, get_adapter, list_modules
+from vlmc.models.load import load_vlm
+from vlmc.utils.cli import (
+    UsageError,
+    ensure_writable_dir,
+    entry_point,
+    make_parser,
+    parse_csv_list,
+    parse_dtype,
+    resolve_device,
+)
+
+log = logging.getLogger("vlmc.extract_vectors")
+
+
+def build_parser():
+    """The stage-1 argument parser."""
+    p = make_parser(__doc__)
+    p.add_argument("--root", default="sample/images", help="image folder: <root>/<shard>/<key>.<ext> (a flat folder is one shard)")
+    p.add_argument("--out_dir", default="data/vector", help="output folder; files go to <out_dir>/<model>/<shard>/")
+    p.add_argument("--models", default="all", help=f"'all' or a comma list of: {', '.join(families())}")
+    p.add_argument(
+        "--model-path",
+        "--model_path",
+        dest="model_path",
+        default=None,
+        help="weights: an HF id, a local folder, 'tiny' (offline tiny variant) or 'config:<name>' (real dimensions, "
+        "random weights). One value for every model, or per model as 'llava=PATH,qwen2.5vl=tiny'. "
+        "Default: each family's published HF id",
+    )
+    p.add_argument("--shards", default=None, help="comma list of shard names to process (default: all)")
+    p.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers decoding and preprocessing images")
+    p.add_argument("--max_items", type=int, default=0, help="process at most this many images (in shard, key order); 0 = all")
+    p.add_argument("--save_every", type=int, default=256, help="images per chunk file (the resume granularity)")
+    p.add_argument("--skip_existing", action="store_true", help="keep chunks an earlier run committed; redo the rest")
+    p.add_argument("--dtype", default="auto", help="model compute dtype: auto (bf16 on cuda, fp32 on cpu), bf16, fp16, fp32")
+    p.add_argument("--store_dtype", default="fp16", help="dtype of the stored vectors: fp16, bf16 or fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--img_size", type=int, default=None, help="resize images to this square size (default: the model processor's own size)")
+    p.add_argument("--prompt", default=None, help="caption instruction used with --caption (default: the family's)")
+    p.add_argument("--save", default="both", choices=["tokens", "pooled", "both"], help="store token matrices, their mean, or both")
+    p.add_argument("--caption", action="store_true", help="also generate a caption per image (runs the LM; stored in post chunks)")
+    p.add_argument("--max_new_tokens", type=int, default=32, help="caption length limit with --caption")
+    p.add_argument("--modules", nargs="+", default=[], metavar="GLOB", help="also store outputs of modules matching these Unix globs")
+    p.add_argument("--list-modules", "--list_modules", dest="list_modules", action="store_true", help="print every module name of each model and exit")
+    return p
+
+
+def parse_model_paths(text: str | None, models: list[str]) -> dict[str, str | None]:
+    """``--model-path`` → source per model: one shared value, or ``name=value`` pairs."""
+    if not text:
+        return dict.fromkeys(models)
+    if "=" not in text:
+        return dict.fromkeys(models, text)
+    pairs = dict(item.split("=", 1) for item in parse_csv_list(text))
+    unknown = set(pairs) - set(models)
+    if unknown:
+        raise UsageError(f"--model-path names models not in --models: {', '.join(sorted(unknown))}")
+    return {m: pairs.get(m) for m in models}
+
+
+def select_models(text: str) -> list[str]:
+    """``--models`` → family names (validated)."""
+    names = families() if text == "all" else parse_csv_list(text)
+    if not names:
+        raise UsageError("--models is empty")
+    for n in names:
+        get_adapter(n)
+    return names
+
+
+def check_args(args) -> None:
+    """Reject impossible numbers before any model is loaded."""
+    for flag in ("batch_size", "save_every"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1")
+    if args.max_items < 0 or args.num_workers < 0:
+        raise UsageError("--max_items and --num_workers must be >= 0")
+    parse_dtype(args.store_dtype)
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    models = select_models(args.models)
+    sources = parse_model_paths(args.model_path, models)
+    device = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32"))
+    if args.list_modules:
+        for m in models:
+            vlm = load_vlm(m, sources[m], dtype, "meta" if (sources[m] or "").startswith("config:") else device)
+            for name, cls in list_modules(vlm.model):
+                print(f"{m}\t{name}\t{cls}")
+        return 0
+    records = discover_images(args.root, shards=parse_csv_list(args.shards) or None, max_items=args.max_items or None)
+    out_dir = ensure_writable_dir(args.out_dir)
+    by_shard = defaultdict(list)
+    for r in records:
+        by_shard[r.shard].append(r)
+    cfg = RunConfig(
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        save_every=args.save_every,
+        skip_existing=args.skip_existing,
+        store_dtype=args.store_dtype,
+        save=args.save,
+    )
+    for m in models:
+        vlm = load_vlm(m, sources[m], dtype, device)
+        encoder = VLMEncoder(vlm, args.img_size, args.modules, args.caption, args.prompt, args.max_new_tokens)
+        if args.modules and not encoder.module_names:
+            raise UsageError(f"{m}: no module matches {' '.join(args.modules)} (see --list-modules)")
+        with tqdm(total=len(records), desc=f"extract {m}", unit="img", file=sys.stderr) as bar:
+            for shard, recs in sorted(by_shard.items()):
+                res = run_shard(encoder, shard, recs, out_dir / m / shard, cfg, progress=bar)
+                log.info("%s/%s: %d written, %d resumed, %d skipped", m, shard, res.written, res.resumed, res.skipped)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

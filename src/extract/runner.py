@@ -1,0 +1,212 @@
+"""The resumable, chunked image-folder → encoder → vector-store loop shared by stages 1 and 2.
+
+An *encoder* turns a batch of PIL images into per-image tensors of one or more *kinds* (``pre`` and
+``post`` for a VLM, ``ref`` for a CLIP/DINO reference). The runner owns everything else: fixed
+chunk boundaries, batches that never cross them, image decoding in DataLoader workers, the
+corrupt-image policy (skip, log, count in the manifest), atomic chunk files and resume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import platform
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from vlmc.data.images import ImageDataset, ImageRecord
+from vlmc.store.vectors import ShardWriter, cast_checked, digest_keys, pack
+from vlmc.utils.cli import DTYPES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Encoded:
+    """One batch's output.
+
+    Attributes:
+        vectors: kind → per-image tensors (``[T, D]`` token matrices or ``[D]`` vectors).
+        extras: kind → field → per-image values stored beside the vectors (e.g. ``grids``, ``captions``).
+        shapes: kind → manifest entry describing the shapes (``tokens``, ``dim``, ``grid``).
+    """
+
+    vectors: dict[str, list[torch.Tensor]]
+    extras: dict[str, dict[str, list]] = field(default_factory=dict)
+    shapes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Encoder(Protocol):
+    """What the runner needs from a model."""
+
+    def meta(self) -> dict[str, Any]:
+        """Manifest fields describing the model and settings (compared on resume)."""
+
+    def preprocess(self, images: list[Image.Image]) -> dict[str, Any]:
+        """Model inputs for a batch; runs in DataLoader workers, so the object must pickle."""
+
+    def encode(self, inputs: dict[str, Any], images: list[Image.Image]) -> Encoded:
+        """Per-image outputs for a preprocessed batch."""
+
+
+@dataclass
+class RunConfig:
+    """Store settings shared by every stage that writes vectors."""
+
+    batch_size: int = 8
+    num_workers: int = 2
+    save_every: int = 256
+    skip_existing: bool = False
+    store_dtype: str = "fp16"
+    save: str = "both"
+
+
+@dataclass
+class ShardResult:
+    """Counts for one shard after a run."""
+
+    shard: str
+    written: int = 0
+    resumed: int = 0
+    skipped: int = 0
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in every manifest."""
+    import transformers
+
+    from vlmc import __version__
+
+    return {
+        "vlmc": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def chunk_slices(n: int, save_every: int) -> list[range]:
+    """Fixed chunk boundaries over a shard's sorted inputs: ``[0, s), [s, 2s), ...``."""
+    return [range(i, min(i + save_every, n)) for i in range(0, n, save_every)]
+
+
+def batch_plan(chunks: Sequence[range], batch_size: int) -> list[list[int]]:
+    """Batches that never cross a chunk boundary (so a resumed chunk sees the same batches)."""
+    return [list(c[i : i + batch_size]) for c in chunks for i in range(0, len(c), batch_size)]
+
+
+def run_shard(
+    encoder: Encoder,
+    shard: str,
+    records: Sequence[ImageRecord],
+    shard_dir: Path,
+    cfg: RunConfig,
+    progress: tqdm | None = None,
+) -> ShardResult:
+    """Encode one shard's images into ``shard_dir``, resuming chunks an earlier run committed.
+
+    Args:
+        encoder: the model side.
+        shard: shard name (recorded in the manifest).
+        records: the shard's inputs in key order.
+        shard_dir: output folder for this shard.
+        cfg: chunking, batching and storage settings.
+        progress: a tqdm bar advanced by one per input.
+
+    Returns:
+        How many images were written, resumed from an earlier run, and skipped as unreadable.
+    """
+    meta = {**encoder.meta(), "shard": shard, "store_dtype": cfg.store_dtype, "save": cfg.save,
+            "save_every": cfg.save_every, "versions": versions()}
+    writer = ShardWriter(shard_dir, meta, resume=cfg.skip_existing)
+    result = ShardResult(shard)
+    chunks = chunk_slices(len(records), cfg.save_every)
+    digests = [digest_keys([records[i].key for i in c]) for c in chunks]
+    todo = [i for i in range(len(chunks)) if not writer.is_done(i, digests[i])]
+    result.resumed = sum(len(chunks[i]) for i in range(len(chunks)) if i not in todo)
+    if progress is not None:
+        progress.update(result.resumed)
+    dtype = DTYPES[cfg.store_dtype]
+    for ci, batches in _chunk_batches(encoder, records, chunks, todo, cfg):
+        keys: list[str] = []
+        parts: list[Encoded] = []
+        skipped: list[dict[str, str]] = []
+        for recs, inputs, images, bad in batches:
+            skipped += bad
+            if recs:
+                with torch.inference_mode():
+                    enc = encoder.encode(inputs, images)
+                enc.vectors = {k: [cast_checked(v.detach().cpu(), dtype) for v in vs] for k, vs in enc.vectors.items()}
+                parts.append(enc)
+                keys += [r.key for r in recs]
+            if progress is not None:
+                progress.update(len(recs) + len(bad))
+        _commit(writer, ci, digests[ci], keys, parts, skipped, cfg)
+        result.written += len(keys)
+        result.skipped += len(skipped)
+        for s in skipped:
+            log.warning("skipped %s/%s (%s): %s", shard, s["key"], s["path"], s["reason"])
+    writer.write_manifest(complete=True, n_chunks=len(chunks))
+    return result
+
+
+def _commit(
+    writer: ShardWriter,
+    index: int,
+    digest: str,
+    keys: list[str],
+    parts: list[Encoded],
+    skipped: list[dict[str, str]],
+    cfg: RunConfig,
+) -> None:
+    dtype = DTYPES[cfg.store_dtype]
+    data: dict[str, dict[str, Any]] = {}
+    if parts:
+        writer.meta.update(parts[0].shapes)
+        for kind in parts[0].vectors:
+            vecs = [v for p in parts for v in p.vectors[kind]]
+            save = cfg.save if vecs[0].dim() == 2 else "tokens"
+            data[kind] = pack(vecs, keys, dtype, save)
+            for name in parts[0].extras.get(kind, {}):
+                values = [x for p in parts for x in p.extras[kind][name]]
+                data[kind][name] = torch.tensor(values) if not isinstance(values[0], str) else values
+    else:  # every input of this chunk was unreadable: commit an empty chunk so resume skips it
+        data = {kind: {"keys": []} for kind in writer.meta.get("kinds", ["pre", "post"])}
+    writer.write_chunk(index, digest, keys, data, skipped)
+
+
+def _chunk_batches(
+    encoder: Encoder, records: Sequence[ImageRecord], chunks: Sequence[range], todo: Sequence[int], cfg: RunConfig
+) -> Iterator[tuple[int, list]]:
+    """Yield (chunk index, its batches) for the chunks still to do; images load in workers."""
+    plan = batch_plan([chunks[i] for i in todo], cfg.batch_size)
+    if not plan:
+        return
+    loader = DataLoader(
+        ImageDataset(records), batch_sampler=plan, num_workers=cfg.num_workers, collate_fn=_Collate(encoder)
+    )
+    owner = {i: ci for ci in todo for i in chunks[ci]}
+    batches = iter(loader)
+    for ci, group in itertools.groupby(plan, key=lambda b: owner[b[0]]):
+        yield ci, [next(batches) for _ in group]
+
+
+class _Collate:
+    """Dataset items → (readable records, model inputs, images, skipped rows); runs in workers."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+
+    def __call__(self, items: list) -> tuple[list[ImageRecord], dict, list, list[dict[str, str]]]:
+        good = [(rec, img) for rec, img, _ in items if img is not None]
+        bad = [{"key": rec.key, "path": str(rec.path), "reason": why} for rec, img, why in items if img is None]
+        images = [im for _, im in good]
+        inputs = self.encoder.preprocess(images) if images else {}
+        return [r for r, _ in good], inputs, images, bad

@@ -1,0 +1,93 @@
+"""Stage 1 encoder: a VLM's vision tower + connector as a runner ``Encoder`` (E_pre, E_post per image)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from vlmc.extract.runner import Encoded
+from vlmc.models.base import VLM, Captured, capture_modules, match_modules
+from vlmc.utils.cli import UsageError
+
+
+class VLMEncoder:
+    """Captures E_pre/E_post (and optional ``--modules`` outputs and captions) for a batch.
+
+    Args:
+        vlm: the loaded model.
+        img_size: square resize, or ``None`` for the processor's own size.
+        modules: Unix globs of extra modules whose outputs are stored too.
+        caption: also generate a caption per image (runs the LM).
+        prompt: caption instruction (``None`` → the family's default).
+        max_new_tokens: caption length limit.
+    """
+
+    def __init__(
+        self,
+        vlm: VLM,
+        img_size: int | None = None,
+        modules: Sequence[str] = (),
+        caption: bool = False,
+        prompt: str | None = None,
+        max_new_tokens: int = 32,
+    ) -> None:
+        self.vlm = vlm
+        self.img_size = img_size
+        self.module_names = match_modules(vlm.model, modules) if modules else []
+        self.caption = caption
+        self.prompt = prompt or vlm.adapter.default_prompt
+        self.max_new_tokens = max_new_tokens
+
+    def meta(self) -> dict[str, Any]:
+        vlm = self.vlm
+        config = getattr(vlm.model, "config", None)
+        return {
+            "model": vlm.name,
+            "family": vlm.adapter.name,
+            "source": vlm.source,
+            "revision": getattr(config, "_commit_hash", None),
+            "model_class": type(vlm.model).__name__,
+            "compute_dtype": str(vlm.dtype).replace("torch.", ""),
+            "pool": "mean",
+            "correspondence": str(vlm.adapter.correspondence),
+            "prompt": self.prompt if self.caption else None,
+            "img_size": self.img_size,
+            "modules": self.module_names,
+            "kinds": ["pre", "post", *self.module_names],
+        }
+
+    def preprocess(self, images: list[Image.Image]) -> dict[str, Any]:
+        return self.vlm.adapter.preprocess(self.vlm.processor, images, self.img_size)
+
+    def encode(self, inputs: dict[str, Any], images: list[Image.Image]) -> Encoded:
+        vlm = self.vlm
+        inputs = {k: v.to(vlm.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        with capture_modules(vlm.model, self.module_names) as mods:
+            cap = vlm.adapter.encode(vlm, inputs)
+        enc = Encoded(
+            vectors={"pre": cap.pre, "post": cap.post},
+            extras={"pre": {"grids": cap.pre_grid}, "post": {"grids": cap.post_grid}},
+            shapes=shape_meta(cap),
+        )
+        for name, out in mods.items():
+            if out.shape[0] != len(images):
+                raise UsageError(f"module {name} output {tuple(out.shape)} is not per image (first dim != batch)")
+            enc.vectors[name] = list(out.detach())
+        if self.caption:
+            enc.extras["post"]["captions"] = vlm.adapter.generate(
+                vlm, images, self.prompt, self.max_new_tokens, img_size=self.img_size
+            )
+        return enc
+
+
+def shape_meta(cap: Captured) -> dict[str, Any]:
+    """``pre``/``post`` manifest entries (tokens, dim, grid); tokens/grid ``None`` when images differ."""
+
+    def one(vecs: list[torch.Tensor], grids: list[tuple[int, int]]) -> dict[str, Any]:
+        same = len({tuple(v.shape) for v in vecs}) == 1
+        return {"tokens": vecs[0].shape[0] if same else None, "dim": vecs[0].shape[1], "grid": list(grids[0]) if same else None}
+
+    return {"pre": one(cap.pre, cap.pre_grid), "post": one(cap.post, cap.post_grid)}

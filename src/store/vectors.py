@@ -1,0 +1,270 @@
+"""The stage-1 vector store: sharded ``.pt`` chunks plus a ``manifest.json`` per (model, shard).
+
+Layout (docs/formats.md is the contract)::
+
+    <out_dir>/<model>/<shard>/pre_vectors_00000.pt    {"keys": [str], "vecs": [N,T,D] | ragged, "pooled": [N,D]}
+    <out_dir>/<model>/<shard>/post_vectors_00000.pt
+    <out_dir>/<model>/<shard>/manifest.json
+
+A chunk holds the images of one fixed slice of the shard's sorted input list (``save_every`` inputs),
+so chunk boundaries never move between runs and a resumed run rewrites exactly the chunks that a
+killed run had not committed. A chunk is committed when the manifest lists it; the manifest is
+rewritten (atomically) after every chunk with ``complete: false`` and finally with ``complete: true``.
+When images in a chunk have different token counts, ``vecs`` is stored flat ``[sum T_i, D]`` with
+``lengths`` ``[N]`` (``ragged``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vlmc.utils.cli import UsageError
+from vlmc.utils.io import atomic_torch_save, atomic_write_json, read_json, safe_torch_load, sha256_file
+
+FORMAT = "vlmc.vectors/1"
+MANIFEST = "manifest.json"
+
+
+def chunk_name(kind: str, index: int) -> str:
+    """File name of chunk ``index`` of ``kind`` (``pre``, ``post``, ``ref`` or a module name)."""
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in kind)
+    return f"{safe}_vectors_{index:05d}.pt"
+
+
+def digest_keys(keys: Sequence[str]) -> str:
+    """A short, order-sensitive digest of a chunk's input keys (detects a changed input slice)."""
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def pack(vectors: Sequence[Tensor], keys: Sequence[str], dtype: torch.dtype, save: str) -> dict[str, Any]:
+    """Pack per-image token matrices into a chunk dict.
+
+    Args:
+        vectors: per image ``[T_i, D]``.
+        keys: image keys (strings), one per vector.
+        dtype: storage dtype.
+        save: ``tokens``, ``pooled`` (mean over the given tokens, computed in float32) or ``both``.
+
+    Raises:
+        UsageError: a value is finite in the model but overflows the storage dtype.
+    """
+    out: dict[str, Any] = {"keys": list(keys)}
+    if save in ("tokens", "both"):
+        if len({v.shape for v in vectors}) == 1:
+            out["vecs"] = cast_checked(torch.stack(list(vectors)), dtype)
+        else:
+            out["vecs"] = cast_checked(torch.cat(list(vectors)), dtype)
+            out["lengths"] = torch.tensor([v.shape[0] for v in vectors], dtype=torch.int64)
+    if save in ("pooled", "both"):
+        out["pooled"] = cast_checked(torch.stack([v.float().mean(0) for v in vectors]), dtype)
+    return out
+
+
+def cast_checked(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype`` (contiguous); a ``UsageError`` if finite values overflow to inf."""
+    y = x.to(dtype).contiguous()
+    if y.is_floating_point() and not torch.isfinite(y).all() and torch.isfinite(x).all():
+        raise UsageError(f"values up to {x.abs().max().item():.3g} overflow {dtype}; use --store_dtype fp32 or bf16")
+    return y
+
+
+def unpack(chunk: dict[str, Any]) -> list[Tensor]:
+    """Per-image token matrices of a chunk dict (views, no copy)."""
+    vecs = chunk["vecs"]
+    if "lengths" in chunk:
+        return list(torch.split(vecs, chunk["lengths"].tolist()))
+    return list(vecs.unbind(0))
+
+
+class ShardWriter:
+    """Writes one (model, shard) folder chunk by chunk; resumable and crash-safe.
+
+    Args:
+        shard_dir: ``<out_dir>/<model>/<shard>``.
+        meta: everything the manifest records about the run (model, dtype, shapes, ...).
+        resume: keep chunks already committed by an earlier run with the same ``meta``.
+    """
+
+    def __init__(self, shard_dir: str | os.PathLike, meta: dict[str, Any], resume: bool) -> None:
+        self.dir = Path(shard_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.meta = dict(meta)
+        self.chunks: dict[int, dict[str, Any]] = {}
+        self.skipped: dict[int, list[dict[str, str]]] = {}
+        old = self.dir / MANIFEST
+        if resume and old.exists():
+            self._adopt(read_json(old))
+
+    def _adopt(self, old: dict[str, Any]) -> None:
+        for field in ("model", "source", "store_dtype", "save", "save_every", "prompt", "img_size"):
+            if field in self.meta and old.get(field) != self.meta[field]:
+                raise UsageError(
+                    f"{self.dir}: existing output has {field}={old.get(field)!r}, this run {self.meta[field]!r}; "
+                    "rerun without --skip_existing to overwrite, or choose another --out_dir"
+                )
+        for c in old.get("chunks", []):
+            if all((self.dir / f["name"]).exists() for f in c["files"].values()):
+                self.chunks[c["index"]] = c
+                self.skipped[c["index"]] = c.get("skipped", [])
+        for k in ("pre", "post"):  # shapes discovered by the earlier run
+            self.meta.setdefault(k, old.get(k))
+
+    def is_done(self, index: int, input_digest: str) -> bool:
+        """Whether chunk ``index`` was committed for exactly this input slice."""
+        c = self.chunks.get(index)
+        return c is not None and c["input_digest"] == input_digest
+
+    def write_chunk(
+        self,
+        index: int,
+        input_digest: str,
+        keys: Sequence[str],
+        data: dict[str, dict[str, Any]],
+        skipped: list[dict[str, str]],
+    ) -> None:
+        """Write every kind's chunk file atomically, then commit it in the manifest.
+
+        Args:
+            index: chunk number within the shard.
+            input_digest: ``digest_keys`` of the chunk's *input* keys (skipped ones included).
+            keys: keys actually stored (readable images), in row order.
+            data: kind (``pre``, ``post``, or a captured module name) → chunk dict from ``pack``.
+            skipped: ``{"key", "path", "reason"}`` for inputs of this chunk that could not be read.
+        """
+        files = {}
+        for kind, chunk in data.items():
+            name = chunk_name(kind, index)
+            path = self.dir / name
+            atomic_torch_save(chunk, path)
+            files[kind] = {"name": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        self.chunks[index] = {
+            "index": index,
+            "rows": len(keys),
+            "input_digest": input_digest,
+            "first_key": keys[0] if keys else None,
+            "last_key": keys[-1] if keys else None,
+            "files": files,
+            "skipped": skipped,
+        }
+        self.skipped[index] = skipped
+        self.write_manifest(complete=False)
+
+    def write_manifest(self, complete: bool, n_chunks: int | None = None) -> dict[str, Any]:
+        """Rewrite ``manifest.json``; ``complete`` only when every expected chunk is committed."""
+        chunks = [self.chunks[i] for i in sorted(self.chunks)]
+        if n_chunks is not None:
+            chunks = [c for c in chunks if c["index"] < n_chunks]
+        manifest = {
+            "format": FORMAT,
+            **self.meta,
+            "n_images": sum(c["rows"] for c in chunks),
+            "n_skipped": sum(len(c["skipped"]) for c in chunks),
+            "chunks": chunks,
+            "complete": complete,
+        }
+        atomic_write_json(self.dir / MANIFEST, manifest)
+        return manifest
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardReader:
+    """Reads one (model, shard) folder written by ``ShardWriter``; tensors are mmap'd, never unpickled."""
+
+    dir: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, shard_dir: str | os.PathLike, require_complete: bool = True) -> ShardReader:
+        """Open a shard folder, checking its manifest."""
+        d = Path(shard_dir)
+        m = d / MANIFEST
+        if not m.exists():
+            raise UsageError(f"{d}: no {MANIFEST} (not a vector shard folder, or its extraction never finished a chunk)")
+        manifest = read_json(m)
+        if manifest.get("format") != FORMAT:
+            raise UsageError(f"{m}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+        if require_complete and not manifest.get("complete"):
+            raise UsageError(f"{d}: extraction incomplete (manifest complete=false); rerun it with --skip_existing")
+        return cls(d, manifest)
+
+    @property
+    def shard(self) -> str:
+        return self.manifest.get("shard", self.dir.name)
+
+    def chunks(self, kind: str) -> Iterator[dict[str, Any]]:
+        """Yield each chunk dict of ``kind`` in order (``keys`` and mmap'd tensors)."""
+        for c in self.manifest["chunks"]:
+            if kind not in c["files"]:
+                raise UsageError(f"{self.dir}: chunk {c['index']} has no {kind!r} vectors")
+            chunk = safe_torch_load(self.dir / c["files"][kind]["name"])
+            if len(chunk["keys"]) != c["rows"]:
+                raise UsageError(f"{self.dir}: chunk {c['index']} has {len(chunk['keys'])} rows, manifest says {c['rows']}")
+            yield chunk
+
+    def keys(self, kind: str = "pre") -> list[str]:
+        """Stored keys in row order."""
+        return [k for chunk in self.chunks(kind) for k in chunk["keys"]]
+
+    def tokens(self, kind: str) -> tuple[list[str], list[Tensor]]:
+        """All keys and per-image token matrices of ``kind`` (mmap'd views)."""
+        keys, vecs = [], []
+        for chunk in self.chunks(kind):
+            if "vecs" not in chunk:
+                raise UsageError(f"{self.dir}: {kind} tokens were not saved (--save pooled); rerun with --save both")
+            keys += chunk["keys"]
+            vecs += unpack(chunk)
+        return keys, vecs
+
+    def pooled(self, kind: str, pool: str = "mean") -> tuple[list[str], Tensor]:
+        """Keys and one vector per image: the stored mean, or ``mean|max|cls`` computed from tokens."""
+        keys, parts = [], []
+        for chunk in self.chunks(kind):
+            keys += chunk["keys"]
+            if pool == "mean" and "pooled" in chunk:
+                parts.append(chunk["pooled"].float())
+            elif "vecs" in chunk:
+                parts.append(torch.stack([pool_tokens(v, pool) for v in unpack(chunk)]))
+            else:
+                raise UsageError(f"{self.dir}: only mean-pooled {kind} vectors are stored; --pool {pool} needs tokens")
+        return keys, torch.cat(parts) if parts else torch.empty(0)
+
+
+def pool_tokens(x: Tensor, pool: str) -> Tensor:
+    """Pool a ``[T, D]`` token matrix in float32: ``mean``, ``max`` or ``cls`` (= the first stored token)."""
+    x = x.float()
+    if pool == "mean":
+        return x.mean(0)
+    if pool == "max":
+        return x.amax(0)
+    if pool == "cls":
+        return x[0]
+    raise UsageError(f"unknown pool {pool!r}; choose mean, max or cls")
+
+
+def find_shard_dirs(path: str | os.PathLike) -> list[Path]:
+    """Shard folders under ``path``: the folder itself if it has a manifest, else its children that do.
+
+    Also accepts a chunk file (its folder is used). Sorted by name.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    if p.is_file():
+        p = p.parent
+    if (p / MANIFEST).exists():
+        return [p]
+    dirs = sorted(d for d in p.iterdir() if (d / MANIFEST).exists())
+    if not dirs:
+        raise UsageError(f"{p}: no vector shards found (expected {MANIFEST} here or in its subfolders)")
+    return dirs
