@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections import defaultdict
-
-from tqdm import tqdm
 
 from vlmc.data.images import discover_images
-from vlmc.extract.runner import RunConfig, run_shard
+from vlmc.extract.runner import RunConfig, run_shards
 from vlmc.extract.vectors import VLMEncoder
 from vlmc.models.base import families, get_adapter, list_modules
 from vlmc.models.load import load_vlm
@@ -125,9 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     records = discover_images(args.root, shards=parse_csv_list(args.shards) or None, max_items=args.max_items or None)
     out_dir = ensure_writable_dir(args.out_dir)
-    by_shard = defaultdict(list)
-    for r in records:
-        by_shard[r.shard].append(r)
     cfg = RunConfig(
         batch_size=args.batch_size,
         num_workers=args.num_workers,
@@ -141,12 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         encoder = VLMEncoder(vlm, args.img_size, args.modules, args.caption, args.prompt, args.max_new_tokens)
         if args.modules and not encoder.module_names:
             raise UsageError(f"{m}: no module matches {' '.join(args.modules)} (see --list-modules)")
-        with tqdm(total=len(records), desc=f"extract {m}", unit="img", file=sys.stderr) as bar:
-            for shard, recs in sorted(by_shard.items()):
-                res = run_shard(encoder, shard, recs, out_dir / m / shard, cfg, progress=bar)
-                log.info("%s/%s: %d written, %d resumed, %d skipped", m, shard, res.written, res.resumed, res.skipped)
+        run_shards(encoder, records, out_dir / m, cfg, desc=m)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

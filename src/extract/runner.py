@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import platform
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from vlmc.data.images import ImageDataset, ImageRecord
 from vlmc.store.vectors import ShardWriter, cast_checked, digest_keys, pack
 from vlmc.utils.cli import DTYPES
+from vlmc.utils.stop import StopFlag, StopRequested, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +155,33 @@ def run_shard(
         result.skipped += len(skipped)
         for s in skipped:
             log.warning("skipped %s/%s (%s): %s", shard, s["key"], s["path"], s["reason"])
+        if stop_requested():
+            raise StopRequested(f"{shard_dir}: stopped after chunk {ci}; rerun with --skip_existing to resume")
     writer.write_manifest(complete=True, n_chunks=len(chunks))
     return result
+
+
+def group_by_shard(records: Sequence[ImageRecord]) -> dict[str, list[ImageRecord]]:
+    """Records per shard, shards in sorted order, keys in record order."""
+    groups: dict[str, list[ImageRecord]] = {}
+    for r in sorted(records):
+        groups.setdefault(r.shard, []).append(r)
+    return groups
+
+
+def run_shards(encoder: Encoder, records: Sequence[ImageRecord], out_root: Path, cfg: RunConfig, desc: str) -> list[ShardResult]:
+    """``run_shard`` for every shard of ``records`` into ``out_root/<shard>``, with one progress bar.
+
+    A SIGUSR1/SIGTERM (Slurm's pre-emption warning) stops after the current chunk with
+    ``StopRequested`` (exit 75 through ``entry_point``); ``--skip_existing`` resumes.
+    """
+    results = []
+    with StopFlag(), tqdm(total=len(records), desc=desc, unit="img", file=sys.stderr) as bar:
+        for shard, recs in group_by_shard(records).items():
+            res = run_shard(encoder, shard, recs, out_root / shard, cfg, progress=bar)
+            log.info("%s %s: %d written, %d resumed, %d skipped", desc, shard, res.written, res.resumed, res.skipped)
+            results.append(res)
+    return results
 
 
 def _commit(

@@ -104,7 +104,7 @@ class ShardWriter:
             self._adopt(read_json(old))
 
     def _adopt(self, old: dict[str, Any]) -> None:
-        for field in ("model", "source", "store_dtype", "save", "save_every", "prompt", "img_size"):
+        for field in ("model", "source", "store_dtype", "save", "save_every", "prompt", "img_size", "pool"):
             if field in self.meta and old.get(field) != self.meta[field]:
                 raise UsageError(
                     f"{self.dir}: existing output has {field}={old.get(field)!r}, this run {self.meta[field]!r}; "
@@ -114,8 +114,9 @@ class ShardWriter:
             if all((self.dir / f["name"]).exists() for f in c["files"].values()):
                 self.chunks[c["index"]] = c
                 self.skipped[c["index"]] = c.get("skipped", [])
-        for k in ("pre", "post"):  # shapes discovered by the earlier run
-            self.meta.setdefault(k, old.get(k))
+        for k in self.meta.get("kinds", ["pre", "post"]):  # shapes discovered by the earlier run
+            if k in old:
+                self.meta.setdefault(k, old[k])
 
     def is_done(self, index: int, input_digest: str) -> bool:
         """Whether chunk ``index`` was committed for exactly this input slice."""
@@ -233,6 +234,8 @@ class ShardReader:
             keys += chunk["keys"]
             if pool == "mean" and "pooled" in chunk:
                 parts.append(chunk["pooled"].float())
+            elif "vecs" in chunk and chunk["vecs"].dim() == 2 and "lengths" not in chunk:  # one vector per image
+                parts.append(chunk["vecs"].float())
             elif "vecs" in chunk:
                 parts.append(torch.stack([pool_tokens(v, pool) for v in unpack(chunk)]))
             else:
@@ -242,6 +245,8 @@ class ShardReader:
 
 def pool_tokens(x: Tensor, pool: str) -> Tensor:
     """Pool a ``[T, D]`` token matrix in float32: ``mean``, ``max`` or ``cls`` (= the first stored token)."""
+    if x.dim() != 2:
+        raise ValueError(f"pool_tokens expects a [T, D] token matrix, got shape {tuple(x.shape)}")
     x = x.float()
     if pool == "mean":
         return x.mean(0)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from vlmc.utils.stop import EXIT_PREEMPTED, StopRequested
+
 log = logging.getLogger("vlmc")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -25,7 +27,7 @@ def entry_point(main: Callable[[list[str] | None], int | None]) -> Callable[[lis
     """Wrap a CLI ``main`` so user errors print one clear line and exit 2 instead of a traceback.
 
     ``UsageError``, missing files and permission problems are user errors; anything else is a bug
-    and keeps its traceback.
+    and keeps its traceback. ``StopRequested`` (a checkpointed stop, see ``vlmc.utils.stop``) exits 75.
     """
 
     @functools.wraps(main)
@@ -37,6 +39,9 @@ def entry_point(main: Callable[[list[str] | None], int | None]) -> Callable[[lis
             prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "vlmc"
             print(f"{prog}: error: {e}", file=sys.stderr)
             return 2
+        except StopRequested as e:
+            log.warning("%s", e)
+            return EXIT_PREEMPTED
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -1,0 +1,251 @@
+"""Stage 6: score a trained reconstructor on its HELD-OUT images, per sample.
+
+For every val image of the run's ``split.json`` (never a training image):
+
+    mse_pre        MSE(Ê_pre, E_pre) in the standardised space (train-split stats), mean over tokens × channels
+    cosine_pre     cosine(Ê_pre, E_pre) per token in the original space, mean over tokens
+    reproj_mse     MSE(connector(Ê_pre), E_post) in the standardised E_post space (needs the VLM's connector)
+    reproj_cosine  cosine(connector(Ê_pre), E_post) per token, original space, mean over tokens
+
+Writes to ``--out_dir`` (default ``data/output/recon_eval/<model>``):
+
+    per_sample.csv             shard, key, model, recon_type, mse_pre, cosine_pre, reproj_mse, reproj_cosine
+    per_shard/<shard>.csv      the same rows, one file per shard (the resume unit)
+    loss_maps/<shard>.pt       {"keys", "shards", "grids" [N,2], "maps" [N,h,w]}: per-patch mse_pre on the pre grid
+    loss_maps.pt               all shards together (NaN-padded when grids differ)
+    summary.json               means, counts, and whether reprojection ran
+
+``--resume`` keeps the rows already written (keyed by (shard, key) strings; no duplicates).
+``--no_reproj`` skips the connector (reproj_* left empty, noted in summary.json). Nothing in the
+model folder is written (normalization.safetensors stays byte-identical).
+
+Examples:
+    python src/eval/eval_recon.py --model_dir data/output/recon/llava_mlp --embed_model llava
+    python src/eval/eval_recon.py --model_dir OUT --no_reproj --limit 100
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from vlmc.models.base import VLM
+from vlmc.train.data import Sample, make_loader
+from vlmc.train.export_recon import ReconRun, load_connector_vlm, open_run, reconstruct, reproject
+from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, resolve_device
+from vlmc.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
+from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
+
+log = logging.getLogger("vlmc.eval_recon")
+
+FIELDS = ("shard", "key", "model", "recon_type", "mse_pre", "cosine_pre", "reproj_mse", "reproj_cosine")
+METRICS = ("mse_pre", "cosine_pre", "reproj_mse", "reproj_cosine")
+
+
+def build_parser():
+    """The stage-6 argument parser."""
+    p = make_parser(__doc__)
+    p.add_argument("--model_dir", required=True, help="the train_recon --out_dir")
+    p.add_argument("--embed_model", default=None, help="model name (default: the checkpoint's)")
+    p.add_argument("--vec_dir", default=None, help="stage-1 store (default: the shard folders recorded at training time)")
+    p.add_argument("--out_dir", default=None, help="output folder (default data/output/recon_eval/<model>)")
+    p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--limit", type=int, default=0, help="score at most this many held-out images (store order); 0 = all")
+    p.add_argument("--resume", action="store_true", help="keep rows an earlier run wrote; score only the rest")
+    p.add_argument("--save_every", type=int, default=256, help="rewrite a shard's outputs after this many new images")
+    p.add_argument("--no_reproj", action="store_true", help="skip connector(Ê_pre) (no VLM needed)")
+    p.add_argument("--model-path", "--model_path", dest="model_path", default=None,
+                   help="VLM source for the connector (default: the stage-1 manifest's source)")
+    p.add_argument("--dtype", default="auto", help="VLM compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for the reconstructor")
+    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return p
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+def token_cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Per-image mean over tokens of the per-token cosine, ``[B, T, D]`` → ``[B]`` (float32)."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8).mean(-1)
+
+
+def score_batch(run: ReconRun, batch: dict[str, Any], samples: Sequence[Sample], vlm: VLM | None, amp: bool):
+    """Per-image metrics and loss maps of one same-shape batch."""
+    std = run.std
+    device = std.pre_mean.device
+    s0 = samples[int(batch["index"][0])]
+    pre = batch["pre"].to(device).float()
+    rec = reconstruct(run, batch["post"], s0.pre_grid, s0.post_grid, amp)
+    per_token = ((std.pre_metric(rec) - std.pre_metric(pre)) ** 2).mean(-1)  # [B, T_pre]
+    out = {"mse_pre": per_token.mean(-1).cpu(), "cosine_pre": token_cosine(rec, pre).cpu()}
+    if vlm is not None:
+        proj = torch.stack(reproject(vlm, list(rec), [s0.pre_grid] * rec.shape[0])).to(device)
+        post = batch["post"].to(device).float()
+        out["reproj_mse"] = ((std.post_metric(proj) - std.post_metric(post)) ** 2).mean((-1, -2)).cpu()
+        out["reproj_cosine"] = token_cosine(proj, post).cpu()
+    maps = per_token.reshape(-1, *s0.pre_grid).cpu()
+    return out, maps
+
+
+# -- per-shard files ------------------------------------------------------------------------------
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """CSV rows as strings (keys like "000010000" stay strings)."""
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Rewrite a CSV atomically with one header."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in FIELDS})
+    atomic_write_text(path, buf.getvalue())
+
+
+class ShardResults:
+    """One shard's rows and loss maps, keyed by key; loaded for --resume, rewritten atomically."""
+
+    def __init__(self, out: Path, shard: str, resume: bool) -> None:
+        self.csv = out / "per_shard" / f"{shard}.csv"
+        self.maps_path = out / "loss_maps" / f"{shard}.pt"
+        self.shard = shard
+        self.rows: dict[str, dict[str, str]] = {}
+        self.maps: dict[str, Tensor] = {}
+        if resume and self.csv.exists() and self.maps_path.exists():
+            saved = safe_torch_load(self.maps_path, mmap=False)
+            self.maps = {k: m[:h, :w].clone() for k, m, (h, w) in zip(saved["keys"], saved["maps"], saved["grids"].tolist(), strict=True)}
+            self.rows = {r["key"]: r for r in read_rows(self.csv) if r["key"] in self.maps}
+
+    def add(self, key: str, row: dict[str, Any], loss_map: Tensor) -> None:
+        self.rows[key] = row
+        self.maps[key] = loss_map
+
+    def save(self, order: Sequence[str]) -> None:
+        keys = [k for k in order if k in self.rows]
+        write_rows(self.csv, [self.rows[k] for k in keys])
+        atomic_torch_save(pack_maps(keys, [self.shard] * len(keys), [self.maps[k] for k in keys]), self.maps_path)
+
+
+def pack_maps(keys: Sequence[str], shards: Sequence[str], maps: Sequence[Tensor]) -> dict[str, Any]:
+    """``{"keys", "shards", "grids" [N,2], "maps" [N,h,w]}``, NaN-padded to the largest grid."""
+    h = max((m.shape[0] for m in maps), default=0)
+    w = max((m.shape[1] for m in maps), default=0)
+    out = torch.full((len(maps), h, w), math.nan)
+    for i, m in enumerate(maps):
+        out[i, : m.shape[0], : m.shape[1]] = m
+    grids = torch.tensor([list(m.shape) for m in maps], dtype=torch.int64).reshape(-1, 2)
+    return {"keys": list(keys), "shards": list(shards), "grids": grids, "maps": out}
+
+
+def fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def eval_shard(run: ReconRun, samples: list[Sample], res: ShardResults, vlm: VLM | None, args, bar,
+               stop: StopFlag | None = None) -> int:
+    """Score the shard's samples not yet in ``res``; returns how many were scored."""
+    todo = [s for s in samples if s.key not in res.rows]
+    bar.update(len(samples) - len(todo))
+    order = [s.key for s in samples]
+    if not todo:
+        res.save(order)
+        return 0
+    loader, _ = make_loader(todo, args.batch_size, False, 0, args.num_workers, pin=False)
+    since = 0
+    for batch in loader:
+        metrics, maps = score_batch(run, batch, todo, vlm, args.amp)
+        for j, i in enumerate(batch["index"].tolist()):
+            s = todo[i]
+            row = {"shard": s.shard, "key": s.key, "model": run.store.model, "recon_type": run.spec.model_type}
+            row.update({k: fmt(float(v[j])) for k, v in metrics.items()})
+            res.add(s.key, row, maps[j])
+        since += len(batch["index"])
+        bar.update(len(batch["index"]))
+        if since >= args.save_every or stop:
+            res.save(order)
+            since = 0
+        if stop:
+            raise StopRequested()
+    res.save(order)
+    return len(todo)
+
+
+def summarise(rows: Sequence[dict[str, str]], run: ReconRun, reproj: bool) -> dict[str, Any]:
+    """Means of every metric over the held-out rows."""
+    means = {}
+    for m in METRICS:
+        vals = [float(r[m]) for r in rows if r.get(m)]
+        means[m] = sum(vals) / len(vals) if vals else None
+    return {
+        "model": run.store.model, "recon_type": run.spec.model_type, "model_dir": str(run.model_dir),
+        "split": "val", "n": len(rows), "means": means, "best_epoch": run.meta.get("epoch"),
+        "reproj": "ran" if reproj else "skipped (--no_reproj): reproj_* columns are empty",
+    }
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1 or args.limit < 0 or args.save_every < 1:
+        raise UsageError("--batch_size and --save_every must be >= 1, --limit >= 0")
+    device = resolve_device(args.device)
+    run = open_run(args.model_dir, device, args.vec_dir, args.embed_model)
+    held_out = run.part("val")
+    if args.limit:
+        held_out = held_out[: args.limit]
+    train_ids = {tuple(x) for x in run.split["train"]}
+    if any(s.id in train_ids for s in held_out):
+        raise UsageError("split.json lists an image in both train and val")
+    vlm = None if args.no_reproj else load_connector_vlm(run, args.model_path, args.dtype, device)
+    if vlm is None:
+        log.warning("--no_reproj: reproj_mse / reproj_cosine are not computed")
+    out = ensure_writable_dir(args.out_dir or f"data/output/recon_eval/{run.store.model}")
+    by_shard: dict[str, list[Sample]] = defaultdict(list)
+    for s in held_out:
+        by_shard[s.shard].append(s)
+    rows: list[dict[str, str]] = []
+    all_maps: list[tuple[str, str, Tensor]] = []
+    with StopFlag() as stop, tqdm(total=len(held_out), desc=f"eval {run.store.model}", unit="img", file=sys.stderr, disable=None) as bar:
+        for shard in sorted(by_shard):
+            res = ShardResults(out, shard, args.resume)
+            try:
+                eval_shard(run, by_shard[shard], res, vlm, args, bar, stop)
+            except StopRequested:
+                log.warning("stopped by signal; rerun with --resume to continue (exit %d)", EXIT_PREEMPTED)
+                return EXIT_PREEMPTED
+            for s in by_shard[shard]:
+                rows.append(res.rows[s.key])
+                all_maps.append((s.shard, s.key, res.maps[s.key]))
+    rows.sort(key=lambda r: (r["shard"], r["key"]))
+    all_maps.sort(key=lambda t: (t[0], t[1]))
+    write_rows(out / "per_sample.csv", rows)
+    atomic_torch_save(pack_maps([k for _, k, _ in all_maps], [s for s, _, _ in all_maps], [m for _, _, m in all_maps]),
+                      out / "loss_maps.pt")
+    summary = summarise(rows, run, vlm is not None)
+    atomic_write_json(out / "summary.json", summary)
+    log.info("%d held-out images: %s → %s", len(rows), {k: v for k, v in summary["means"].items() if v is not None}, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,754 @@
+"""Qwen-family adapters: Qwen2.5-VL, Qwen3.5 and Qwen3-VL (patch merger, 2x2 tokens → 1).
+
+All three share one vision layout, implemented once in ``QwenMergerAdapter``:
+
+* The processor cuts an image of ``h x w`` patches into 2x2 *merge blocks* and flattens the patches
+  block-major: ``(t, h/2, w/2, 2, 2)``. Position ``p`` of an image's ``pixel_values`` is patch
+  ``(r, c)`` with ``p = ((r//2) * (w/2) + c//2) * 4 + (r%2) * 2 + c%2``.
+* Qwen2.5-VL's vision tower then permutes whole merge blocks into *window order* (window attention;
+  ``get_vision_window_index``) and keeps that order through the merger. Qwen3.5 / Qwen3-VL do not.
+* The merger (``model.model.visual.merger``) views 4 consecutive rows as one token: E_pre is its
+  **input** (before its norm — ``ln_q`` RMSNorm in Qwen2.5-VL, ``norm`` LayerNorm in Qwen3.x), in
+  window order for Qwen2.5-VL. ``visual(...).pooler_output`` is the merger output with the window
+  permutation undone, i.e. row-major over the merged ``(h/2, w/2)`` grid, which is what the LM sees.
+
+Canonical order here: E_pre row-major over the ``(h, w)`` patch grid, E_post row-major over
+``(h/2, w/2)``. ``_orders`` builds one gather index (model row of every canonical position) with
+tensor ops, no per-token Python.
+
+Qwen3-VL's deepstack: ``visual.deepstack_merger_list[k]`` merges the hidden states of vision layers
+``deepstack_visual_indexes[k]`` and the LM *adds* them to the image-token hidden states after its first
+decoder layers. They are not a function of E_pre (they read intermediate layers), so:
+
+* ``encode`` also returns them, per image in canonical post order, as
+  ``Captured.modules["deepstack.<k>"]`` (``DEEPSTACK_KEY``);
+* ``generate(..., post=..., deepstack=...)`` chooses what the LM gets with a replacement E_post:
+  ``"original"`` (default: the images' own deepstack features — reproduces the model exactly when
+  ``post`` is the captured E_post, but **leaks the original image** into the LM), ``"zero"`` (no
+  deepstack: nothing of the original image leaks, but the model is then not its own reference), or
+  explicit per-level, per-image tensors (a full replacement, e.g. perturbed ``modules`` captures).
+  ``tests/test_models_qwen.py`` measures the leak and shows both alternatives remove it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, processors
+from torch import Tensor, nn
+from transformers import (
+    AutoProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+from transformers.vision_utils import (
+    get_vision_interpolation_indices_and_weights,
+    get_vision_position_ids,
+    get_vision_window_index,
+)
+
+from vlmc.models.base import VLM, Captured, Correspondence, FamilyAdapter, register
+from vlmc.models.families.common import build_random, set_generation_defaults
+from vlmc.models.tiny import seed_everything, train_word_tokenizer
+from vlmc.utils.cli import UsageError
+
+log = logging.getLogger(__name__)
+
+# Qwen's chat / vision special tokens (the tiny tokenizers use the same strings as the real ones).
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+QWEN_SPECIALS = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+
+# Minimal Qwen chat template (newlines written as {{ '\n' }} so it survives JSON round trips).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}{{ '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
+
+DEEPSTACK_KEY = "deepstack.{}"
+
+# Tiny processors: 8-px patches, so a 64-112 px image gives 8-14 patches a side (16-49 LM tokens).
+TINY_PATCH = 8
+TINY_MIN_PIXELS = 32 * 32
+TINY_MAX_PIXELS = 128 * 128
+
+
+def _tiny_tokenizer(special_ids: dict[str, int] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer with Qwen's special tokens; ``special_ids`` pins them to real ids.
+
+    Pinning matters for ``config:`` models: the published config's ``image_token_id`` (151655, ...)
+    must be the id the processor writes, or the model cannot find its image tokens.
+    """
+    tok = train_word_tokenizer(QWEN_SPECIALS, bos=ENDOFTEXT, eos=IM_END)
+    if not special_ids:
+        return tok
+    backend = tok.backend_tokenizer
+    vocab = backend.get_vocab()
+    moved = {t: i for t, i in special_ids.items() if t in vocab}
+    taken = set(moved.values())
+    vocab = {t: (moved[t] if t in moved else i) for t, i in vocab.items()}
+    assert not taken & {i for t, i in vocab.items() if t not in moved}, "special id collides with a word id"
+    new = Tokenizer(models.WordLevel(vocab, unk_token=tok.unk_token))
+    new.normalizer, new.pre_tokenizer, new.decoder = (
+        backend.normalizer,
+        backend.pre_tokenizer,
+        backend.decoder,
+    )
+    new.post_processor = processors.TemplateProcessing(
+        single=f"{ENDOFTEXT} $A", special_tokens=[(ENDOFTEXT, vocab[ENDOFTEXT])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=new,
+        unk_token=tok.unk_token,
+        pad_token=tok.pad_token,
+        bos_token=ENDOFTEXT,
+        eos_token=IM_END,
+    )
+    fast.add_special_tokens(
+        {"additional_special_tokens": [t for t in QWEN_SPECIALS if t not in (ENDOFTEXT, IM_END)]}
+    )
+    return fast
+
+
+def _is_word_level(path: str) -> bool:
+    """Whether ``path`` is a local folder whose ``tokenizer.json`` is a WordLevel model (a tiny variant)."""
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        return False
+    with open(file, encoding="utf-8") as f:
+        return json.load(f).get("model", {}).get("type") == "WordLevel"
+
+
+class QwenMergerAdapter(FamilyAdapter):
+    """Shared logic of Qwen's patch-merger VLMs; subclasses give classes, configs and window use."""
+
+    correspondence: ClassVar[Correspondence] = Correspondence("merge", 2)
+    model_cls: ClassVar[type[nn.Module]]
+    processor_cls: ClassVar[type]
+    video_processor_cls: ClassVar[type]
+    windowed: ClassVar[bool] = False  # Qwen2.5-VL: merge blocks are permuted into window order
+    tiny_version: ClassVar[int] = 1
+    # (patch_size, min_pixels, max_pixels) of the published image processor, for config: models
+    real_processor: ClassVar[tuple[int, int, int]] = (14, 56 * 56, 28 * 28 * 1280)
+    real_special_ids: ClassVar[dict[str, int]] = {}
+
+    # -- configs ---------------------------------------------------------------------------------
+    def tiny_config(self, tok: PreTrainedTokenizerFast) -> Any:
+        raise NotImplementedError
+
+    # Gain on the tiny LM's residual-branch outputs (attention o_proj / DeltaNet out_proj / MLP
+    # down_proj). At the default init (std 0.02) each layer adds ~15% of the token embedding's norm, so
+    # the first generated word barely depends on the image; RMSNorm makes scaling the merger output
+    # useless. Tuned on 6 synthetic images x 2 sizes x 2 seeds: all 6 captions distinct, 3-6 distinct
+    # first words (1-2 at gain 1 for Qwen3.5).
+    tiny_lm_gain: ClassVar[float] = 1.0
+
+    def tune_tiny(self, model: nn.Module) -> None:
+        """Post-init tweak that makes the random tiny model's captions depend on its image."""
+        with torch.no_grad():
+            for name, mod in model.model.language_model.named_modules():
+                if name.endswith(("o_proj", "out_proj", "down_proj")):
+                    mod.weight.mul_(self.tiny_lm_gain)
+
+    @staticmethod
+    def _token_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
+        ids = tok.convert_tokens_to_ids
+        return {
+            "image_token_id": ids(IMAGE_PAD),
+            "video_token_id": ids(VIDEO_PAD),
+            "vision_start_token_id": ids(VISION_START),
+            "vision_end_token_id": ids(VISION_END),
+        }
+
+    def _make_processor(self, tok: PreTrainedTokenizerFast, patch: int, min_px: int, max_px: int) -> Any:
+        common = dict(patch_size=patch, merge_size=2, temporal_patch_size=2)
+        image_processor = Qwen2VLImageProcessor(min_pixels=min_px, max_pixels=max_px, **common)
+        video_processor = self.video_processor_cls(**common)
+        tok.padding_side = "left"
+        return self.processor_cls(
+            image_processor=image_processor,
+            tokenizer=tok,
+            video_processor=video_processor,
+            chat_template=CHAT_TEMPLATE,
+        )
+
+    # -- weights ---------------------------------------------------------------------------------
+    def build_tiny(self, out_dir: Path, seed: int = 0) -> None:
+        tok = _tiny_tokenizer()
+        processor = self._make_processor(tok, TINY_PATCH, TINY_MIN_PIXELS, TINY_MAX_PIXELS)
+        config = self.tiny_config(tok)
+        seed_everything(seed)
+        model = self.model_cls(config).eval()
+        self.tune_tiny(model)
+        set_generation_defaults(model, tok)
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+
+    def load_pretrained(self, path: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+        if device.type == "cuda":  # load straight onto the GPU, not via host memory
+            model = self.model_cls.from_pretrained(path, dtype=dtype, device_map=str(device))
+        else:
+            model = self.model_cls.from_pretrained(path, dtype=dtype).to(device)
+        kwargs = {}
+        if _is_word_level(path):
+            # our offline tiny tokenizer: AutoTokenizer would force the family's registered class on it
+            # (Qwen3.5 → Qwen3_5Tokenizer, whose byte-level pre-tokenizer turns every word into <unk>)
+            kwargs["tokenizer"] = PreTrainedTokenizerFast.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path, **kwargs)
+        processor.tokenizer.padding_side = "left"
+        return model, processor
+
+    def build_from_config(
+        self, config_name: str, dtype: torch.dtype, device: torch.device
+    ) -> tuple[nn.Module, Any]:
+        config = self.real_configs[config_name]()
+        model = build_random(self.model_cls, config, dtype, device)  # meta: no memory, meta-safe attention
+        patch, min_px, max_px = self.real_processor
+        processor = self._make_processor(_tiny_tokenizer(self.real_special_ids), patch, min_px, max_px)
+        set_generation_defaults(model, processor.tokenizer)
+        return model, processor
+
+    # -- vision path -----------------------------------------------------------------------------
+    def _size_kwargs(self, processor: Any, img_size: int | None) -> dict[str, Any]:
+        """Processor size override for a fixed square size: keep ``img_size`` rounded to the factor.
+
+        Images are first resized to ``img_size x img_size``; the pixel bounds are then opened so that
+        ``smart_resize`` only rounds each side to a multiple of ``patch * merge`` (336 → 336 at patch
+        14, 336 → 320 at patch 16, Python's round-half-even) instead of rescaling to its own bounds.
+        """
+        if img_size is None:
+            return {}
+        ip = processor.image_processor
+        factor = ip.patch_size * ip.merge_size
+        return {
+            "size": {
+                "shortest_edge": factor * factor,
+                "longest_edge": max(ip.size["longest_edge"], (img_size + factor) ** 2),
+            }
+        }
+
+    @staticmethod
+    def _resize(images: Sequence[Image.Image], img_size: int | None) -> list[Image.Image]:
+        images = [im.convert("RGB") for im in images]
+        if img_size is None:
+            return images
+        return [
+            im if im.size == (img_size, img_size) else im.resize((img_size, img_size), Image.BICUBIC)
+            for im in images
+        ]
+
+    def preprocess(
+        self, processor: Any, images: Sequence[Image.Image], img_size: int | None
+    ) -> dict[str, Tensor]:
+        out = processor.image_processor(
+            images=self._resize(images, img_size),
+            return_tensors="pt",
+            **self._size_kwargs(processor, img_size),
+        )
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def connector_module(self, model: nn.Module) -> nn.Module:
+        """``model.model.visual.merger`` (Qwen3-VL's deepstack mergers are separate: ``deepstack_merger_list``)."""
+        return model.model.visual.merger
+
+    @staticmethod
+    def _grids(grid_thw: Tensor) -> list[tuple[int, int]]:
+        grid = grid_thw.tolist()
+        if any(t != 1 for t, _, _ in grid):
+            raise UsageError(f"Qwen adapters handle still images only (t == 1), got grid_thw {grid}")
+        if any(h % 2 or w % 2 for _, h, w in grid):
+            raise UsageError(f"patch grid not divisible by the 2x2 merge: {grid}")
+        return [(h, w) for _, h, w in grid]
+
+    def _window_index(self, visual: nn.Module, grid_thw: Tensor) -> Tensor | None:
+        """Qwen2.5-VL: merge block ``window_index[j]`` (global, processor order) sits at row ``j`` of the merger."""
+        if not self.windowed:
+            return None
+        window_index, _ = get_vision_window_index(
+            grid_thw.cpu(),
+            spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size,
+            patch_size=visual.patch_size,
+        )
+        return window_index
+
+    def _orders(self, visual: nn.Module, grid_thw: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(pre_index, post_perm)`` for a batch of images (cpu tensors).
+
+        ``merger_input[pre_index]`` is E_pre of all images, each row-major over its (h, w) patch grid;
+        ``merger_output[post_perm]`` is E_post row-major over each (h/2, w/2) grid (``None``: identity).
+        Built per image with reshapes, no per-token loop: the processor position of patch (r, c) is
+        ``block(r//2, c//2) * 4 + (r%2) * 2 + c%2``; with windows, merge block ``b`` (processor order)
+        sits at merger row ``argsort(window_index)[b]``, and ``argsort(window_index)`` also restores
+        the merger output's spatial order (what ``visual`` does itself for ``pooler_output``).
+        """
+        if visual.spatial_merge_size != 2:
+            raise ValueError(
+                f"expected a 2x2 patch merger, got spatial_merge_size={visual.spatial_merge_size}"
+            )
+        parts, offset = [], 0
+        for h, w in self._grids(grid_thw):
+            blocks = torch.arange(h * w).reshape(h // 2, w // 2, 2, 2)  # (bh, bw, ih, iw) in processor order
+            parts.append(blocks.permute(0, 2, 1, 3).reshape(h * w) + offset)  # (bh, ih, bw, iw) = (r, c)
+            offset += h * w
+        pre_index = torch.cat(parts)
+        window_index = self._window_index(visual, grid_thw)
+        if window_index is None:
+            return pre_index, None
+        block_row = torch.argsort(window_index)  # processor block → merger row
+        return block_row[pre_index // 4] * 4 + pre_index % 4, block_row
+
+    @staticmethod
+    def _split(flat: Tensor, sizes: list[int]) -> list[Tensor]:
+        """Per-image tensors that own their memory (a split view would drag the batch into torch.save)."""
+        return [t.clone() for t in torch.split(flat, sizes)]
+
+    def _visual_inputs(
+        self, vlm: VLM, pixel_inputs: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``(pixel_values, grid_thw, extra visual kwargs)`` on the model's device.
+
+        On ``meta`` the grid must stay real (the tower calls ``.tolist()`` on it and on cu_seqlens), so
+        the grid-derived tensors that meet weights (rotary position ids, position-embedding
+        interpolation taps) are precomputed on cpu with the model's own helpers and moved to meta.
+        """
+        visual = vlm.model.model.visual
+        pixel_values = pixel_inputs["pixel_values"].to(vlm.device, visual.dtype)
+        if vlm.device.type != "meta":
+            return pixel_values, pixel_inputs["image_grid_thw"].to(vlm.device), {}
+        grid_thw = pixel_inputs["image_grid_thw"].cpu()
+        extra = {"position_ids": get_vision_position_ids(grid_thw, visual.spatial_merge_size)}
+        if hasattr(visual, "pos_embed"):  # Qwen3.x: learned position grid resampled per image
+            extra["interp_indices"], extra["interp_weights"] = get_vision_interpolation_indices_and_weights(
+                grid_thw,
+                num_grid_per_side=visual.num_grid_per_side,
+                mode=visual.interpolation_mode,
+                align_corners=visual.interpolation_align_corners,
+                spatial_merge_size=visual.config.spatial_merge_size,
+            )
+        return pixel_values, grid_thw, {k: v.to(vlm.device) for k, v in extra.items()}
+
+    def encode(self, vlm: VLM, pixel_inputs: dict[str, Tensor]) -> Captured:
+        visual = vlm.model.model.visual
+        pixel_values, grid_thw, extra = self._visual_inputs(vlm, pixel_inputs)
+        grids = self._grids(grid_thw)
+        store: dict[str, Tensor] = {}
+
+        def pre_hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+            store["pre"] = args[0]
+
+        handle = visual.merger.register_forward_pre_hook(pre_hook)
+        try:
+            with torch.no_grad():
+                out = visual(pixel_values, grid_thw=grid_thw, return_dict=True, **extra)
+        finally:
+            handle.remove()
+        pre_flat = store["pre"]
+        index, _ = self._orders(visual, grid_thw.cpu())
+        index = index.to(pre_flat.device)
+        pre = self._split(pre_flat[index], [h * w for h, w in grids])
+        post = self._split(out.pooler_output, [h * w // 4 for h, w in grids])
+        captured = Captured(
+            pre=pre,
+            post=post,
+            pre_grid=list(grids),
+            post_grid=[(h // 2, w // 2) for h, w in grids],
+        )
+        self._extra_captures(out, grids, captured)
+        return captured
+
+    def _extra_captures(self, out: Any, grids: list[tuple[int, int]], captured: Captured) -> None:
+        """Family-specific extras of the vision output (Qwen3-VL: deepstack features)."""
+
+    def apply_connector(
+        self, vlm: VLM, pre: Sequence[Tensor], pre_grid: Sequence[tuple[int, int]]
+    ) -> list[Tensor]:
+        visual = vlm.model.model.visual
+        grids = [(int(h), int(w)) for h, w in pre_grid]
+        for x, (h, w) in zip(pre, grids, strict=True):
+            if x.ndim != 2 or x.shape[0] != h * w:
+                raise UsageError(
+                    f"E_pre of shape {tuple(x.shape)} does not fit its {h}x{w} grid ({h * w} tokens)"
+                )
+        grid_thw = torch.tensor([[1, h, w] for h, w in grids], dtype=torch.long)
+        index, perm = self._orders(visual, grid_thw)
+        flat = torch.cat([x.to(vlm.device, visual.dtype) for x in pre])
+        model_order = torch.empty_like(flat)
+        model_order[index.to(flat.device)] = flat  # inverse of the gather in encode
+        merged = visual.merger(model_order)
+        if perm is not None:
+            merged = merged[perm.to(merged.device)]
+        return self._split(merged, [h * w // 4 for h, w in grids])
+
+    # -- language path ---------------------------------------------------------------------------
+    def _chat_inputs(
+        self, vlm: VLM, images: Sequence[Image.Image], prompt: str | None, img_size: int | None
+    ) -> dict[str, Tensor]:
+        processor = vlm.processor
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": prompt or self.default_prompt}],
+            }
+        ]
+        template = processor.chat_template if isinstance(processor.chat_template, str) else ""
+        # Qwen3.5's own template opens a <think> block unless told not to; others have no such switch
+        extra = {"enable_thinking": False} if "enable_thinking" in template else {}
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+        processor.tokenizer.padding_side = "left"
+        inputs = processor(
+            text=[text] * len(images),
+            images=self._resize(images, img_size),
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            **self._size_kwargs(processor, img_size),
+        )
+        return {k: v.to(vlm.device) if k != "image_grid_thw" else v for k, v in inputs.items()}
+
+    def _injected_outputs(
+        self, vlm: VLM, inputs: dict[str, Tensor], post: Sequence[Tensor], **kwargs: Any
+    ) -> Any:
+        """``mm_encoder_outputs["image"]`` carrying ``post`` (canonical = the LM's own order)."""
+        if kwargs:
+            raise TypeError(f"{self.name}: unexpected generate arguments {sorted(kwargs)}")
+        return BaseModelOutputWithPooling(pooler_output=tuple(post))
+
+    def _check_post(
+        self, vlm: VLM, grid_thw: Tensor, post: Sequence[Tensor], what: str = "post"
+    ) -> list[Tensor]:
+        grids = self._grids(grid_thw)
+        if len(post) != len(grids):
+            raise UsageError(f"{what}: {len(post)} tensors for {len(grids)} images")
+        weight = vlm.model.model.language_model.embed_tokens.weight
+        out = []
+        for i, (x, (h, w)) in enumerate(zip(post, grids, strict=True)):
+            if x.ndim != 2 or x.shape != (h * w // 4, weight.shape[1]):
+                raise UsageError(
+                    f"{what}[{i}] has shape {tuple(x.shape)}; the image's {h}x{w} patch grid needs "
+                    f"[{h * w // 4}, {weight.shape[1]}]"
+                )
+            out.append(x.to(weight.device, weight.dtype))
+        return out
+
+    def generate(
+        self,
+        vlm: VLM,
+        images: Sequence[Image.Image],
+        prompt: str | None = None,
+        max_new_tokens: int = 32,
+        post: Sequence[Tensor] | None = None,
+        img_size: int | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        if not images:
+            return []
+        inputs = self._chat_inputs(vlm, images, prompt, img_size)
+        gen_kwargs = {
+            k: inputs[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")
+        }
+        gen_kwargs["image_grid_thw"] = gen_kwargs["image_grid_thw"].to(vlm.device)
+        if post is None:
+            if kwargs:
+                raise TypeError(f"unexpected arguments without post: {sorted(kwargs)}")
+            gen_kwargs["pixel_values"] = inputs["pixel_values"].to(vlm.device, vlm.model.model.visual.dtype)
+        else:
+            post = self._check_post(vlm, inputs["image_grid_thw"], post)
+            gen_kwargs["mm_encoder_outputs"] = {"image": self._injected_outputs(vlm, inputs, post, **kwargs)}
+        tok = vlm.processor.tokenizer
+        eos = vlm.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        eos += [tok.eos_token_id] if tok.eos_token_id is not None and tok.eos_token_id not in eos else []
+        with torch.no_grad():
+            # pure greedy: the checkpoints' sampling defaults and Qwen2.5-VL's repetition_penalty=1.05
+            # are overridden, so captions are a deterministic function of the LM inputs
+            out = vlm.model.generate(
+                **gen_kwargs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                repetition_penalty=1.0,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                use_cache=True,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=eos,
+            )
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return [s.strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+# -- Qwen2.5-VL ------------------------------------------------------------------------------------
+
+
+def _qwen25_vl_7b() -> Qwen2_5_VLConfig:
+    """Qwen/Qwen2.5-VL-7B-Instruct config.json (vision 1280 x 32, window 112, LM 3584 x 28)."""
+    return Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=32, hidden_size=1280, hidden_act="silu", intermediate_size=3420, num_heads=16, in_channels=3,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2, window_size=112,
+            out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+        text_config=dict(
+            vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+            num_attention_heads=28, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=128000,
+            rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+            bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False,
+        ),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+QWEN2_SPECIAL_IDS = {
+    ENDOFTEXT: 151643, IM_START: 151644, IM_END: 151645, VISION_START: 151652, VISION_END: 151653,
+    IMAGE_PAD: 151655, VIDEO_PAD: 151656,
+}  # fmt: skip
+
+
+@register
+class Qwen25VLAdapter(QwenMergerAdapter):
+    """Qwen2.5-VL: window attention in the vision tower; merger = ln_q (RMSNorm) + MLP."""
+
+    name = "qwen2.5vl"
+    default_id = "Qwen/Qwen2.5-VL-7B-Instruct"
+    model_cls = Qwen2_5_VLForConditionalGeneration
+    processor_cls = Qwen2_5_VLProcessor
+    video_processor_cls = Qwen2VLVideoProcessor
+    windowed = True
+    tiny_lm_gain = 2.0
+    real_configs: ClassVar[dict[str, Callable[[], Any]]] = {"qwen2.5-vl-7b": _qwen25_vl_7b}
+    real_processor = (14, 56 * 56, 28 * 28 * 1280)  # preprocessor_config.json min/max_pixels
+    real_special_ids = QWEN2_SPECIAL_IDS
+
+    def tiny_config(self, tok: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
+        # window_size 32 px = 2x2 merge blocks of 8-px patches: a 64x96 image has 2x3 windows, so the
+        # window permutation is far from the identity; blocks 1 and 3 attend globally, 0 and 2 in windows.
+        return Qwen2_5_VLConfig(
+            vision_config=dict(
+                depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=TINY_PATCH,
+                spatial_merge_size=2, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1, 3],
+                out_hidden_size=64, hidden_act="silu",
+            ),
+            text_config=dict(
+                vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            ),
+            tie_word_embeddings=False,
+            **self._token_ids(tok),
+        )  # fmt: skip
+
+
+# -- Qwen3.5 ---------------------------------------------------------------------------------------
+
+
+def _qwen35_9b() -> Qwen3_5Config:
+    """Qwen/Qwen3.5-9B config.json (vision 1152 x 27, patch 16, out 4096; hybrid DeltaNet LM 4096 x 32)."""
+    return Qwen3_5Config(
+        vision_config=dict(
+            depth=27, hidden_size=1152, hidden_act="gelu_pytorch_tanh", intermediate_size=4304, num_heads=16,
+            in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096,
+            num_position_embeddings=2304,
+        ),
+        text_config=dict(
+            vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
+            num_attention_heads=16, num_key_value_heads=4, head_dim=256, linear_conv_kernel_dim=4,
+            linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
+            max_position_embeddings=262144, rms_norm_eps=1e-6, full_attention_interval=4,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                "mrope_section": [11, 11, 10], "mrope_interleaved": True,
+            },
+            eos_token_id=248044, tie_word_embeddings=False,
+        ),
+        image_token_id=248056, video_token_id=248057, vision_start_token_id=248053, vision_end_token_id=248054,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+QWEN35_SPECIAL_IDS = {
+    ENDOFTEXT: 248044, IM_START: 248045, IM_END: 248046, VISION_START: 248053, VISION_END: 248054,
+    IMAGE_PAD: 248056, VIDEO_PAD: 248057,
+}  # fmt: skip
+
+
+@register
+class Qwen35Adapter(QwenMergerAdapter):
+    """Qwen3.5: no window attention, learned + rotary positions; merger = norm (LayerNorm) + MLP."""
+
+    name = "qwen3.5"
+    default_id = "Qwen/Qwen3.5-9B"
+    model_cls = Qwen3_5ForConditionalGeneration
+    processor_cls = Qwen3VLProcessor  # Qwen3.5 has no processor of its own
+    video_processor_cls = Qwen3VLVideoProcessor
+    real_configs: ClassVar[dict[str, Callable[[], Any]]] = {"qwen3.5-9b": _qwen35_9b}
+    real_processor = (16, 65536, 16777216)  # preprocessor_config.json size shortest/longest_edge
+    real_special_ids = QWEN35_SPECIAL_IDS
+    tiny_lm_gain = 6.0
+
+    def tiny_config(self, tok: PreTrainedTokenizerFast) -> Qwen3_5Config:
+        # one linear-attention (gated DeltaNet) and one full-attention layer, as in the real hybrid LM
+        return Qwen3_5Config(
+            vision_config=dict(
+                depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=TINY_PATCH,
+                spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+            ),
+            text_config=dict(
+                vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_conv_kernel_dim=4,
+                linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                layer_types=["linear_attention", "full_attention"], max_position_embeddings=2048,
+                rope_parameters={
+                    "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                    "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                },
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            ),
+            tie_word_embeddings=False,
+            **self._token_ids(tok),
+        )  # fmt: skip
+
+
+# -- Qwen3-VL --------------------------------------------------------------------------------------
+
+
+def _qwen3_vl_8b() -> Qwen3VLConfig:
+    """Qwen/Qwen3-VL-8B-Instruct config.json (vision 1152 x 27, deepstack [8, 16, 24], LM 4096 x 36)."""
+    return Qwen3VLConfig(
+        vision_config=dict(
+            depth=27, hidden_size=1152, hidden_act="gelu_pytorch_tanh", intermediate_size=4304, num_heads=16,
+            in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096,
+            num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
+        ),
+        text_config=dict(
+            vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+            num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20], "mrope_interleaved": True,
+            },
+            bos_token_id=151643, eos_token_id=151645,
+        ),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+@register
+class Qwen3VLAdapter(QwenMergerAdapter):
+    """Qwen3-VL: Qwen3.5's vision layout plus deepstack mergers feeding the LM's first layers.
+
+    ``generate(..., post=..., deepstack=...)``: see the module docstring. ``deepstack`` is
+    ``"original"`` (default), ``"zero"``, or ``[level][image]`` tensors ``[T_post_i, D_post]`` in
+    canonical order (``Captured.modules["deepstack.<level>"]`` has exactly that layout).
+    """
+
+    name = "qwen3vl"
+    default_id = "Qwen/Qwen3-VL-8B-Instruct"
+    model_cls = Qwen3VLForConditionalGeneration
+    processor_cls = Qwen3VLProcessor
+    video_processor_cls = Qwen3VLVideoProcessor
+    real_configs: ClassVar[dict[str, Callable[[], Any]]] = {"qwen3-vl-8b": _qwen3_vl_8b}
+    real_processor = (16, 65536, 16777216)
+    real_special_ids = QWEN2_SPECIAL_IDS
+    tiny_lm_gain = 4.0
+    deepstack_default: ClassVar[str] = "original"
+    _warned_leak: ClassVar[bool] = False
+
+    def tiny_config(self, tok: PreTrainedTokenizerFast) -> Qwen3VLConfig:
+        return Qwen3VLConfig(
+            vision_config=dict(
+                depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=TINY_PATCH,
+                spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+                deepstack_visual_indexes=[0, 1],
+            ),
+            text_config=dict(
+                vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                rope_parameters={
+                    "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                },
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            ),
+            tie_word_embeddings=False,
+            **self._token_ids(tok),
+        )  # fmt: skip
+
+    def _extra_captures(self, out: Any, grids: list[tuple[int, int]], captured: Captured) -> None:
+        sizes = [h * w // 4 for h, w in grids]
+        for level, feat in enumerate(out.deepstack_features):
+            captured.modules[DEEPSTACK_KEY.format(level)] = self._split(feat, sizes)
+
+    def _injected_outputs(
+        self,
+        vlm: VLM,
+        inputs: dict[str, Tensor],
+        post: Sequence[Tensor],
+        deepstack: str | Sequence[Sequence[Tensor]] | None = None,
+    ) -> BaseModelOutputWithDeepstackFeatures:
+        visual = vlm.model.model.visual
+        n_levels = len(visual.deepstack_visual_indexes)
+        if deepstack is None:
+            deepstack = self.deepstack_default
+            if deepstack == "original" and not Qwen3VLAdapter._warned_leak:
+                Qwen3VLAdapter._warned_leak = True
+                log.warning(
+                    "qwen3vl: injecting E_post with the images' own deepstack features (deepstack='original'): "
+                    "the original image still reaches the LM; pass deepstack='zero' or replacement features to avoid it"
+                )
+        if isinstance(deepstack, str):
+            if deepstack == "original":
+                captured = self.encode(vlm, {k: inputs[k] for k in ("pixel_values", "image_grid_thw")})
+                levels = [captured.modules[DEEPSTACK_KEY.format(k)] for k in range(n_levels)]
+            elif deepstack == "zero":
+                levels = [[torch.zeros_like(x) for x in post] for _ in range(n_levels)]
+            else:
+                raise UsageError(f"deepstack must be 'original', 'zero' or tensors, got {deepstack!r}")
+        else:
+            levels = [list(level) for level in deepstack]
+            if len(levels) != n_levels:
+                raise UsageError(f"{len(levels)} deepstack levels given; the model has {n_levels}")
+            levels = [
+                self._check_post(vlm, inputs["image_grid_thw"], level, f"deepstack[{k}]")
+                for k, level in enumerate(levels)
+            ]
+        return BaseModelOutputWithDeepstackFeatures(
+            pooler_output=tuple(post), deepstack_features=[tuple(level) for level in levels]
+        )
+
+
+__all__ = ["QwenMergerAdapter", "Qwen25VLAdapter", "Qwen35Adapter", "Qwen3VLAdapter", "DEEPSTACK_KEY"]

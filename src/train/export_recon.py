@@ -1,0 +1,300 @@
+"""Stage 5: export reconstructed vectors in the stage-1 layout, so later stages read them as another model.
+
+For every image of the chosen split (``--split val``: held-out images only; ``all``: every image of
+the store) writes, per shard:
+
+    <out_base>/<model>_recon/<shard>/pre_vectors_<NNNNN>.pt   Ê_pre = reconstructor(E_post), de-standardised
+    <out_base>/<model>_recon/<shard>/post_vectors_<NNNNN>.pt  Ê_post = connector(Ê_pre), the model's REAL connector
+    <out_base>/<model>_recon/<shard>/manifest.json            stage-1 manifest + a "recon" section
+
+Chunk ``NNNNN`` holds the selected images of source chunk ``NNNNN`` (same boundaries), so
+``--skip_existing`` resumes chunk by chunk. The VLM comes from the stage-1 manifest's ``family`` and
+``source`` (override with ``--model-path``); ``--no_reproj`` skips it and stores the original E_post
+as ``post`` instead (manifest ``post_source: original``).
+
+Examples:
+    python src/train/export_recon.py --model_dir data/output/recon/llava_mlp --embed_model llava
+    python src/train/export_recon.py --model_dir OUT --split all --device cuda --skip_existing
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from vlmc.models.base import VLM
+from vlmc.store.vectors import ShardWriter, digest_keys, pack
+from vlmc.train.data import (
+    SPLIT_FILE,
+    STATS_FILE,
+    Sample,
+    Standardizer,
+    Store,
+    apply_split,
+    index_samples,
+    load_split,
+    load_stats,
+    make_loader,
+    open_store,
+)
+from vlmc.train.reconstructors import ReconSpec, load_reconstructor
+from vlmc.utils.cli import (
+    DTYPES,
+    UsageError,
+    ensure_writable_dir,
+    entry_point,
+    make_parser,
+    parse_dtype,
+    resolve_device,
+)
+from vlmc.utils.io import read_json, sha256_file
+from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
+
+log = logging.getLogger("vlmc.export_recon")
+
+
+# -- a trained run, reopened (shared with eval_recon) ----------------------------------------------
+
+
+@dataclass
+class ReconRun:
+    """A trained reconstructor with its stats, split and the store it was trained on."""
+
+    model: nn.Module
+    spec: ReconSpec
+    meta: dict[str, Any]
+    std: Standardizer
+    split: dict[str, list[list[str]]]
+    store: Store
+    samples: list[Sample]
+    model_dir: Path
+
+    def part(self, name: str) -> list[Sample]:
+        """``val`` (held-out), ``train`` or ``all`` samples, in store order."""
+        if name == "all":
+            return list(self.samples)
+        return apply_split(self.samples, self.split, name)
+
+
+def open_run(
+    model_dir: str | Path,
+    device: torch.device,
+    vec_dir: str | None = None,
+    embed_model: str | None = None,
+    shards: Sequence[str] | None = None,
+) -> ReconRun:
+    """Reopen a train_recon output folder (read-only: stats and split are never rewritten).
+
+    The store defaults to the shard folders recorded at training time; ``vec_dir`` overrides it.
+    """
+    d = Path(model_dir)
+    for f in (STATS_FILE, SPLIT_FILE):
+        if not (d / f).exists():
+            raise UsageError(f"{d}: no {f} (is this a train_recon --out_dir?)")
+    model, spec, meta = load_reconstructor(d, device)
+    stats_sha = meta.get("stats_sha256")
+    if stats_sha and sha256_file(d / STATS_FILE) != stats_sha:
+        raise UsageError(f"{d / STATS_FILE} changed since the model was trained (sha256 mismatch)")
+    std = Standardizer(load_stats(d / STATS_FILE), device, meta.get("normalize", True))
+    store = _open_training_store(meta, vec_dir, embed_model, shards)
+    return ReconRun(model, spec, meta, std, load_split(d / SPLIT_FILE), store, index_samples(store), d)
+
+
+def _open_training_store(meta: dict[str, Any], vec_dir: str | None, embed_model: str | None, shards) -> Store:
+    name = embed_model or meta.get("embed_model")
+    if vec_dir:
+        return open_store(vec_dir, embed_model=name, shards=shards)
+    dirs = (meta.get("store") or {}).get("shard_dirs") or []
+    if not dirs:
+        raise UsageError("the checkpoint records no store; pass --vec_dir")
+    pre, post = {x["pre"] for x in dirs}, {x["post"] for x in dirs}
+    pre_root, post_root = Path(next(iter(pre))).parent, Path(next(iter(post))).parent
+    if pre == post:
+        return open_store(pre_root, embed_model=name, shards=shards or [x["shard"] for x in dirs])
+    return open_store(None, pre_root, post_root, name, shards or [x["shard"] for x in dirs])
+
+
+@torch.no_grad()
+def reconstruct(run: ReconRun, post: Tensor, pre_grid, post_grid, amp: bool) -> Tensor:
+    """Ê_pre in the ORIGINAL space (float32) for a same-shape batch of E_post ``[B, T, D]`` (any dtype)."""
+    device = run.std.pre_mean.device
+    ctx = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    with ctx:
+        y = run.model(run.std.post_in(post.to(device)), pre_grid, post_grid)
+    return run.std.pre_out(y.float())
+
+
+def load_connector_vlm(run: ReconRun, model_path: str | None, dtype_name: str, device: torch.device) -> VLM:
+    """The VLM whose connector re-projects Ê_pre: the manifest's family + source unless overridden."""
+    from vlmc.models.load import load_vlm
+
+    family = run.store.family
+    if not family:
+        raise UsageError("the store's manifest names no model family; pass --no_reproj")
+    source = model_path or run.store.source
+    m = run.store.manifest
+    if dtype_name == "auto":
+        dtype = getattr(torch, str(m.get("compute_dtype") or "float32"), torch.float32)
+    else:
+        dtype = parse_dtype(dtype_name)
+    log.info("loading %s connector from %s (%s)", family, source, dtype)
+    return load_vlm(family, source, dtype, device)
+
+
+@torch.no_grad()
+def reproject(vlm: VLM, pre: Sequence[Tensor], grids: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """connector(Ê_pre) per image, float32 on the CPU."""
+    with torch.inference_mode():
+        out = vlm.adapter.apply_connector(vlm, list(pre), list(grids))
+    return [o.float().cpu() for o in out]
+
+
+# -- export -----------------------------------------------------------------------------------------
+
+
+def build_parser():
+    """The stage-5 argument parser."""
+    p = make_parser(__doc__)
+    p.add_argument("--model_dir", required=True, help="the train_recon --out_dir (best_model.pt, normalization.safetensors, split.json)")
+    p.add_argument("--vec_dir", default=None, help="stage-1 store (default: the shard folders recorded at training time)")
+    p.add_argument("--embed_model", default=None, help="model name (default: the checkpoint's)")
+    p.add_argument("--out_base", default="data/vector_recon", help="output base; files go to <out_base>/<out_name>/<shard>/")
+    p.add_argument("--out_name", default=None, help="model folder name (default: <embed_model>_recon)")
+    p.add_argument("--model-path", "--model_path", dest="model_path", default=None,
+                   help="VLM source for the connector (HF id, folder, 'tiny'); default: the stage-1 manifest's source")
+    p.add_argument("--split", default="val", choices=["val", "all", "train"], help="which images to export")
+    p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="VLM compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for the reconstructor")
+    p.add_argument("--store_dtype", default=None, help="dtype of the stored vectors (default: the source store's)")
+    p.add_argument("--no_reproj", action="store_true", help="do not load the VLM; store the original E_post as post")
+    p.add_argument("--skip_existing", action="store_true", help="keep chunks an earlier export committed")
+    return p
+
+
+def export_shard(run: ReconRun, shard: str, samples: list[Sample], out_dir: Path, vlm: VLM | None, args, bar,
+                 stop: StopFlag | None = None) -> int:
+    """Export one shard's selected samples chunk by chunk; returns how many images were written."""
+    writer = ShardWriter(out_dir, shard_meta(run, shard, vlm, args), resume=args.skip_existing)
+    by_chunk: dict[int, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_chunk[s.chunk].append(s)
+    written = 0
+    for ci in sorted(by_chunk):
+        group = by_chunk[ci]
+        keys = [s.key for s in group]
+        if writer.is_done(ci, digest_keys(keys)):
+            bar.update(len(group))
+            continue
+        if stop:
+            raise StopRequested()
+        pre, post = export_chunk(run, group, vlm, args, bar)
+        data = {"pre": pack(pre, keys, DTYPES[args.store_dtype], "both"), "post": pack(post, keys, DTYPES[args.store_dtype], "both")}
+        data["pre"]["grids"] = torch.tensor([s.pre_grid for s in group])
+        data["post"]["grids"] = torch.tensor([s.post_grid for s in group])
+        writer.meta.update(shape_entries(pre, post, group))
+        writer.write_chunk(ci, digest_keys(keys), keys, data, skipped=[])
+        written += len(group)
+    writer.write_manifest(complete=True)
+    return written
+
+
+def export_chunk(run: ReconRun, group: list[Sample], vlm: VLM | None, args, bar) -> tuple[list[Tensor], list[Tensor]]:
+    """(Ê_pre, Ê_post or original E_post) per sample of one chunk, in the chunk's order."""
+    pre: list[Tensor | None] = [None] * len(group)
+    post: list[Tensor | None] = [None] * len(group)
+    loader, _ = make_loader(group, args.batch_size, False, 0, args.num_workers, pin=False)
+    for batch in loader:
+        idx = batch["index"].tolist()
+        s0 = group[idx[0]]
+        rec = reconstruct(run, batch["post"], s0.pre_grid, s0.post_grid, args.amp).cpu()
+        outs = reproject(vlm, list(rec), [group[i].pre_grid for i in idx]) if vlm is not None else list(batch["post"])
+        for j, i in enumerate(idx):
+            pre[i], post[i] = rec[j], outs[j]
+        bar.update(len(idx))
+    return pre, post  # type: ignore[return-value]
+
+
+def shape_entries(pre: list[Tensor], post: list[Tensor], group: list[Sample]) -> dict[str, Any]:
+    """Manifest ``pre``/``post`` entries (tokens/grid ``None`` when images differ)."""
+
+    def one(vecs: list[Tensor], grids: list) -> dict[str, Any]:
+        same = len({tuple(v.shape) for v in vecs}) == 1
+        return {"tokens": vecs[0].shape[0] if same else None, "dim": vecs[0].shape[1], "grid": list(grids[0]) if same else None}
+
+    return {"pre": one(pre, [s.pre_grid for s in group]), "post": one(post, [s.post_grid for s in group])}
+
+
+def shard_meta(run: ReconRun, shard: str, vlm: VLM | None, args) -> dict[str, Any]:
+    """The export manifest: the source's fields, this model's name, and what reconstructed it."""
+    m = run.store.manifest
+    keep = ("family", "revision", "model_class", "compute_dtype", "pool", "correspondence", "prompt", "img_size")
+    return {
+        **{k: m.get(k) for k in keep},
+        "model": args.out_name,
+        "source": vlm.source if vlm is not None else m.get("source"),
+        "shard": shard,
+        "store_dtype": args.store_dtype,
+        "save": "both",
+        "save_every": run.store.save_every,
+        "kinds": ["pre", "post"],
+        "post_source": "original" if vlm is None else "reprojected",
+        "recon": {
+            "from_model": run.store.model,
+            "model_dir": str(run.model_dir.resolve()),
+            "model_type": run.spec.model_type,
+            "best_epoch": run.meta.get("epoch"),
+            "val_loss": run.meta.get("val_loss"),
+            "split": args.split,
+            "stats_sha256": run.meta.get("stats_sha256"),
+        },
+    }
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise UsageError("--batch_size must be >= 1 and --num_workers >= 0")
+    device = resolve_device(args.device)
+    run = open_run(args.model_dir, device, args.vec_dir, args.embed_model)
+    args.out_name = args.out_name or f"{run.store.model}_recon"
+    args.store_dtype = args.store_dtype or run.store.store_dtype
+    parse_dtype(args.store_dtype)
+    samples = run.part(args.split)
+    vlm = None if args.no_reproj else load_connector_vlm(run, args.model_path, args.dtype, device)
+    out = ensure_writable_dir(Path(args.out_base) / args.out_name)
+    by_shard: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_shard[s.shard].append(s)
+    with StopFlag() as stop, tqdm(total=len(samples), desc=f"export {args.out_name}", unit="img", file=sys.stderr, disable=None) as bar:
+        for shard in sorted(by_shard):
+            try:
+                n = export_shard(run, shard, by_shard[shard], out / shard, vlm, args, bar, stop)
+            except StopRequested:
+                log.warning("stopped by signal; rerun with --skip_existing to continue (exit %d)", EXIT_PREEMPTED)
+                return EXIT_PREEMPTED
+            log.info("%s/%s: %d written, %d kept from an earlier run", args.out_name, shard, n, len(by_shard[shard]) - n)
+    log.info("exported %d %s images → %s", len(samples), args.split, out)
+    return 0
+
+
+def read_export_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    """The manifest of an exported shard (for tests and later stages)."""
+    return read_json(Path(shard_dir) / "manifest.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

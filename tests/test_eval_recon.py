@@ -1,0 +1,163 @@
+"""export_recon and eval_recon: held-out only, real connector re-projection, resume, untouched stats; tiny LLaVA."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from vlmc.eval import eval_recon
+from vlmc.models.base import Correspondence, FamilyAdapter, get_adapter, register
+from vlmc.store.vectors import ShardReader, find_shard_dirs
+from vlmc.train import export_recon, train_recon
+from vlmc.train.data import synthetic_connector, write_synthetic_store
+from vlmc.utils.cli import UsageError
+
+torch.set_num_threads(1)
+FAMILY = "synthgelu-test"
+CONNECTOR = synthetic_connector("gelu", 8, 12, seed=3)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class SynthAdapter(FamilyAdapter):
+    """A family whose 'model' is the synthetic GELU connector (exercises the adapter path offline)."""
+
+    name = FAMILY
+    default_id = "synthetic"
+    correspondence = Correspondence("1:1")
+
+    def load_pretrained(self, path, dtype, device):
+        return nn.Identity(), None
+
+    def apply_connector(self, vlm, pre, pre_grid):
+        return [CONNECTOR(p, g) for p, g in zip(pre, pre_grid, strict=True)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def synth_family():
+    """Register the synthetic family for this module only (a global registration would leak into the
+    families() that other test modules parametrise over)."""
+    from vlmc.models import base
+
+    base._import_families()
+    register(SynthAdapter)
+    yield
+    base._REGISTRY.pop(FAMILY)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A synthetic store (keys repeat across shards) and a trained mlp reconstructor on it."""
+    root = tmp_path_factory.mktemp("evalrecon")
+    keys = [f"{i:09d}" for i in range(10000, 10020)]
+    store = write_synthetic_store(root / "vec" / "synth", CONNECTOR, "1:1", (4, 4), 8, {"00000": keys, "00001": keys},
+                                  save_every=8, family=FAMILY)
+    out = root / "model"
+    rc = train_recon.main(["--vec_dir", str(root / "vec"), "--embed_model", "synth", "--out_dir", str(out),
+                           "--model_type", "mlp", "--hidden_size", "32", "--epochs", "3", "--num_workers", "0",
+                           "--batch_size", "4", "--train_split", "0.75"])
+    assert rc == 0
+    return store, out
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _val_ids(out):
+    return {tuple(x) for x in json.loads((out / "split.json").read_text())["val"]}
+
+
+def test_export_is_a_stage1_store_of_held_out_images_with_the_real_connector(trained, tmp_path):
+    store, out = trained
+    stats = (out / "normalization.safetensors").read_bytes()
+    base = tmp_path / "vector_recon"
+    argv = ["--model_dir", str(out), "--out_base", str(base), "--num_workers", "0", "--batch_size", "3"]
+    assert export_recon.main(argv) == 0
+    exported = {}
+    for d in find_shard_dirs(base / "synth_recon"):
+        r = ShardReader.open(d)
+        keys, pre = r.tokens("pre")
+        _, post = r.tokens("post")
+        assert r.manifest["post_source"] == "reprojected" and r.manifest["model"] == "synth_recon"
+        for k, a, b in zip(keys, pre, post, strict=True):
+            torch.testing.assert_close(b, CONNECTOR(a, (4, 4)))  # Ê_post = connector(Ê_pre)
+            exported[(r.shard, k)] = a
+    assert set(exported) == _val_ids(out)
+    run = export_recon.open_run(out, torch.device("cpu"))
+    s = run.part("val")[0]
+    post = torch.load(s.post_file, weights_only=True)["vecs"][s.row]
+    torch.testing.assert_close(exported[s.id], export_recon.reconstruct(run, post[None], (4, 4), (4, 4), False)[0])
+    before = {p: p.stat().st_mtime_ns for p in base.rglob("*.pt")}
+    assert export_recon.main([*argv, "--skip_existing"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in base.rglob("*.pt")} == before  # resumed: nothing rewritten
+    assert (out / "normalization.safetensors").read_bytes() == stats
+
+
+def test_eval_recon_held_out_rows_maps_resume_and_untouched_stats(trained, tmp_path):
+    store, out = trained
+    stats = (out / "normalization.safetensors").read_bytes()
+    ev = tmp_path / "ev"
+    argv = ["--model_dir", str(out), "--out_dir", str(ev), "--num_workers", "0", "--batch_size", "4", "--save_every", "2"]
+    assert eval_recon.main(argv) == 0
+    rows = _rows(ev / "per_sample.csv")
+    assert {(r["shard"], r["key"]) for r in rows} == _val_ids(out) and len(rows) == len(_val_ids(out))
+    assert all(r["key"].startswith("0000100") and r["model"] == "synth" and r["reproj_cosine"] for r in rows)
+    mean_mse = sum(float(r["mse_pre"]) for r in rows) / len(rows)
+    assert mean_mse == pytest.approx(torch.load(out / "best_model.pt", weights_only=True)["meta"]["val_loss"], rel=1e-4)
+    maps = torch.load(ev / "loss_maps.pt", weights_only=True)
+    assert maps["maps"].shape == (len(rows), 4, 4) and maps["keys"] == [r["key"] for r in rows]
+    torch.testing.assert_close(maps["maps"].mean((1, 2)), torch.tensor([float(r["mse_pre"]) for r in rows]), rtol=1e-4, atol=1e-6)
+    shard_csv = ev / "per_shard" / "00000.csv"
+    kept = _rows(shard_csv)[:2]  # simulate a run killed after two rows of shard 00000
+    eval_recon.write_rows(shard_csv, kept)
+    assert eval_recon.main([*argv, "--resume"]) == 0
+    again = _rows(ev / "per_sample.csv")
+    assert again == rows  # same rows, no duplicates, keys still strings
+    assert len(_rows(shard_csv)) == sum(r["shard"] == "00000" for r in rows)
+    assert (out / "normalization.safetensors").read_bytes() == stats
+
+
+def test_eval_no_reproj_leaves_reprojection_columns_empty(trained, tmp_path):
+    _, out = trained
+    ev = tmp_path / "ev"
+    assert eval_recon.main(["--model_dir", str(out), "--out_dir", str(ev), "--num_workers", "0", "--no_reproj", "--limit", "3"]) == 0
+    rows = _rows(ev / "per_sample.csv")
+    assert len(rows) == 3 and all(r["reproj_mse"] == "" and r["cosine_pre"] for r in rows)
+    assert "skipped" in json.loads((ev / "summary.json").read_text())["reproj"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llava_store(tmp_path_factory):
+    try:
+        get_adapter("llava")
+    except UsageError:
+        pytest.skip("llava adapter not available")
+    from vlmc.extract import extract_vectors
+
+    out = tmp_path_factory.mktemp("tinyllava") / "vec"
+    rc = extract_vectors.main(["--root", str(ROOT / "sample" / "images"), "--models", "llava", "--model-path", "tiny",
+                               "--out_dir", str(out), "--device", "cpu", "--num_workers", "0", "--max_items", "40"])
+    assert rc == 0
+    return out / "llava"
+
+
+def test_tiny_llava_mlp_beats_linear_and_reprojects(tiny_llava_store, tmp_path):
+    common = ["--vec_dir", str(tiny_llava_store), "--num_workers", "0", "--train_split", "0.7"]
+    assert train_recon.main([*common, "--out_dir", str(tmp_path / "lin"), "--model_type", "linear"]) == 0
+    assert train_recon.main([*common, "--out_dir", str(tmp_path / "mlp"), "--model_type", "mlp", "--hidden_size", "128",
+                             "--epochs", "10", "--lr", "3e-3", "--warmup_steps", "5", "--batch_size", "4"]) == 0
+
+    def val(d):
+        return torch.load(tmp_path / d / "best_model.pt", weights_only=True)["meta"]["val_loss"]
+
+    assert val("mlp") < val("lin")
+    ev = tmp_path / "ev"
+    assert eval_recon.main(["--model_dir", str(tmp_path / "mlp"), "--out_dir", str(ev), "--num_workers", "0"]) == 0
+    rows = _rows(ev / "per_sample.csv")
+    assert rows and all(0.5 < float(r["reproj_cosine"]) <= 1.0 + 1e-6 for r in rows)
