@@ -3,7 +3,7 @@
 Runs only the vision tower and the connector of each model (never the language model unless
 --caption asks for a caption too) and writes, per model and shard:
 
-    <out_dir>/<model>/<shard>/pre_vectors_<NNNNN>.pt   {"keys", "vecs" [N,T,D], "pooled" [N,D], "grids"}
+    <out_dir>/<model>/<shard>/pre_vectors_<NNNNN>.pt   {"keys", "vecs" [N,T,D], "pooled" [N,D]}
     <out_dir>/<model>/<shard>/post_vectors_<NNNNN>.pt
     <out_dir>/<model>/<shard>/manifest.json            (written after every chunk; complete=true at the end)
 

@@ -203,10 +203,16 @@ def _commit(
             data[kind] = pack(vecs, keys, dtype, save)
             for name in parts[0].extras.get(kind, {}):
                 values = [x for p in parts for x in p.extras[kind][name]]
+                if name == "grids" and _uniform_grid(values, writer.meta.get(kind)):
+                    continue  # the manifest's grid applies to every image: don't repeat it per row
                 data[kind][name] = torch.tensor(values) if not isinstance(values[0], str) else values
     else:  # every input of this chunk was unreadable: commit an empty chunk so resume skips it
         data = {kind: {"keys": []} for kind in writer.meta.get("kinds", ["pre", "post"])}
     writer.write_chunk(index, digest, keys, data, skipped)
+
+
+def _uniform_grid(grids: list, entry: dict[str, Any] | None) -> bool:
+    return bool(entry) and entry.get("grid") is not None and all(list(g) == entry["grid"] for g in grids)
 
 
 def _chunk_batches(

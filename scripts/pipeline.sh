@@ -1,0 +1,111 @@
+#!/bin/bash
+# The whole pipeline as one DAG: vec -> clip -> cal -> emb -> export_recon -> eval_recon -> caption ->
+# perturb -> score_perturb -> figures.
+#
+#   bash scripts/pipeline.sh                 # Slurm present: submit every stage with --dependency=afterok,
+#                                            # arrays over shards, print the job ids; else run inline
+#   bash scripts/pipeline.sh --local         # run every stage inline, in order, in this shell
+#   bash scripts/pipeline.sh --demo          # `make demo`: inline, tiny models, sample/images, CPU
+#   MODELS="llava qwen2.5vl" ROOT=data/images MODEL_PATH= bash scripts/pipeline.sh   # real checkpoints
+#
+# Settings (environment, defaults in brackets): MODELS [llava idefics2 qwen2.5vl], ROOT [sample/images],
+# DATA [data: every stage writes under it], MODEL_PATH [tiny; empty = each family's HF checkpoint],
+# DEVICE [auto], MODEL_TYPE [mlp reconstructor], EPOCHS [CLI default; demo 8], PERTURB [mask lowrank],
+# LEVELS [0,0.25,0.5,0.75], SLURM_ARGS (extra sbatch flags for every job, e.g. "--gres=none -c 2").
+# Account/partition come from your environment or scripts/slurm.env (see common.sh); nothing is hard-coded.
+# A failing stage stops its dependants: Slurm leaves them PENDING (DependencyNeverSatisfied) and
+# --kill-on-invalid-dep=yes cancels them, so the failure shows in squeue / the stage's log.
+set -euo pipefail
+# shellcheck source=scripts/common.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
+
+mode=auto
+for a in "$@"; do
+  case $a in
+    --local) mode=local ;;
+    --demo) mode=local; DEMO=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) die "unknown argument $a (see --help)" ;;
+  esac
+done
+if [[ $mode == auto ]]; then
+  if command -v sbatch >/dev/null && scontrol ping >/dev/null 2>&1; then mode=slurm; else mode=local; fi
+fi
+
+export ROOT=${ROOT:-sample/images} DEVICE=${DEVICE:-auto}
+export MODEL_PATH=${MODEL_PATH-tiny}
+DATA=${DATA:-data}
+read -r -a models <<< "${MODELS:-llava idefics2 qwen2.5vl}"
+read -r -a perturbs <<< "${PERTURB:-mask lowrank}"
+LEVELS=${LEVELS:-0,0.25,0.5,0.75}
+MODEL_TYPE=${MODEL_TYPE:-mlp}
+if [[ -n ${DEMO:-} ]]; then
+  export DEVICE=cpu EPOCHS=${EPOCHS:-8} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+fi
+mkdir -p logs
+cd "$VLMC_ROOT"
+
+last=""  # job id(s) the next stage depends on
+# stage NAME SCRIPT [ENV=VALUE...] -- [ARGS...]: run inline, or submit after the previous stage.
+stage() {
+  local name=$1 script=$2; shift 2
+  local -a envs=() args=()
+  while (($#)) && [[ $1 != -- ]]; do envs+=("$1"); shift; done
+  (($#)) && shift
+  args=("$@")
+  if [[ $mode == local ]]; then
+    log "== $name"
+    env "${envs[@]}" bash "scripts/$script" "${args[@]}"
+    return
+  fi
+  local -a dep=() extra=()
+  [[ -n $last ]] && dep=(--dependency="afterok:$last" --kill-on-invalid-dep=yes)
+  read -r -a extra <<< "${SLURM_ARGS:-}"
+  local id
+  id=$(env "${envs[@]}" sbatch --parsable --export=ALL "${dep[@]}" "${extra[@]}" ${ARRAY:+--array="$ARRAY"} \
+       --job-name="vlmc-$name" "scripts/$script" "${args[@]}")
+  id=${id%%;*}
+  echo "$name $id"
+  stage_ids+=("$id")
+}
+
+mapfile -t shards < <(list_shards "$ROOT")
+nsh=${#shards[@]}
+((nsh)) || die "no shards with images under $ROOT"
+
+# Stages that fan out over models run side by side; the next stage waits for all of them.
+fan_out() {
+  local -a ids=()
+  stage_ids=()
+  "$@"
+  if [[ $mode == slurm ]]; then ids=("${stage_ids[@]}"); last=$(IFS=:; echo "${ids[*]}"); fi
+}
+
+vec_stage() {
+  local m
+  for m in "${models[@]}"; do
+    ARRAY=0-$((nsh - 1)) stage "vec-$m" vec.sh MODELS="$m" OUT="$DATA/vector"
+  done
+}
+clip_stage() { ARRAY=0-$((nsh - 1)) stage clip clip.sh OUT="$DATA/clip_ref"; }
+emb_stage() {
+  local m
+  for m in "${models[@]}"; do
+    stage "emb-$m" emb.sh MODEL="$m" VEC="$DATA/vector" MODEL_TYPE="$MODEL_TYPE" OUT="$DATA/output/recon/${m}_$MODEL_TYPE" \
+      -- "$m"
+  done
+}
+export_stage() {
+  local m
+  for m in "${models[@]}"; do
+    stage "export-$m" export_recon.sh MODEL="$m" MODEL_TYPE="$MODEL_TYPE" MODEL_DIR="$DATA/output/recon/${m}_$MODEL_TYPE" \
+      OUT_BASE="$DATA/vector_recon" -- "$m"
+  done
+}
+
+stage_ids=()
+fan_out vec_stage
+fan_out clip_stage
+fan_out emb_stage
+fan_out export_stage
+if [[ $mode == slurm ]]; then log "submitted; follow with: squeue -u $USER"; else log "pipeline done; outputs under $DATA/"; fi

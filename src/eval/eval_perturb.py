@@ -1,0 +1,214 @@
+"""Stage 8: captions from controlled perturbations of the stored E_post.
+
+For every image of a stage-1 store and every ``--level``:
+
+    caption_original    the stored, unperturbed E_post injected into the model (cached once per
+                        (model, image) in <cache_dir>/original_<model>.csv and reused by every mode/level)
+    caption_perturbed   apply_perturbation(E_post, mode, level, seed, "<shard>/<key>") injected the same way
+
+written to ``<out_dir>/perturb_<model>_<mode>_<level>.csv`` with columns
+``key, shard, image_path, caption_original, caption_perturbed, mode, level, seed`` (what
+score_perturb.py reads), and ``<csv>.run.json`` recording the settings. The perturbation of an image
+depends only on (seed, shard/key), never on the batch. Modes and level meanings:
+
+    none        level ignored
+    mask        probability of dropping each token (--fill zero|mean), in [0, 1]
+    lowrank     retained fraction of min(T, D) in (0, 1], or an integer rank > 1
+    orthogonal  blend alpha in [0, 1] between X and X·Q, Q Haar-random orthogonal (--shared_rotation:
+                one Q for all images; a QR of a 4096x4096 matrix per image costs seconds on a CPU)
+    noise       SNR in dB relative to the image's mean(X^2) ("inf" adds nothing)
+
+The model is the store manifest's family and source (``--model_path`` overrides the weights); captions
+are greedy, batched by token shape (a batch's captions equal the batch-1 captions), with the image size
+the store was extracted at. Vectors are cast to the model dtype before they are perturbed; the
+perturbation runs on the model's device. ``--resume`` keeps the rows already written (unique by
+(shard, key); every write is atomic) and refuses a CSV made with other settings. A Slurm USR1 (see
+scripts/perturb.sh) makes it write what it has and exit 75.
+
+Images: """
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vlmc.eval import inject
+from vlmc.eval.captions_io import done_ids, upsert_rows
+from vlmc.eval.perturb import LEVEL_HELP, MASK_FILLS, PERTURBATIONS, apply_batch, check_level, perturb_key
+from vlmc.models.load import load_vlm
+from vlmc.train.data import plan_batches
+from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, parse_csv_list, resolve_device
+from vlmc.utils.stop import StopFlag, StopRequested
+
+log = logging.getLogger("vlmc.eval_perturb")
+
+COLUMNS = ("key", "shard", "image_path", "caption_original", "caption_perturbed", "mode", "level", "seed")
+
+
+def build_parser():
+    """The stage-8 argument parser."""
+    p = make_parser(__doc__ + inject.IMAGES_HELP + ".\n\nQwen3-VL: " + inject.DEEPSTACK_HELP + ".")
+    p.add_argument("--vec_dir", default="data/vector", help="stage-1 store: base folder (+ --model_name), model folder or one shard folder")
+    p.add_argument("--image_dir", default="sample/images", help="the images the store was extracted from (see above)")
+    p.add_argument("--model_name", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
+    p.add_argument("--model_path", "--model-path", dest="model_path", default=None,
+                   help="VLM weights (HF id, local folder, 'tiny'); default: the store manifest's source")
+    p.add_argument("--mode", default="mask", choices=list(PERTURBATIONS), help="perturbation")
+    p.add_argument("--level", default=None,
+                   help="one level or a comma list (one CSV each); " + "; ".join(f"{k}: {v}" for k, v in LEVEL_HELP.items())
+                   + " (default: required, except 0 for none)")
+    p.add_argument("--seed", type=int, default=0, help="run seed; an image's draw depends on (seed, shard/key) only")
+    p.add_argument("--fill", default="zero", choices=list(MASK_FILLS), help="mask: what a dropped token becomes")
+    p.add_argument("--shared_rotation", action="store_true", help="orthogonal: one Q for all images (seeded by --seed)")
+    p.add_argument("--out_dir", default="data/perturb_out", help="output folder of perturb_<model>_<mode>_<level>.csv")
+    p.add_argument("--cache_dir", default=None, help="caption_original cache folder (default <out_dir>/cache); "
+                   "point stage 7's --cache_dir here to share it")
+    p.add_argument("--prompt", "--caption_prompt", dest="prompt", default=None,
+                   help="caption instruction (default: the store's recorded prompt, else the family's)")
+    p.add_argument("--max_new_tokens", "--caption_max_new_tokens", dest="max_new_tokens", type=int, default=32,
+                   help="caption length limit (tokens)")
+    p.add_argument("--batch_size", type=int, default=8, help="images per generate call")
+    p.add_argument("--limit", type=int, default=0, help="at most this many images (store order); 0 = all")
+    p.add_argument("--shards", default=None, help="comma list of shards (default: all)")
+    p.add_argument("--save_every", type=int, default=64, help="rewrite the CSV after this many new rows")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="model compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
+    p.add_argument("--amp", action="store_true", help="the seed's flag: same as --dtype bf16")
+    p.add_argument("--deepstack", default=None, choices=list(inject.DEEPSTACK_MODES),
+                   help="Qwen3-VL only (default original; see above)")
+    p.add_argument("--resume", action="store_true", help="keep rows an earlier run wrote; generate only the rest")
+    return p
+
+
+def parse_levels(mode: str, text: str | None) -> list[tuple[str, float]]:
+    """``--level`` → ``[(name used in the file name and the level column, value)]``, each checked."""
+    items = parse_csv_list(text)
+    if not items:
+        if mode != "none":
+            raise UsageError(f"--level is required for --mode {mode} ({LEVEL_HELP[mode]})")
+        items = ["0"]
+    out = []
+    for it in items:
+        try:
+            value = float(it)
+        except ValueError:
+            raise UsageError(f"--level {it!r} is not a number") from None
+        check_level(mode, value)
+        name = f"{value:g}"
+        if name in {n for n, _ in out}:
+            raise UsageError(f"--level lists {it} twice")
+        out.append((name, value))
+    return out
+
+
+def check_args(args) -> None:
+    """Reject impossible numbers before anything is loaded."""
+    if args.batch_size < 1 or args.save_every < 1 or args.max_new_tokens < 1:
+        raise UsageError("--batch_size, --save_every and --max_new_tokens must be >= 1")
+    if args.limit < 0:
+        raise UsageError("--limit must be >= 0")
+    if args.amp:
+        if args.dtype not in ("auto", "bf16"):
+            raise UsageError(f"--amp means --dtype bf16; it contradicts --dtype {args.dtype}")
+        args.dtype = "bf16"
+
+
+def perturb_opts(args) -> dict:
+    """Mode options for ``apply_perturbation``."""
+    if args.mode == "mask":
+        return {"fill": args.fill}
+    if args.mode == "orthogonal" and args.shared_rotation:
+        return {"shared_seed": args.seed}
+    return {}
+
+
+def output_path(out_dir: Path, model: str, mode: str, level: str) -> Path:
+    return out_dir / f"perturb_{model}_{mode}_{level}.csv"
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    levels = parse_levels(args.mode, args.level)
+    opts = perturb_opts(args)
+    device = resolve_device(args.device)
+    store = inject.open_vectors(args.vec_dir, args.model_name, parse_csv_list(args.shards) or None)
+    samples = inject.select_samples(inject.store_samples(store), max_items=args.limit)
+    images = inject.ImageIndex(args.image_dir)
+    images.check_shards([s.shard for s in samples])
+    out_dir = ensure_writable_dir(args.out_dir)
+    if not store.family:
+        raise UsageError(f"{store.shards[0].post.dir}: the manifest names no model family; cannot caption")
+    vlm = load_vlm(store.family, args.model_path or store.source, inject.resolve_compute_dtype(args.dtype, store, device), device)
+    prompt = inject.resolve_prompt(args.prompt, store, vlm.adapter)
+    img_size = store.manifest.get("img_size")
+    gen = inject.generation_settings(vlm, store, prompt, args.max_new_tokens, args.deepstack)
+    cache = inject.CaptionCache(Path(args.cache_dir or out_dir / "cache") / f"original_{store.model}.csv", gen,
+                                inject.chunk_digests(store))
+    reader = inject.PostReader()
+    order = [s.id for s in samples]
+    with StopFlag() as stop:
+        for name, value in levels:
+            path = output_path(out_dir, store.model, args.mode, name)
+            settings = {**gen, "model": store.model, "mode": args.mode, "level": name, "seed": args.seed,
+                        "options": opts, "vec_dir": str(Path(args.vec_dir).resolve())}
+            inject.start_output(path, settings, args.resume)
+            done = done_ids(path, ("caption_original", "caption_perturbed")) if args.resume else set()
+            todo = [s for s in samples if s.id not in done]
+            n_new, n_skipped = run_level(args, vlm, cache, reader, images, todo, path, value, name, opts, prompt,
+                                         img_size, stop)
+            inject.reorder_rows(path, order)
+            log.info("%s: %d new rows, %d kept, %d skipped (no image)%s", path.name, n_new, len(samples) - len(todo),
+                     n_skipped, f"; caption_original cache: {cache.hits} hits" if cache.hits else "")
+    return 0
+
+
+def run_level(args, vlm, cache, reader, images, todo, path, value, name, opts, prompt, img_size, stop):
+    """Generate the rows of one level; returns ``(rows written, images skipped)``."""
+    rows: list[dict[str, str]] = []
+    n_new = n_skipped = 0
+
+    def flush() -> None:
+        nonlocal rows
+        cache.flush()
+        if rows:
+            upsert_rows(path, rows)
+            rows = []
+
+    bar = tqdm(total=len(todo), desc=f"{args.mode} {name}", unit="img", file=sys.stderr, disable=None)
+    try:
+        for idx in plan_batches(todo, args.batch_size):
+            batch = [todo[i] for i in idx]
+            ims, recs = images.load(batch)
+            keep = [j for j, im in enumerate(ims) if im is not None]
+            n_skipped += len(batch) - len(keep)
+            if keep:
+                batch, ims, recs = [batch[j] for j in keep], [ims[j] for j in keep], [recs[j] for j in keep]
+                posts = reader.load(batch, vlm.dtype, vlm.device)
+                original = inject.cached_or_generate(cache, vlm, batch, ims, posts, prompt, args.max_new_tokens,
+                                                     args.batch_size, img_size, args.deepstack)
+                keys = [perturb_key(s.shard, s.key) for s in batch]
+                perturbed = apply_batch(posts, args.mode, value, args.seed, keys, **opts)
+                caps = inject.caption_from_post(vlm, ims, perturbed, prompt, args.max_new_tokens, args.batch_size,
+                                                img_size, args.deepstack)
+                for s, r, o, c in zip(batch, recs, original, caps, strict=True):
+                    rows.append({"key": s.key, "shard": s.shard, "image_path": str(r.path), "caption_original": o,
+                                 "caption_perturbed": c, "mode": args.mode, "level": name, "seed": str(args.seed)})
+                n_new += len(batch)
+            bar.update(len(idx))
+            if len(rows) >= args.save_every or stop:
+                flush()
+            if stop:
+                raise StopRequested(f"{path.name}: stopped after {n_new} new rows; rerun with --resume to continue")
+        flush()
+    finally:
+        bar.close()
+    return n_new, n_skipped
+
+
+if __name__ == "__main__":
+    sys.exit(main())

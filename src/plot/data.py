@@ -1,0 +1,368 @@
+"""Readers of the stage outputs the plot CLIs use: one small function per file format.
+
+Layout under ``--in_dir`` (default ``sample/``; every sub-folder can be overridden by its own flag):
+
+    knn/<model>/overlap_top<k>_<metric>.json     stage 3 (extract_knn): global + per-k summaries
+    knn/<model>/per_image.csv                    stage 3: per-image spectra / KNOR
+    recon_eval/<model>/per_sample.csv            stage 6 (eval_recon): held-out reconstruction quality
+    recon_eval/<model>/loss_maps.pt              stage 6: per-patch loss maps
+    captions/**/captions_<model>.csv             stage 7, scored by score_captions.py
+    perturb/**/perturb_<model>_<mode>_<level>.csv   stage 8, scored by score_perturb.py
+    images/<shard>/<key>.<ext>                   the images (for the loss-map overlays)
+
+Every table is read with strings kept as strings (keys like ``"000010000"``); numeric columns are
+converted with :func:`numeric` (``""`` / ``nan`` → NaN). Images are identified by ``(shard, key)``.
+A missing *required* column is a one-line ``UsageError`` naming the file; optional columns are used
+when present. Where the exact key names of a writer are not final, the mapping lives in one function
+here (e.g. :func:`parse_overlap_json`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vlmc.utils.cli import UsageError
+
+log = logging.getLogger("vlmc.plot")
+
+ID = ["shard", "key"]
+SUBDIRS = {"knn": "knn", "recon": "recon_eval", "captions": "captions", "perturb": "perturb", "images": "images"}
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+PERTURB_MODES = ("mask", "lowrank", "orthogonal", "noise", "none")
+_PERTURB_NAME = re.compile(r"^perturb_(?P<model>.+)_(?P<mode>" + "|".join(PERTURB_MODES) + r")_(?P<level>[^_]+)$")
+
+
+def stage_dir(args, stage: str) -> Path:
+    """``--<stage>_dir`` when given, else ``<in_dir>/<default sub-folder>``."""
+    explicit = getattr(args, f"{stage}_dir", None)
+    return Path(explicit) if explicit else Path(args.in_dir) / SUBDIRS[stage]
+
+
+def add_stage_args(p, *stages: str) -> None:
+    """``--knn_dir`` / ``--recon_dir`` / ... overrides for the stages a CLI reads."""
+    for s in stages:
+        p.add_argument(f"--{s}_dir", default=None, help=f"stage folder (default: <in_dir>/{SUBDIRS[s]})")
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """A CSV with every cell as a string (empty stays ``""``)."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.EmptyDataError:
+        raise UsageError(f"{path}: empty file") from None
+    except pd.errors.ParserError as e:
+        raise UsageError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+
+
+def require(df: pd.DataFrame, cols, path) -> None:
+    """``UsageError`` naming the required columns ``path`` lacks."""
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise UsageError(f"{path}: missing required column(s) {', '.join(missing)}")
+
+
+def numeric(df: pd.DataFrame, cols) -> pd.DataFrame:
+    """``df`` with the listed columns (those present) converted to float (unparseable → NaN)."""
+    df = df.copy()
+    for c in cols:
+        if c in df.columns:
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    return df
+
+
+def _numeric_like(df: pd.DataFrame, skip=("shard", "key", "model", "image_path")) -> list[str]:
+    """Columns other than ids/texts whose non-empty cells all parse as numbers."""
+    out = []
+    for c in df.columns:
+        if c in skip or c.startswith("caption_"):
+            continue
+        v = df[c][df[c].astype(str).str.strip() != ""]
+        if len(v) and pd.to_numeric(v, errors="coerce").notna().sum() + (v.str.lower() == "nan").sum() == len(v):
+            out.append(c)
+    return out
+
+
+# -- stage 3: geometry ------------------------------------------------------------------------------
+
+
+@dataclass
+class KnnSummary:
+    """What the figures need from one ``overlap_top<k>_<metric>.json``, in a fixed shape."""
+
+    knor: pd.DataFrame  # pair, k, mean, median, std   (pair: pre_post, <ref>_pre, <ref>_post)
+    three_way: pd.DataFrame  # ref, k, all3, ref_pre_only, ref_post_only, pre_post_only (mean counts)
+    spectra: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # side → {energy, singular}
+    scalars: dict[str, float] = field(default_factory=dict)  # flattened numeric leaves of "global"
+    n_images: int | None = None
+    refs: list[str] = field(default_factory=list)
+
+
+_K = re.compile(r"^(?:top)?(\d+)$")
+THREE_WAY = ("all3", "ref_pre_only", "ref_post_only", "pre_post_only")
+
+
+def parse_overlap_json(d: dict) -> KnnSummary:
+    """Map extract_knn's JSON onto :class:`KnnSummary`.
+
+    Expected (stage-3 contract)::
+
+        {"n_images": N, "refs": ["clip"],
+         "per_k": {"<k>": {"pre_post": {"mean", "median", "std"}, "<ref>_pre": {...}, "<ref>_post": {...},
+                           "three_way": {"<ref>": {"all3", "ref_pre_only", "ref_post_only", "pre_post_only"}}}},
+         "global": {... numeric scalars (CKA, Procrustes, distance correlations) ...,
+                    spectra as lists under keys containing "energy" / "singular" below a "pre"/"post" key}}
+
+    ``per_k`` keys may be ``"10"`` or ``"top10"``. The seed's layout (``"top<k>"``, ``"<ref>_pre_top<k>"``
+    at the top level) is read too.
+    """
+    if "per_k" not in d:
+        return _parse_seed_overlap(d)
+    knor, three = [], []
+    for kname, entry in d["per_k"].items():
+        k = int(_K.match(str(kname)).group(1))
+        for pair, stats in entry.items():
+            if isinstance(stats, dict) and "mean" in stats:
+                knor.append({"pair": pair, "k": k, **{s: stats.get(s, np.nan) for s in ("mean", "median", "std")}})
+        for ref, counts in (entry.get("three_way") or {}).items():
+            three.append({"ref": ref, "k": k, **{c: counts.get(c, np.nan) for c in THREE_WAY}})
+    glob = d.get("global", {})
+    refs = d.get("refs") or sorted({p[: -len("_pre")] for p in (r["pair"] for r in knor) if p.endswith("_pre")})
+    return KnnSummary(_frame(knor, ["pair", "k", "mean", "median", "std"]), _frame(three, ["ref", "k", *THREE_WAY]),
+                      _find_spectra(glob), _flatten_scalars(glob), d.get("n_images", d.get("n")), list(refs))
+
+
+def _parse_seed_overlap(d: dict) -> KnnSummary:
+    """The seed repo's JSON: ``top<k>`` = pre→post, ``<ref>_pre_top<k>`` / ``<ref>_post_top<k>``."""
+    pat = re.compile(r"^(?:(?P<ref>.+)_(?P<side>pre|post)_)?top(?P<k>\d+)$")
+    knor = []
+    for key, stats in d.items():
+        m = pat.match(key)
+        if m and isinstance(stats, dict) and "mean" in stats:
+            pair = "pre_post" if not m["ref"] else f"{m['ref']}_{m['side']}"
+            knor.append({"pair": pair, "k": int(m["k"]), **{s: stats.get(s, np.nan) for s in ("mean", "median", "std")}})
+    if not knor:
+        raise UsageError("overlap JSON has neither 'per_k' nor seed-style 'top<k>' entries")
+    glob = d.get("global", {})
+    refs = sorted({r["pair"][:-4] for r in knor if r["pair"].endswith("_pre")})
+    return KnnSummary(_frame(knor, ["pair", "k", "mean", "median", "std"]), _frame([], ["ref", "k", *THREE_WAY]),
+                      _find_spectra(glob), _flatten_scalars(glob), d.get("n_images"), refs)
+
+
+def _frame(rows: list[dict], cols: list[str]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=cols)
+    return df.sort_values(cols[:2]).reset_index(drop=True) if len(df) else df
+
+
+def _flatten_scalars(obj, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested dict as ``{"a.b.c": value}`` (lists skipped)."""
+    out: dict[str, float] = {}
+    for k, v in obj.items() if isinstance(obj, dict) else ():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten_scalars(v, name + "."))
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[name] = float(v)
+    return out
+
+
+def _find_spectra(obj, path: tuple[str, ...] = ()) -> dict[str, dict[str, np.ndarray]]:
+    """Lists under keys containing ``energy`` / ``singular`` below a ``pre``/``post``(-prefixed) key."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for k, v in obj.items() if isinstance(obj, dict) else ():
+        here = (*path, str(k))
+        if isinstance(v, dict):
+            for side, kinds in _find_spectra(v, here).items():
+                out.setdefault(side, {}).update(kinds)
+        elif isinstance(v, list) and v and all(isinstance(x, int | float) for x in v):
+            side = next((s for s in ("pre", "post") for p in here if p == s or p.startswith(s + "_")), None)
+            kind = "energy" if "energy" in k else "singular" if "singular" in k else None
+            if side and kind:
+                out.setdefault(side, {})[kind] = np.asarray(v, dtype=np.float64)
+    return out
+
+
+@dataclass
+class KnnRun:
+    model: str
+    json_path: Path | None
+    summary: KnnSummary | None
+    per_image: pd.DataFrame | None
+    per_image_path: Path | None
+
+
+def read_per_image(path: Path) -> pd.DataFrame:
+    """stage 3 ``per_image.csv``: required ``shard, key``; every other numeric column converted."""
+    df = read_csv(path)
+    require(df, ID, path)
+    return numeric(df, _numeric_like(df))
+
+
+def load_knn(knn_dir: Path, metric: str = "l2") -> dict[str, KnnRun]:
+    """Every ``<knn_dir>/<model>/`` with an ``overlap_top<k>_<metric>.json`` and/or ``per_image.csv``.
+
+    With several JSONs for ``metric`` (different k_max) the largest k_max is used.
+    """
+    runs = {}
+    for d in sorted(p for p in knn_dir.iterdir() if p.is_dir()):
+        jsons = sorted(d.glob(f"overlap_top*_{metric}.json"), key=lambda p: _kmax(p.name))
+        pim = d / "per_image.csv"
+        if not jsons and not pim.exists():
+            continue
+        summary = None
+        if jsons:
+            try:
+                summary = parse_overlap_json(json.loads(jsons[-1].read_text(encoding="utf-8")))
+            except (json.JSONDecodeError, UsageError, AttributeError) as e:
+                raise UsageError(f"{jsons[-1]}: cannot read overlap summary ({e})") from None
+        runs[d.name] = KnnRun(d.name, jsons[-1] if jsons else None, summary,
+                              read_per_image(pim) if pim.exists() else None, pim if pim.exists() else None)
+    if not runs:
+        raise UsageError(f"{knn_dir}: no <model>/overlap_top<k>_{metric}.json or <model>/per_image.csv")
+    return runs
+
+
+def _kmax(name: str) -> int:
+    m = re.match(r"overlap_top(\d+)_", name)
+    return int(m.group(1)) if m else -1
+
+
+# -- stage 6: reconstruction ------------------------------------------------------------------------
+
+RECON_METRICS = ("mse_pre", "cosine_pre", "reproj_mse", "reproj_cosine")
+
+
+def read_recon(recon_dir: Path) -> pd.DataFrame:
+    """All ``<recon_dir>/<model>/per_sample.csv`` (or ``<recon_dir>/per_sample.csv``) stacked.
+
+    Required: ``shard, key`` and at least one of ``mse_pre, cosine_pre, reproj_mse, reproj_cosine``;
+    ``model`` defaults to the folder name.
+    """
+    files = sorted(recon_dir.glob("*/per_sample.csv")) + sorted(recon_dir.glob("per_sample.csv"))
+    if not files:
+        raise UsageError(f"{recon_dir}: no <model>/per_sample.csv")
+    parts = []
+    for f in files:
+        df = read_csv(f)
+        require(df, ID, f)
+        if not any(c in df.columns for c in RECON_METRICS):
+            raise UsageError(f"{f}: none of the reconstruction columns {', '.join(RECON_METRICS)}")
+        if "model" not in df.columns or (df["model"] == "").all():
+            df["model"] = f.parent.name
+        parts.append(numeric(df, RECON_METRICS))
+    return pd.concat(parts, ignore_index=True)
+
+
+def read_loss_maps(path: Path) -> dict:
+    """stage 6 ``loss_maps.pt``: ``{keys, shards, grids [N,2], maps [N,h,w]}`` as numpy (NaN-padded)."""
+    from vlmc.utils.io import safe_torch_load
+
+    try:
+        d = safe_torch_load(path, mmap=False)
+    except Exception as e:  # a refused / corrupt file is the user's input problem
+        raise UsageError(f"{path}: cannot load loss maps ({type(e).__name__}: {e})") from None
+    missing = [k for k in ("keys", "shards", "grids", "maps") if k not in d]
+    if missing:
+        raise UsageError(f"{path}: missing key(s) {', '.join(missing)}")
+    return {"keys": [str(k) for k in d["keys"]], "shards": [str(s) for s in d["shards"]],
+            "grids": np.asarray(d["grids"]).reshape(-1, 2).astype(int), "maps": np.asarray(d["maps"], dtype=np.float64)}
+
+
+# -- stage 7: captions ------------------------------------------------------------------------------
+
+CAPTION_SCORES = ("clipscore_drop", "bertscore_drop")
+
+
+def read_captions(caption_dir: Path) -> pd.DataFrame:
+    """Every scored ``captions_<model>.csv`` under ``caption_dir`` (recursively), stacked.
+
+    Required: ``shard, key`` and at least one of ``clipscore_drop, bertscore_drop`` (the file was scored).
+    ``model`` comes from a ``model`` column, else the file name. Score columns (``clipscore_*``,
+    ``clipcos_*``, ``bertscore_*``, ``cliptext_*``, ``reproj_*``) are converted to float.
+    """
+    files = sorted(caption_dir.rglob("captions_*.csv"))
+    if not files:
+        raise UsageError(f"{caption_dir}: no captions_<model>.csv")
+    parts = []
+    for f in files:
+        df = read_csv(f)
+        require(df, ID, f)
+        if not any(c in df.columns for c in CAPTION_SCORES):
+            raise UsageError(f"{f}: not scored (no clipscore_drop / bertscore_drop; run score_captions.py)")
+        if "model" not in df.columns or (df["model"] == "").all():
+            df["model"] = f.stem.removeprefix("captions_")
+        score = [c for c in df.columns if c.split("_")[0] in ("clipscore", "clipcos", "bertscore", "cliptext", "reproj")]
+        parts.append(numeric(df, score))
+    return pd.concat(parts, ignore_index=True)
+
+
+# -- stage 8: perturbations -------------------------------------------------------------------------
+
+PERTURB_SCORES = ("clipscore_original", "clipscore_perturbed", "clipscore_drop", "bertscore_f1",
+                  "bertscore_f1_original_gt", "bertscore_f1_perturbed_gt", "bertscore_drop_gt", "clipscore_gt",
+                  "clipcos_original", "clipcos_perturbed", "cliptext_cos")
+
+
+def read_perturb(perturb_dir: Path, mode: str | None = None) -> pd.DataFrame:
+    """Every scored ``perturb_<model>_<mode>_<level>.csv`` under ``perturb_dir`` (recursively), stacked.
+
+    Required: ``shard, key, clipscore_original, clipscore_perturbed``. ``model``/``mode``/``level`` come
+    from the file name (the ``mode`` / ``level`` columns win when present). ``mode`` filters.
+    """
+    files = []
+    for f in sorted(perturb_dir.rglob("perturb_*.csv")):
+        m = _PERTURB_NAME.match(f.stem)
+        if m is None:
+            log.warning("%s: name is not perturb_<model>_<mode>_<level>.csv; skipped", f)
+        elif mode is None or m["mode"] == mode:
+            files.append((f, m))
+    if not files:
+        raise UsageError(f"{perturb_dir}: no perturb_<model>_{mode or '<mode>'}_<level>.csv")
+    parts = []
+    for f, m in files:
+        df = read_csv(f)
+        require(df, [*ID, "clipscore_original", "clipscore_perturbed"], f)
+        for col in ("model", "mode", "level"):
+            if col not in df.columns or (df[col] == "").all():
+                df[col] = m[col]
+        parts.append(numeric(df, [*PERTURB_SCORES, "level"]))
+    return pd.concat(parts, ignore_index=True)
+
+
+# -- images -----------------------------------------------------------------------------------------
+
+
+def find_image(image_dir: Path | None, shard: str, key: str, hint: str = "") -> Path | None:
+    """The image of ``(shard, key)``: ``hint`` (a CSV's image_path) if it exists, else ``<image_dir>/<shard>/<key>.*``."""
+    if hint and Path(hint).is_file():
+        return Path(hint)
+    if image_dir is None:
+        return None
+    folder = image_dir if shard == "_root" else image_dir / shard  # a flat root is the shard "_root"
+    for ext in IMAGE_EXTS:
+        for cand in (folder / f"{key}{ext}", folder / f"{key}{ext.upper()}"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def knor_table(run: KnnRun) -> pd.DataFrame:
+    """``pair, k, mean, median, std`` of a model: the JSON's per-k summaries, else derived from
+    ``per_image.csv``'s ``<pair>_knor<k>`` columns (std with ddof=0, as extract_knn's summaries)."""
+    if run.summary is not None and len(run.summary.knor):
+        return run.summary.knor
+    rows = []
+    pim = run.per_image if run.per_image is not None else pd.DataFrame()
+    for c in pim.columns:
+        m = re.match(r"^(?P<pair>.+)_knor(?P<k>\d+)$", c)
+        if m:
+            v = pim[c].dropna().to_numpy(np.float64)
+            rows.append({"pair": m["pair"], "k": int(m["k"]), "mean": v.mean() if v.size else np.nan,
+                         "median": np.median(v) if v.size else np.nan, "std": v.std() if v.size else np.nan})
+    return _frame(rows, ["pair", "k", "mean", "median", "std"])
