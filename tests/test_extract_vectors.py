@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from vlmc.data.scenes import write_scenes
+from vlmc.extract import extract_vectors
 from vlmc.models.base import families
 from vlmc.store.vectors import ShardReader
 from vlmc.utils.io import read_json
@@ -138,18 +139,18 @@ def test_modules_glob_and_list_modules(images, tmp_path):
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--models", ""], "cuda"),
     ],
 )
-def test_bad_arguments_one_line_exit_2(args, message, images, tmp_path):
+def test_bad_arguments_one_line_exit_2(args, message, images, tmp_path, capsys):
     base = ["--root", str(images), "--out_dir", str(tmp_path), "--models", "llava", "--model-path", "tiny"]
-    proc = run_cli(*base, *args, check=False)
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln]
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+    assert extract_vectors.main([*base, *args]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
 
 
-def test_empty_folder_and_unwritable_out_dir(tmp_path):
+def test_empty_folder_and_unwritable_out_dir(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    proc = run_cli("--root", str(tmp_path / "empty"), "--models", "llava", "--model-path", "tiny", check=False)
-    assert proc.returncode == 2 and "no images" in proc.stderr.lower()
+    assert extract_vectors.main(["--root", str(tmp_path / "empty"), "--models", "llava", "--model-path", "tiny"]) == 2
+    assert "no images" in capsys.readouterr().err.lower()
     root = tmp_path / "img"
     write_scenes(root / "s", n=1, seed=0, size=64)
     (tmp_path / "afile").write_text("x")
