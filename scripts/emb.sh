@@ -34,7 +34,7 @@ _d=${VLMC_ROOT:-$(dirname "${BASH_SOURCE[0]}")/..}
 [[ -f $_d/scripts/common.sh ]] || _d=${SLURM_SUBMIT_DIR:-.}
 [[ -f $_d/scripts/common.sh ]] || _d=$_d/..
 [[ -f $_d/scripts/common.sh ]] || _d=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null |
-  sed -n 's|^ *Command=\(.*\)/scripts/[^/]*$|\1|p')
+  sed -n 's|^ *Command=\(.*\)/scripts/[^/]*$|\1|p' | head -n1) || true
 # shellcheck source=scripts/common.sh
 source "$_d/scripts/common.sh" || { echo "emb.sh: scripts/common.sh not found; export VLMC_ROOT=<repo>" >&2; exit 1; }
 

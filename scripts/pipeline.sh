@@ -36,7 +36,7 @@ export ROOT=${ROOT:-sample/images} DEVICE=${DEVICE:-auto}
 export MODEL_PATH=${MODEL_PATH-tiny}
 DATA=${DATA:-data}
 read -r -a models <<< "${MODELS:-llava idefics2 qwen2.5vl}"
-read -r -a perturbs <<< "${PERTURB:-mask lowrank}"
+PERTURB=${PERTURB:-mask lowrank}
 LEVELS=${LEVELS:-0,0.25,0.5,0.75}
 MODEL_TYPE=${MODEL_TYPE:-mlp}
 if [[ -n ${DEMO:-} ]]; then
@@ -88,6 +88,12 @@ vec_stage() {
   done
 }
 clip_stage() { ARRAY=0-$((nsh - 1)) stage clip clip.sh OUT="$DATA/clip_ref"; }
+cal_stage() {
+  local m
+  for m in "${models[@]}"; do
+    stage "cal-$m" cal.sh VEC="$DATA/vector" REF="clip:$DATA/clip_ref" OUT="$DATA/output/knn_out/$m" -- "$m"
+  done
+}
 emb_stage() {
   local m
   for m in "${models[@]}"; do
@@ -102,10 +108,19 @@ export_stage() {
       OUT_BASE="$DATA/vector_recon" -- "$m"
   done
 }
+eval_recon_stage() {
+  local m
+  for m in "${models[@]}"; do
+    stage "eval-recon-$m" eval_recon.sh MODEL="$m" MODEL_TYPE="$MODEL_TYPE" MODEL_DIR="$DATA/output/recon/${m}_$MODEL_TYPE" \
+      OUT="$DATA/output/recon_eval/$m" -- "$m"
+  done
+}
 
 stage_ids=()
 fan_out vec_stage
 fan_out clip_stage
+fan_out cal_stage
 fan_out emb_stage
 fan_out export_stage
+fan_out eval_recon_stage
 if [[ $mode == slurm ]]; then log "submitted; follow with: squeue -u $USER"; else log "pipeline done; outputs under $DATA/"; fi
