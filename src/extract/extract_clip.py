@@ -30,7 +30,7 @@ from pathlib import Path
 
 from vlmc.data.images import discover_images
 from vlmc.extract.reference import MODEL_TYPES, POOL_DOC, POOLS, load_reference
-from vlmc.extract.runner import RunConfig, group_by_shard, run_shards
+from vlmc.extract.runner import RunConfig, check_run_args, group_by_shard, run_shards
 from vlmc.store.vectors import MANIFEST
 from vlmc.utils.cli import (
     UsageError,
@@ -73,11 +73,7 @@ def build_parser():
 
 def check_args(args) -> None:
     """Reject impossible values before any model is loaded."""
-    for flag in ("batch_size", "save_every"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be >= 1")
-    if args.max_items < 0 or args.num_workers < 0:
-        raise UsageError("--max_items and --num_workers must be >= 0")
+    check_run_args(args)
     if args.model_type not in MODEL_TYPES:
         raise UsageError(f"unknown --model_type {args.model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
     if args.pool not in POOLS:

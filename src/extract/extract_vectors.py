@@ -22,7 +22,7 @@ import logging
 import sys
 
 from vlmc.data.images import discover_images
-from vlmc.extract.runner import RunConfig, run_shards
+from vlmc.extract.runner import RunConfig, check_run_args, run_shards
 from vlmc.extract.vectors import VLMEncoder
 from vlmc.models.base import families, get_adapter, list_modules
 from vlmc.models.load import load_vlm
@@ -96,20 +96,10 @@ def select_models(text: str) -> list[str]:
     return names
 
 
-def check_args(args) -> None:
-    """Reject impossible numbers before any model is loaded."""
-    for flag in ("batch_size", "save_every"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be >= 1")
-    if args.max_items < 0 or args.num_workers < 0:
-        raise UsageError("--max_items and --num_workers must be >= 0")
-    parse_dtype(args.store_dtype)
-
-
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_args(args)
+    check_run_args(args)
     models = select_models(args.models)
     sources = parse_model_paths(args.model_path, models)
     device = resolve_device(args.device)

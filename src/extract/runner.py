@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from vlmc.data.images import ImageDataset, ImageRecord
 from vlmc.store.vectors import ShardWriter, cast_checked, digest_keys, pack
-from vlmc.utils.cli import DTYPES
+from vlmc.utils.cli import DTYPES, UsageError, parse_dtype
 from vlmc.utils.stop import StopFlag, StopRequested, stop_requested
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,16 @@ class ShardResult:
     written: int = 0
     resumed: int = 0
     skipped: int = 0
+
+
+def check_run_args(args) -> None:
+    """Reject impossible batching/chunking values of an image-store CLI before any model is loaded."""
+    for flag in ("batch_size", "save_every"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1")
+    if args.max_items < 0 or args.num_workers < 0:
+        raise UsageError("--max_items and --num_workers must be >= 0")
+    parse_dtype(args.store_dtype)
 
 
 def versions() -> dict[str, str]:
