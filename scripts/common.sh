@@ -101,9 +101,10 @@ run_requeueable() {
   trap - USR1
   rm -f "$VLMC_STOP_FILE"
   (( _vlmc_stop )) || return "$rc"
-  if [[ -n ${SLURM_JOB_ID:-} ]] && scontrol requeue "$SLURM_JOB_ID"; then
-    log "stage stopped (rc=$rc); job $SLURM_JOB_ID requeued, it resumes when it starts again"
-    exit 0  # slurmctld is killing this run anyway
+  if [[ -n ${SLURM_JOB_ID:-} ]]; then
+    # logged first: a successful requeue kills this shell at once
+    log "stage stopped (rc=$rc); requeueing job $SLURM_JOB_ID, it resumes when it starts again"
+    if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
   fi
   log "stage stopped early (rc=$rc) and not requeued: rerun the same command to resume"
   return 75

@@ -246,7 +246,7 @@ def test_usr1_under_slurm_checkpoints_requeues_and_resumes(slurm_cluster, tmp_pa
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
     assert slurm_cluster.wait(job_id, timeout=90) == 0
     log = (tmp_path / "job.log").read_text()
-    assert "requeued, it resumes" in log and "restarted run #1" in log and "job finished" in log, log
+    assert "it resumes when it starts again" in log and "restarted run #1" in log and "job finished" in log, log
     ledger = [ln.split() for ln in (out / "ledger").read_text().splitlines()]
     assert sorted(int(i) for i, _ in ledger) == list(range(30)), "every chunk written exactly once"
     first_run = [i for i, restart in ledger if restart in ("-", "0")]

@@ -234,5 +234,5 @@ def test_vec_sh_usr1_requeue_resumes_real_cli(slurm_cluster, tmp_path):
     rc = slurm_cluster.wait(job, timeout=300)
     log = (tmp_path / "logs" / f"vlmc-vec-{job}_0.out").read_text()
     assert rc == 0, log
-    assert "requeued, it resumes" in log and "restarted run #1" in log, log
+    assert "it resumes when it starts again" in log and "restarted run #1" in log, log
     _check_out(out, shards, 2)

@@ -75,6 +75,6 @@ def test_emb_sh_usr1_requeues_and_resumes_from_last_pt(slurm_cluster, tmp_path):
     rc = slurm_cluster.wait(job, timeout=300)
     log = (tmp_path / "logs" / f"vlmc-emb-{job}.out").read_text()
     assert rc == 0, log
-    assert "requeued, it resumes" in log and "restarted run #1" in log and "resumed from" in log, log
+    assert "it resumes when it starts again" in log and "restarted run #1" in log and "resumed from" in log, log
     assert _epochs(out) == [str(e) for e in range(1, 7)]
     assert torch.load(out / "last.pt", weights_only=True)["state"]["finished"]
