@@ -123,3 +123,13 @@ def test_find_shard_dirs(tmp_path):
         find_shard_dirs(tmp_path / "nope")
     with pytest.raises(UsageError):
         find_shard_dirs(tmp_path)
+
+
+def test_reader_skips_chunks_whose_images_were_all_unreadable(tmp_path):
+    w = ShardWriter(tmp_path / "s", META, resume=False)
+    w.write_chunk(0, digest_keys(["bad"]), [], {"pre": {"keys": []}, "post": {"keys": []}}, skipped=[{"key": "bad"}])
+    keys = ["a"]
+    w.write_chunk(1, digest_keys(keys), keys, {k: pack([torch.ones(2, 3)], keys, torch.float16, "both") for k in ("pre", "post")}, [])
+    w.write_manifest(complete=True, n_chunks=2)
+    r = ShardReader.open(tmp_path / "s")
+    assert r.tokens("pre")[0] == ["a"] and r.pooled("post")[1].shape == (1, 3)

@@ -206,6 +206,8 @@ class ShardReader:
     def chunks(self, kind: str) -> Iterator[dict[str, Any]]:
         """Yield each chunk dict of ``kind`` in order (``keys`` and mmap'd tensors)."""
         for c in self.manifest["chunks"]:
+            if c["rows"] == 0:  # every input of the chunk was unreadable
+                continue
             if kind not in c["files"]:
                 raise UsageError(f"{self.dir}: chunk {c['index']} has no {kind!r} vectors")
             chunk = safe_torch_load(self.dir / c["files"][kind]["name"])
