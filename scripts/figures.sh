@@ -3,7 +3,7 @@
 #
 #   bash scripts/figures.sh [IN_DIR [FIG_DIR [RESULTS_DIR]]] [--pdf]     # `make figures` = sample figures results
 #
-# Runs src/plot/make_figures.py (every plot CLI and compute_summary in one Python process); see its
+# Runs src/plot/make_figures.py (every plot CLI and compute_summary: one interpreter, 2 forked workers); see its
 # --help for which stage folders feed which figures. Exit status: 0 ok, 1 a step failed, 2 bad input.
 set -euo pipefail
 # shellcheck source=scripts/common.sh

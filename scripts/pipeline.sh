@@ -1,6 +1,6 @@
 #!/bin/bash
-# The whole pipeline as one DAG: vec -> clip -> cal -> emb -> export_recon -> eval_recon -> caption ->
-# perturb -> score_perturb -> figures.
+# The whole pipeline as one DAG: vec -> clip -> cal -> emb -> export_recon -> eval_recon -> train (connector)
+# -> caption -> perturb -> score_perturb -> figures.
 #
 #   bash scripts/pipeline.sh                 # Slurm present: submit every stage with --dependency=afterok,
 #                                            # arrays over shards, print the job ids; else run inline
@@ -115,6 +115,11 @@ eval_recon_stage() {
       OUT="$DATA/output/recon_eval/$m" -- "$m"
   done
 }
+# Replacement-connector training (modular-connector experiment) for the first model.
+train_stage() {
+  stage "train-${models[0]}" train.sh MODEL="${models[0]}" IMAGES="$ROOT" VEC="$DATA/vector" CONNECTOR=mlp \
+    OUT="$DATA/output/connector/${models[0]}_mlp" PREDICT=1 EXPORT=1 EXPORT_DIR="$DATA/vector" -- "${models[0]}"
+}
 
 stage_ids=()
 fan_out vec_stage
@@ -123,4 +128,5 @@ fan_out cal_stage
 fan_out emb_stage
 fan_out export_stage
 fan_out eval_recon_stage
+fan_out train_stage
 if [[ $mode == slurm ]]; then log "submitted; follow with: squeue -u $USER"; else log "pipeline done; outputs under $DATA/"; fi

@@ -3,10 +3,10 @@
 The numbers are random but the files have the writers' exact names and columns:
 
     images/<shard>/<key>.png                          two shards; the first 4 keys repeat across shards
-    knn/<model>/overlap_top20_l2.json, per_image.csv  stage 3 (contract of src/extract/extract_knn.py)
+    knn_out/<model>/overlap_top20_l2.json, per_image.csv, spectra.json   stage 3 (docs/formats.md)
     recon_eval/<model>/per_sample.csv, per_shard/<shard>.csv, loss_maps.pt, summary.json   stage 6
-    captions/captions_<model>.csv                     stage 7 after score_captions.py
-    perturb/perturb_<model>_<mode>_<level>.csv        stage 8 after score_perturb.py
+    captions/captions_<model>.csv                     stage 7 (eval_captions) after score_captions.py
+    perturb_out/perturb_<model>_<mode>_<level>.csv    stage 8 (eval_perturb) after score_perturb.py
 
 Drops are built to grow with reconstruction error / perturbation level so trends are visible.
 
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-MODELS = ("llava", "idefics2", "qwen2.5vl")
+MODELS = ("llava", "qwen2.5vl")  # qwen: two grid shapes (NaN-padded loss maps)
 SHARDS = ("00000", "00001")
 KS = (5, 10, 20)
-GRIDS = {"llava": [(6, 6)], "idefics2": [(8, 1)], "qwen2.5vl": [(4, 6), (6, 4)]}  # qwen: two aspect ratios
+GRIDS = {"llava": [(6, 6)], "idefics2": [(5, 5)], "qwen2.5vl": [(4, 6), (6, 4)]}  # qwen: two aspect ratios
 LEVELS = {"mask": (0.1, 0.3, 0.5, 0.7), "lowrank": (0.01, 0.05, 0.1, 0.3), "orthogonal": (0.5, 1.0),
           "noise": (0.0, 10.0, 20.0)}
 
@@ -62,9 +62,26 @@ def _summ(v: np.ndarray) -> dict:
 
 def write_knn(root: Path, model: str, pairs, rng) -> None:
     n = len(pairs)
-    d = root / "knn" / model
+    d = root / "knn_out" / model
     d.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(pairs, columns=["shard", "key"])
+    per_k = {}
+    base = {"pre_post": rng.uniform(0.3, 0.7), "clip_pre": rng.uniform(0.1, 0.4), "clip_post": rng.uniform(0.1, 0.4)}
+    knor = {}
+    for pair in base:  # column order of extract_knn: pre_post_knor<k> for every k, then per ref and k
+        for k in KS:
+            knor[(pair, k)] = np.round(np.clip(base[pair] + 0.01 * k + rng.normal(0, 0.08, n), 0, 1) * k) / k
+    for k in KS:
+        df[f"pre_post_knor{k}"] = knor[("pre_post", k)]
+    for k in KS:
+        df[f"clip_pre_knor{k}"], df[f"clip_post_knor{k}"] = knor[("clip_pre", k)], knor[("clip_post", k)]
+    for k in KS:
+        entry = {pair: _summ(knor[(pair, k)]) for pair in base}
+        entry["three_way"] = {"clip": {"all3": rng.uniform(0.1, 0.3) * k, "ref_pre_only": 0.1 * k,
+                                       "ref_post_only": 0.05 * k, "pre_post_only": 0.3 * k}}
+        entry["pre_post_detail"] = {"rank_displacement": _summ(rng.uniform(0, k, n)), "jaccard": _summ(rng.uniform(0, 1, n))}
+        entry["chance_knor"] = k / (n - 1)
+        per_k[str(k)] = entry
     for side, scale in (("pre", 40.0), ("post", 25.0)):
         er = rng.uniform(0.5, 1.0, n) * scale
         df[f"{side}_effective_rank"] = er
@@ -75,33 +92,29 @@ def write_knn(root: Path, model: str, pairs, rng) -> None:
         df[f"{side}_top10_energy_ratio"] = np.minimum(top1 * 3.0, 1)
         df[f"{side}_k80_energy"] = rng.integers(5, 30, n)
         df[f"{side}_k90_energy"] = df[f"{side}_k80_energy"] + rng.integers(1, 10, n)
-        df[f"{side}_cosine_mean"] = rng.uniform(0.1, 0.6, n)
-    per_k, counts = {}, {}
-    base = {"pre_post": rng.uniform(0.3, 0.7), "clip_pre": rng.uniform(0.1, 0.4), "clip_post": rng.uniform(0.1, 0.4)}
-    for k in KS:
-        entry = {}
-        for pair, b in base.items():
-            v = np.round(np.clip(b + 0.01 * k + rng.normal(0, 0.08, n), 0, 1) * k) / k
-            df[f"{pair}_knor{k}"] = v
-            entry[pair] = _summ(v)
-        all3 = rng.uniform(0.1, 0.3) * k
-        entry["three_way"] = {"clip": {"all3": all3, "ref_pre_only": 0.1 * k, "ref_post_only": 0.05 * k,
-                                       "pre_post_only": 0.3 * k}}
-        per_k[str(k)] = entry
-        counts[k] = entry["three_way"]
+        df[f"{side}_cos_mean"] = rng.uniform(0.1, 0.6, n)
+        df[f"{side}_cos_std"] = rng.uniform(0.05, 0.2, n)
+        df[f"{side}_cos_median"] = df[f"{side}_cos_mean"] + 0.01
     L = 30
     spectra = {}
     for side, decay in (("pre", 0.15), ("post", 0.3)):
         e = np.exp(-decay * np.arange(L))
-        spectra[side] = {"mean_energy_spectrum": (e / e.sum()).tolist(),
-                         "mean_singular_values": (np.sqrt(e) * 10).tolist()}
+        spectra[side] = (e / e.sum()).tolist()
+    geo = {"cka_debiased": 0.78, "cka": 0.8, "procrustes_residual": 0.3, "dist_pearson": 0.7, "dist_spearman": 0.65,
+           "dist_n_pairs": n * (n - 1) // 2}
     summary = {
-        "model": model, "metric": "l2", "n_images": n, "ks": list(KS), "refs": ["clip"], "per_k": per_k,
-        "global": {"cka": {"pre_post": 0.8, "clip_pre": 0.4, "clip_post": 0.5}, "procrustes": {"pre_post": 0.3},
-                   "distance_correlation": {"pre_post": {"pearson": 0.7, "spearman": 0.65, "n_pairs": 100}},
-                   "spectrum": spectra},
+        "n": n, "n_images": n, "n_dropped": {"pre": 0, "post": 0, "clip": 0},
+        "n_per_shard": {s: sum(1 for p in pairs if p[0] == s) for s in SHARDS}, "refs": ["clip"],
+        "ks": list(KS), "k_requested": list(KS), "per_k": per_k,
+        "global": {"pre_post": geo, "clip_pre": {**geo, "cka": 0.4, "procrustes_residual": None},
+                   "clip_post": {**geo, "cka": 0.5},
+                   "spectra": {s: {"energy_mean_normalized": v} for s, v in spectra.items()}},
+        "settings": {"pre_pt": "data/vector/x", "post_pt": "data/vector/x", "refs": {"clip": "data/clip_ref"},
+                     "pool": "mean", "metric": "l2", "protocol": "global", "backend": "torch", "device": "cpu",
+                     "seed": 0, "pairs_sample": 100000, "svd_per_image_csv": True},
     }
     (d / f"overlap_top{max(KS)}_l2.json").write_text(json.dumps(summary, indent=2))
+    (d / "spectra.json").write_text(json.dumps({"n": n, **spectra}))
     _write_csv(df, d / "per_image.csv")
 
 
@@ -147,6 +160,9 @@ def write_captions(root: Path, model: str, recon: pd.DataFrame, rng) -> None:
     df["caption_gt"] = [f"a test image {s}/{k}" for s, k in zip(df["shard"], df["key"], strict=True)]
     df["caption_post_direct"] = "a plate of food"
     df["caption_recon"] = "a plate"
+    df["reproj_mse"] = [f"{x:.6g}" for x in recon["reproj_mse"]]  # eval_captions carries them too
+    df["reproj_cosine"] = [f"{x:.6g}" for x in recon["reproj_cosine"]]
+    df["split"] = "val"
     q = recon["quality"].to_numpy()
     for s in ("gt", "post_direct", "recon"):
         cos = {"gt": 0.32, "post_direct": 0.3, "recon": 0.22 + 0.07 * q}[s] + rng.normal(0, 0.01, n)
@@ -183,7 +199,7 @@ def write_perturb(root: Path, model: str, pairs, rng) -> None:
             df["bertscore_f1_perturbed_gt"] = df["bertscore_f1_original_gt"] - 0.2 * sev + rng.normal(0, 0.02, n)
             df["clipscore_drop"] = df["clipscore_original"] - df["clipscore_perturbed"]
             df["bertscore_drop_gt"] = df["bertscore_f1_original_gt"] - df["bertscore_f1_perturbed_gt"]
-            _write_csv(df, root / "perturb" / f"perturb_{model}_{mode}_{level:g}.csv")
+            _write_csv(df, root / "perturb_out" / f"perturb_{model}_{mode}_{level:g}.csv")
 
 
 def make_plot_tree(root: str | Path, n_per_shard: int = 12, models=MODELS, seed: int = 0) -> Path:

@@ -43,7 +43,7 @@ BOOT_N = 1000
 BOOT_SEED = 0
 
 plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "axes.titlesize": 11,
-                     "axes.labelsize": 10, "legend.fontsize": 8, "savefig.bbox": "tight"})
+                     "axes.labelsize": 10, "legend.fontsize": 8})
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -78,14 +78,14 @@ def sort_models(models: Iterable[str]) -> list[str]:
 
 def add_io_args(p, figures: bool = True, tables: bool = False) -> None:
     """The flags every plot CLI shares."""
-    p.add_argument("--in_dir", default="sample", help="stage outputs to read (see vlmc.plot.data for the layout)")
+    p.add_argument("--in_dir", default="sample", help="stage outputs to read (layout: src/plot/data.py)")
     if figures:
         p.add_argument("--out_dir", default="figures", help="where figures are written")
         p.add_argument("--pdf", action="store_true", help="also write each figure as PDF")
-        p.add_argument("--dpi", type=int, default=150, help="PNG resolution")
+        p.add_argument("--dpi", type=int, default=120, help="PNG resolution (dots per inch)")
     if tables:
         p.add_argument("--results_dir", default="results", help="where tables (CSV + LaTeX) are written")
-    p.add_argument("--models", default="", help="comma list of models to include (default: all found)")
+    p.add_argument("--models", default="", help="comma list of models to include; empty = every model found")
 
 
 def pick_models(found: Iterable[str], wanted: str) -> list[str]:
@@ -111,7 +111,7 @@ def require_dir(path: str | Path, what: str) -> Path:
 # -- outputs ----------------------------------------------------------------------------------------
 
 
-def save_figure(fig, out_dir: str | Path, name: str, pdf: bool = False, dpi: int = 150) -> list[Path]:
+def save_figure(fig, out_dir: str | Path, name: str, pdf: bool = False, dpi: int = 120) -> list[Path]:
     """Write ``fig`` as ``<out_dir>/<name>.png`` (and ``.pdf``) atomically, then close it."""
     out = ensure_writable_dir(out_dir)
     paths = []
@@ -154,11 +154,15 @@ def to_latex(df: pd.DataFrame, digits: int = 3) -> str:
 
 def write_table(df: pd.DataFrame, results_dir: str | Path, name: str, latex_cols: Sequence[str] | None = None,
                 digits: int = 3) -> list[Path]:
-    """``<results_dir>/<name>.csv`` (all columns, full precision) and ``<name>.tex`` (``latex_cols``)."""
+    """``<results_dir>/<name>.csv`` (all columns, full precision) and ``<name>.tex`` (``latex_cols``,
+    models by display name)."""
     out = ensure_writable_dir(results_dir)
     csv_path, tex_path = out / f"{name}.csv", out / f"{name}.tex"
     atomic_write_text(csv_path, df.to_csv(index=False, na_rep="nan"))
-    atomic_write_text(tex_path, to_latex(df[list(latex_cols)] if latex_cols else df, digits))
+    tex = df[list(latex_cols)] if latex_cols else df
+    if "model" in tex.columns:
+        tex = tex.assign(model=tex["model"].map(model_label))
+    atomic_write_text(tex_path, to_latex(tex, digits))
     log.info("wrote %s, %s", csv_path, tex_path)
     return [csv_path, tex_path]
 
@@ -173,18 +177,20 @@ def finite(values) -> np.ndarray:
 
 
 def bootstrap_ci(values, n_boot: int = BOOT_N, seed: int = BOOT_SEED, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean.
+    """Percentile bootstrap CI of the mean, reproducible from (values, n_boot, seed) alone.
 
-    With ``x`` the finite values (n of them) and ``rng = np.random.default_rng(seed)`` (a fresh generator
-    per call, so every group is reproducible on its own): for b in 1..n_boot, ``m_b = mean(x[rng.integers(0,
-    n, n)])``; the CI is ``np.percentile(m, [50·(1−level), 50·(1+level)])`` (linear interpolation).
-    NaN, NaN when n = 0; (x, x) when n = 1.
+    ``x`` = the finite values (n of them), ``rng = np.random.default_rng(seed)`` (a fresh generator per
+    call). Resample indices are drawn in blocks of ``B = max(1, 2**20 // n)`` rows, in order:
+    ``rng.integers(0, n, size=(min(B, rows left), n))``; resample b's mean is ``x[idx_b].mean()``. The CI
+    is ``np.percentile(means, [50·(1−level), 50·(1+level)])`` (linear interpolation). NaN, NaN when n = 0.
     """
     x = finite(values)
     if x.size == 0:
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
-    means = np.array([x[rng.integers(0, x.size, x.size)].mean() for _ in range(n_boot)])
+    block = max(1, 2**20 // x.size)  # bounds memory to ~8 MB of indices per block
+    means = np.concatenate([x[rng.integers(0, x.size, size=(min(block, n_boot - s), x.size))].mean(axis=1)
+                            for s in range(0, n_boot, block)])
     lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
 
@@ -246,7 +252,8 @@ def scatter_fit(ax, x, y, color: str, label: str | None = None) -> dict[str, flo
     """Scatter of the finite (x, y) pairs, their least-squares line and an r / ρ / n box; returns the stats."""
     a, b = paired(x, y)
     st = correlations(a, b)
-    ax.scatter(a, b, s=10, alpha=0.5, color=color, edgecolors="none", label=label, rasterized=True)
+    ax.scatter(a, b, s=10, alpha=0.7 if a.size < 300 else 0.3, color=color, edgecolors="none", label=label,
+               rasterized=True)
     if np.isfinite(st["slope"]):
         xs = np.linspace(a.min(), a.max(), 50)
         ax.plot(xs, st["slope"] * xs + st["intercept"], color="black", lw=1.2, label="least-squares fit")
@@ -260,7 +267,8 @@ def panel_grid(n: int, width: float = 4.2, height: float = 3.6, ncols: int | Non
     """A figure with ``n`` axes (row-major, up to 3 per row by default); unused axes hidden."""
     ncols = ncols or min(n, 3)
     nrows = max(1, math.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False,
+                             layout="constrained")
     flat = list(axes.ravel())
     for ax in flat[n:]:
         ax.set_visible(False)

@@ -1,14 +1,16 @@
 """Readers of the stage outputs the plot CLIs use: one small function per file format.
 
-Layout under ``--in_dir`` (default ``sample/``; every sub-folder can be overridden by its own flag):
+Layout under ``--in_dir`` (default ``sample/``): the pipeline's own folder names (``data/output/...``,
+``data/perturb_out``), so a run's outputs can be copied as they are. Each stage folder is the first of
+the listed names that exists, or the one given by its own flag (``--knn_dir`` ...):
 
-    knn/<model>/overlap_top<k>_<metric>.json     stage 3 (extract_knn): global + per-k summaries
-    knn/<model>/per_image.csv                    stage 3: per-image spectra / KNOR
-    recon_eval/<model>/per_sample.csv            stage 6 (eval_recon): held-out reconstruction quality
-    recon_eval/<model>/loss_maps.pt              stage 6: per-patch loss maps
-    captions/**/captions_<model>.csv             stage 7, scored by score_captions.py
-    perturb/**/perturb_<model>_<mode>_<level>.csv   stage 8, scored by score_perturb.py
-    images/<shard>/<key>.<ext>                   the images (for the loss-map overlays)
+    knn_out|knn/<model>/overlap_top<K>_<metric>.json   stage 3 (extract_knn): global + per-k summaries
+    knn_out|knn/<model>/per_image.csv, spectra.json    stage 3: per-image KNOR / spectra, mean spectra
+    recon_eval/<model>/per_sample.csv                  stage 6 (eval_recon): held-out reconstruction quality
+    recon_eval/<model>/loss_maps.pt                    stage 6: per-patch loss maps
+    captions/**/captions_<model>.csv                   stage 7, scored by score_captions.py
+    perturb_out_scored|perturb_out|perturb/**/perturb_<model>_<mode>_<level>.csv   stage 8, scored
+    images/<shard>/<key>.<ext>                         the images (for the loss-map overlays)
 
 Every table is read with strings kept as strings (keys like ``"000010000"``); numeric columns are
 converted with :func:`numeric` (``""`` / ``nan`` → NaN). Images are identified by ``(shard, key)``.
@@ -33,22 +35,30 @@ from vlmc.utils.cli import UsageError
 log = logging.getLogger("vlmc.plot")
 
 ID = ["shard", "key"]
-SUBDIRS = {"knn": "knn", "recon": "recon_eval", "captions": "captions", "perturb": "perturb", "images": "images"}
+SUBDIRS = {"knn": ("knn_out", "knn"), "recon": ("recon_eval",), "captions": ("captions",),
+           "perturb": ("perturb_out_scored", "perturb_out", "perturb"), "images": ("images",)}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PERTURB_MODES = ("mask", "lowrank", "orthogonal", "noise", "none")
 _PERTURB_NAME = re.compile(r"^perturb_(?P<model>.+)_(?P<mode>" + "|".join(PERTURB_MODES) + r")_(?P<level>[^_]+)$")
 
 
+def find_stage_dir(in_dir: str | Path, stage: str) -> Path:
+    """The first of ``<in_dir>/<name>`` (names: ``SUBDIRS[stage]``) that exists, else the first name."""
+    cands = [Path(in_dir) / name for name in SUBDIRS[stage]]
+    return next((c for c in cands if c.is_dir()), cands[0])
+
+
 def stage_dir(args, stage: str) -> Path:
-    """``--<stage>_dir`` when given, else ``<in_dir>/<default sub-folder>``."""
+    """``--<stage>_dir`` when given, else :func:`find_stage_dir` under ``--in_dir``."""
     explicit = getattr(args, f"{stage}_dir", None)
-    return Path(explicit) if explicit else Path(args.in_dir) / SUBDIRS[stage]
+    return Path(explicit) if explicit else find_stage_dir(args.in_dir, stage)
 
 
 def add_stage_args(p, *stages: str) -> None:
     """``--knn_dir`` / ``--recon_dir`` / ... overrides for the stages a CLI reads."""
     for s in stages:
-        p.add_argument(f"--{s}_dir", default=None, help=f"stage folder (default: <in_dir>/{SUBDIRS[s]})")
+        names = "|".join(SUBDIRS[s])
+        p.add_argument(f"--{s}_dir", default=None, help=f"stage folder; None = the first of <in_dir>/{names} that exists")
 
 
 def read_csv(path: Path) -> pd.DataFrame:
@@ -94,48 +104,58 @@ def _numeric_like(df: pd.DataFrame, skip=("shard", "key", "model", "image_path")
 
 @dataclass
 class KnnSummary:
-    """What the figures need from one ``overlap_top<k>_<metric>.json``, in a fixed shape."""
+    """What the figures need from one ``overlap_top<K>_<metric>.json``, in a fixed shape."""
 
     knor: pd.DataFrame  # pair, k, mean, median, std   (pair: pre_post, <ref>_pre, <ref>_post)
     three_way: pd.DataFrame  # ref, k, all3, ref_pre_only, ref_post_only, pre_post_only (mean counts)
     spectra: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # side → {energy, singular}
     scalars: dict[str, float] = field(default_factory=dict)  # flattened numeric leaves of "global"
+    chance: dict[int, float] = field(default_factory=dict)  # k → E[KNOR] of random neighbourhoods
     n_images: int | None = None
     refs: list[str] = field(default_factory=list)
+    protocol: str = ""
 
 
 _K = re.compile(r"^(?:top)?(\d+)$")
 THREE_WAY = ("all3", "ref_pre_only", "ref_post_only", "pre_post_only")
+STATS = ("mean", "median", "std")
+
+
+def _f(v) -> float:
+    """JSON number or null → float (null = NaN)."""
+    return float("nan") if v is None else float(v)
 
 
 def parse_overlap_json(d: dict) -> KnnSummary:
-    """Map extract_knn's JSON onto :class:`KnnSummary`.
+    """Map extract_knn's JSON (docs/formats.md, stage 3) onto :class:`KnnSummary`. Keys read::
 
-    Expected (stage-3 contract)::
+        n_images, refs, settings.protocol,
+        per_k.<k>.{pre_post, <ref>_pre, <ref>_post}.{mean, median, std}   (any entry with a "mean")
+        per_k.<k>.three_way.<ref>.{all3, ref_pre_only, ref_post_only, pre_post_only}
+        per_k.<k>.chance_knor
+        global.*  numeric leaves → scalars ("pre_post.cka_debiased", ...); lists under a "pre"/"post" key
+                  whose name contains "energy" / "singular" → spectra (global.spectra.pre.energy_mean_normalized)
 
-        {"n_images": N, "refs": ["clip"],
-         "per_k": {"<k>": {"pre_post": {"mean", "median", "std"}, "<ref>_pre": {...}, "<ref>_post": {...},
-                           "three_way": {"<ref>": {"all3", "ref_pre_only", "ref_post_only", "pre_post_only"}}}},
-         "global": {... numeric scalars (CKA, Procrustes, distance correlations) ...,
-                    spectra as lists under keys containing "energy" / "singular" below a "pre"/"post" key}}
-
-    ``per_k`` keys may be ``"10"`` or ``"top10"``. The seed's layout (``"top<k>"``, ``"<ref>_pre_top<k>"``
-    at the top level) is read too.
+    ``per_k`` keys may be ``"10"`` or ``"top10"``; null is NaN. The seed's layout (``"top<k>"``,
+    ``"<ref>_pre_top<k>"`` at the top level) is read too.
     """
     if "per_k" not in d:
         return _parse_seed_overlap(d)
-    knor, three = [], []
+    knor, three, chance = [], [], {}
     for kname, entry in d["per_k"].items():
         k = int(_K.match(str(kname)).group(1))
         for pair, stats in entry.items():
             if isinstance(stats, dict) and "mean" in stats:
-                knor.append({"pair": pair, "k": k, **{s: stats.get(s, np.nan) for s in ("mean", "median", "std")}})
+                knor.append({"pair": pair, "k": k, **{s: _f(stats.get(s)) for s in STATS}})
         for ref, counts in (entry.get("three_way") or {}).items():
-            three.append({"ref": ref, "k": k, **{c: counts.get(c, np.nan) for c in THREE_WAY}})
+            three.append({"ref": ref, "k": k, **{c: _f(counts.get(c)) for c in THREE_WAY}})
+        if entry.get("chance_knor") is not None:
+            chance[k] = float(entry["chance_knor"])
     glob = d.get("global", {})
     refs = d.get("refs") or sorted({p[: -len("_pre")] for p in (r["pair"] for r in knor) if p.endswith("_pre")})
-    return KnnSummary(_frame(knor, ["pair", "k", "mean", "median", "std"]), _frame(three, ["ref", "k", *THREE_WAY]),
-                      _find_spectra(glob), _flatten_scalars(glob), d.get("n_images", d.get("n")), list(refs))
+    return KnnSummary(_frame(knor, ["pair", "k", *STATS]), _frame(three, ["ref", "k", *THREE_WAY]),
+                      _find_spectra(glob), _flatten_scalars(glob), chance, d.get("n_images", d.get("n")),
+                      list(refs), str((d.get("settings") or {}).get("protocol", "")))
 
 
 def _parse_seed_overlap(d: dict) -> KnnSummary:
@@ -146,13 +166,13 @@ def _parse_seed_overlap(d: dict) -> KnnSummary:
         m = pat.match(key)
         if m and isinstance(stats, dict) and "mean" in stats:
             pair = "pre_post" if not m["ref"] else f"{m['ref']}_{m['side']}"
-            knor.append({"pair": pair, "k": int(m["k"]), **{s: stats.get(s, np.nan) for s in ("mean", "median", "std")}})
+            knor.append({"pair": pair, "k": int(m["k"]), **{s: _f(stats.get(s)) for s in STATS}})
     if not knor:
         raise UsageError("overlap JSON has neither 'per_k' nor seed-style 'top<k>' entries")
     glob = d.get("global", {})
     refs = sorted({r["pair"][:-4] for r in knor if r["pair"].endswith("_pre")})
-    return KnnSummary(_frame(knor, ["pair", "k", "mean", "median", "std"]), _frame([], ["ref", "k", *THREE_WAY]),
-                      _find_spectra(glob), _flatten_scalars(glob), d.get("n_images"), refs)
+    return KnnSummary(_frame(knor, ["pair", "k", *STATS]), _frame([], ["ref", "k", *THREE_WAY]),
+                      _find_spectra(glob), _flatten_scalars(glob), {}, d.get("n_images"), refs, "per_shard (seed)")
 
 
 def _frame(rows: list[dict], cols: list[str]) -> pd.DataFrame:
@@ -167,8 +187,8 @@ def _flatten_scalars(obj, prefix: str = "") -> dict[str, float]:
         name = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(_flatten_scalars(v, name + "."))
-        elif isinstance(v, int | float) and not isinstance(v, bool):
-            out[name] = float(v)
+        elif v is None or (isinstance(v, int | float) and not isinstance(v, bool)):
+            out[name] = _f(v)
     return out
 
 
@@ -219,13 +239,24 @@ def load_knn(knn_dir: Path, metric: str = "l2") -> dict[str, KnnRun]:
         if jsons:
             try:
                 summary = parse_overlap_json(json.loads(jsons[-1].read_text(encoding="utf-8")))
-            except (json.JSONDecodeError, UsageError, AttributeError) as e:
+            except (json.JSONDecodeError, UsageError, AttributeError, TypeError, ValueError) as e:
                 raise UsageError(f"{jsons[-1]}: cannot read overlap summary ({e})") from None
+            if not summary.spectra and (d / "spectra.json").exists():
+                summary.spectra = read_spectra_json(d / "spectra.json")
         runs[d.name] = KnnRun(d.name, jsons[-1] if jsons else None, summary,
                               read_per_image(pim) if pim.exists() else None, pim if pim.exists() else None)
     if not runs:
         raise UsageError(f"{knn_dir}: no <model>/overlap_top<k>_{metric}.json or <model>/per_image.csv")
     return runs
+
+
+def read_spectra_json(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """stage 3 ``spectra.json``: ``{"n", "pre": [...], "post": [...]}`` mean energy fractions."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not JSON ({e})") from None
+    return {s: {"energy": np.asarray(d[s], dtype=np.float64)} for s in ("pre", "post") if d.get(s)}
 
 
 def _kmax(name: str) -> int:
@@ -276,15 +307,16 @@ def read_loss_maps(path: Path) -> dict:
 
 # -- stage 7: captions ------------------------------------------------------------------------------
 
-CAPTION_SCORES = ("clipscore_drop", "bertscore_drop")
+SCORE_PREFIXES = ("clipscore", "clipcos", "bertscore", "cliptext", "reproj")
 
 
 def read_captions(caption_dir: Path) -> pd.DataFrame:
     """Every scored ``captions_<model>.csv`` under ``caption_dir`` (recursively), stacked.
 
-    Required: ``shard, key`` and at least one of ``clipscore_drop, bertscore_drop`` (the file was scored).
-    ``model`` comes from a ``model`` column, else the file name. Score columns (``clipscore_*``,
-    ``clipcos_*``, ``bertscore_*``, ``cliptext_*``, ``reproj_*``) are converted to float.
+    Required: ``shard, key`` and at least one ``clipscore_*`` / ``bertscore_*`` column (the file was
+    scored by score_captions.py). ``model`` comes from a ``model`` column, else the file name. Score
+    columns (``clipscore_*``, ``clipcos_*``, ``bertscore_*``, ``cliptext_*``, ``reproj_*``) become float;
+    ``split`` (train / val, from eval_captions --recon_dir) is kept as text.
     """
     files = sorted(caption_dir.rglob("captions_*.csv"))
     if not files:
@@ -293,12 +325,11 @@ def read_captions(caption_dir: Path) -> pd.DataFrame:
     for f in files:
         df = read_csv(f)
         require(df, ID, f)
-        if not any(c in df.columns for c in CAPTION_SCORES):
-            raise UsageError(f"{f}: not scored (no clipscore_drop / bertscore_drop; run score_captions.py)")
+        if not any(c.startswith(("clipscore_", "bertscore_")) for c in df.columns):
+            raise UsageError(f"{f}: not scored (no clipscore_* / bertscore_* column; run score_captions.py)")
         if "model" not in df.columns or (df["model"] == "").all():
             df["model"] = f.stem.removeprefix("captions_")
-        score = [c for c in df.columns if c.split("_")[0] in ("clipscore", "clipcos", "bertscore", "cliptext", "reproj")]
-        parts.append(numeric(df, score))
+        parts.append(numeric(df, [c for c in df.columns if c.startswith(SCORE_PREFIXES)]))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -366,3 +397,9 @@ def knor_table(run: KnnRun) -> pd.DataFrame:
             rows.append({"pair": m["pair"], "k": int(m["k"]), "mean": v.mean() if v.size else np.nan,
                          "median": np.median(v) if v.size else np.nan, "std": v.std() if v.size else np.nan})
     return _frame(rows, ["pair", "k", "mean", "median", "std"])
+
+
+def perturb_modes(perturb_dir: Path) -> list[str]:
+    """The perturbation modes (other than ``none``) with at least one ``perturb_*`` CSV."""
+    modes = {m["mode"] for f in perturb_dir.rglob("perturb_*.csv") if (m := _PERTURB_NAME.match(f.stem))}
+    return [m for m in PERTURB_MODES if m in modes and m != "none"]

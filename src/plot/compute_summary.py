@@ -1,0 +1,149 @@
+"""Summary tables (CSV + LaTeX) of every stage output found under ``--in_dir``.
+
+Writes to ``--results_dir`` (each only when its stage folder exists):
+
+    knn_summary_per_model.csv/.tex   one row per model (stage 3): metric, protocol, n_images; KNOR mean at every k for
+                                     every pair (pre_post, <ref>_pre, <ref>_post: ``<pair>_knor<k>_mean``,
+                                     with ``_median``/``_std`` in the CSV); means over images of every
+                                     numeric per_image.csv column (``<col>_mean``); the JSON's global
+                                     scalars (CKA, Procrustes, distance correlations; dots → ``_``)
+    knn_knor_per_k.csv/.tex          long form: model, pair, k, mean, median, std
+    recon_summary.csv/.tex           stage 6, per model and metric (mse_pre, cosine_pre, reproj_*)
+    caption_summary.csv/.tex         stage 7, per model and column (clipscore_drop*, bertscore_drop*,
+                                     clipscore_post_direct, clipscore_recon, bertscore_f1_recon_vs_post_direct)
+    perturb_summary.csv/.tex         stage 8, per model, mode, level and column (clipscore_drop,
+                                     bertscore_drop_gt, bertscore_f1, clipscore_original, clipscore_perturbed)
+
+Statistics of a column (finite values only): n, mean, median, std (ddof=1), q25, q75, iqr (linear
+quantiles), ci95_lo/ci95_hi = percentile bootstrap 95% CI of the mean (``--n_boot`` resamples from a fresh
+``numpy.random.default_rng(--seed)`` per row; see vlmc.plot.common.bootstrap_ci).
+Drops are reference − altered: positive = worse.
+
+Example:
+    python src/plot/compute_summary.py --in_dir sample --results_dir results
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+import numpy as np
+import pandas as pd
+
+from vlmc.plot.common import BOOT_N, BOOT_SEED, add_io_args, describe, pick_models, require_dir, write_table
+from vlmc.plot.data import (
+    SUBDIRS,
+    add_stage_args,
+    knor_table,
+    load_knn,
+    read_captions,
+    read_perturb,
+    read_recon,
+    stage_dir,
+)
+from vlmc.utils.cli import UsageError, entry_point, make_parser
+
+log = logging.getLogger("vlmc.plot.summary")
+
+STATS_TEX = ["n", "mean", "ci95_lo", "ci95_hi", "median", "iqr"]
+CAPTION_COLS = ("clipscore_post_direct", "clipscore_recon", "bertscore_f1_recon_vs_post_direct")
+PERTURB_COLS = ("clipscore_drop", "bertscore_drop_gt", "bertscore_f1", "clipscore_original", "clipscore_perturbed")
+
+
+def knn_summary(args, models_wanted: str) -> None:
+    runs = load_knn(require_dir(stage_dir(args, "knn"), "knn folder"), args.metric)
+    wide, long = [], []
+    for m in pick_models(runs, models_wanted):
+        run = runs[m]
+        row = {"model": m, "metric": args.metric, "protocol": run.summary.protocol if run.summary else "",
+               "n_images": run.summary.n_images if run.summary and run.summary.n_images else
+               (len(run.per_image) if run.per_image is not None else np.nan)}
+        for r in knor_table(run).itertuples(index=False):
+            long.append({"model": m, "pair": r.pair, "k": int(r.k), "mean": r.mean, "median": r.median, "std": r.std})
+            for s in ("mean", "median", "std"):
+                row[f"{r.pair}_knor{int(r.k)}_{s}"] = getattr(r, s)
+        if run.per_image is not None:
+            for c in run.per_image.select_dtypes("number").columns:
+                if not re.search(r"_knor\d+$", c):  # KNOR is summarised above
+                    row[f"{c}_mean"] = float(run.per_image[c].mean())
+        for name, v in (run.summary.scalars if run.summary else {}).items():
+            row[name.replace(".", "_")] = v
+        wide.append(row)
+    wide = pd.DataFrame(wide)
+    kmax = max((r["k"] for r in long), default=0)  # LaTeX: pre_post at every k, references at the largest k
+    tex = [c for c in wide.columns if c in ("model", "n_images") or re.fullmatch(r"pre_post_knor\d+_mean", c)
+           or re.fullmatch(rf".+_(pre|post)_knor{kmax}_mean", c)
+           or c in ("pre_effective_rank_normalized_mean", "post_effective_rank_normalized_mean")]
+    write_table(wide, args.results_dir, "knn_summary_per_model", tex)
+    write_table(pd.DataFrame(long, columns=["model", "pair", "k", "mean", "median", "std"]), args.results_dir,
+                "knn_knor_per_k")
+
+
+def grouped_stats(df: pd.DataFrame, by: list[str], cols, args) -> pd.DataFrame:
+    """One row per group and column: ``by..., column, n, mean, ...``."""
+    rows = []
+    for key, g in df.groupby(by, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        for c in cols:
+            if c in g.columns and g[c].notna().any():  # a column this group never had is left out
+                rows.append({**dict(zip(by, key, strict=True)), "column": c, **describe(g[c], args.n_boot, args.seed)})
+    return pd.DataFrame(rows)
+
+
+def recon_summary(args, models_wanted: str) -> None:
+    df = read_recon(require_dir(stage_dir(args, "recon"), "recon folder"))
+    df = df[df["model"].isin(pick_models(df["model"].unique(), models_wanted))]
+    cols = [c for c in ("mse_pre", "cosine_pre", "reproj_mse", "reproj_cosine") if c in df and df[c].notna().any()]
+    write_table(grouped_stats(df, ["model"], cols, args), args.results_dir, "recon_summary",
+                ["model", "column", *STATS_TEX])
+
+
+def caption_summary(args, models_wanted: str) -> None:
+    df = read_captions(require_dir(stage_dir(args, "captions"), "captions folder"))
+    df = df[df["model"].isin(pick_models(df["model"].unique(), models_wanted))]
+    drops = [c for c in df.columns if c.startswith(("clipscore_drop", "bertscore_drop"))]
+    write_table(grouped_stats(df, ["model"], [*drops, *CAPTION_COLS], args), args.results_dir, "caption_summary",
+                ["model", "column", *STATS_TEX])
+
+
+def perturb_summary(args, models_wanted: str) -> None:
+    df = read_perturb(require_dir(stage_dir(args, "perturb"), "perturb folder"))
+    df = df[df["model"].isin(pick_models(df["model"].unique(), models_wanted))]
+    write_table(grouped_stats(df, ["model", "mode", "level"], PERTURB_COLS, args), args.results_dir,
+                "perturb_summary", ["model", "mode", "level", "column", *STATS_TEX])
+
+
+SECTIONS = {"knn": knn_summary, "recon": recon_summary, "captions": caption_summary, "perturb": perturb_summary}
+
+
+def build_parser():
+    p = make_parser(__doc__)
+    add_io_args(p, figures=False, tables=True)
+    add_stage_args(p, *SECTIONS)
+    p.add_argument("--metric", default="l2", choices=("l2", "cosine"), help="which overlap_top<k>_<metric>.json")
+    p.add_argument("--n_boot", type=int, default=BOOT_N, help="bootstrap resamples for the 95%% CI of the mean")
+    p.add_argument("--seed", type=int, default=BOOT_SEED, help="bootstrap seed")
+    return p
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.n_boot < 1:
+        raise UsageError("--n_boot must be >= 1")
+    require_dir(args.in_dir, "--in_dir")
+    present = [s for s in SECTIONS if stage_dir(args, s).is_dir()]
+    if not present:
+        raise UsageError(f"{args.in_dir}: none of the stage folders {', '.join(SECTIONS)} (see --help)")
+    for s in SECTIONS:
+        if s in present:
+            SECTIONS[s](args, args.models)
+        else:
+            log.warning("no %s folder under %s: %s summary skipped", "|".join(SUBDIRS[s]), args.in_dir, s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

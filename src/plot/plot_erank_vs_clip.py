@@ -1,0 +1,114 @@
+"""Per-image effective rank of E_post (or E_pre) vs the CLIPScore of the image's caption.
+
+x: ``<space>_effective_rank`` (or ``..._normalized``) from stage 3's ``per_image.csv``;
+y: CLIPScore = 2.5·max(cos(image, caption), 0) of the caption decoded from the unaltered E_post:
+``clipscore_post_direct`` of the scored caption CSVs (stage 7) or, with ``--clip_source perturb`` (or when
+there are no caption CSVs), ``clipscore_original`` of the scored perturbation CSVs (stage 8; averaged
+over the files, where it is the same caption). Rows are joined on (shard, key).
+
+Writes ``<out_dir>/erank_vs_clip/erank_vs_clip_all.png`` (all models side by side; with ``--per_model``
+also ``erank_vs_clip_<model>.png``) and ``<results_dir>/erank_vs_clip_correlations.csv`` / ``.tex``.
+
+Example:
+    python src/plot/plot_erank_vs_clip.py --in_dir sample --space post
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pandas as pd
+
+from vlmc.plot.common import (
+    add_io_args,
+    correlations,
+    model_color,
+    model_label,
+    model_slug,
+    panel_grid,
+    pick_models,
+    require_dir,
+    save_figure,
+    scatter_fit,
+    write_table,
+)
+from vlmc.plot.data import add_stage_args, load_knn, read_captions, read_perturb, stage_dir
+from vlmc.utils.cli import UsageError, entry_point, make_parser
+
+log = logging.getLogger("vlmc.plot.erank")
+
+
+def clip_scores(args) -> tuple[pd.DataFrame, str]:
+    """``model, shard, key, clipscore`` and a label saying where the scores came from."""
+    cap_dir, pert_dir = stage_dir(args, "captions"), stage_dir(args, "perturb")
+    source = args.clip_source
+    if source == "auto":
+        source = "captions" if cap_dir.is_dir() else "perturb"
+    if source == "captions":
+        df = read_captions(require_dir(cap_dir, "captions folder"))
+        if "clipscore_post_direct" not in df.columns:
+            raise UsageError(f"{cap_dir}: caption CSVs have no clipscore_post_direct column")
+        df = df.rename(columns={"clipscore_post_direct": "clipscore"})
+        label = "CLIPScore of the post_direct caption"
+    else:
+        df = read_perturb(require_dir(pert_dir, "perturb folder"))
+        df = df.groupby(["model", "shard", "key"], as_index=False)["clipscore_original"].mean()
+        df = df.rename(columns={"clipscore_original": "clipscore"})
+        label = "CLIPScore of the unperturbed caption"
+    return df[["model", "shard", "key", "clipscore"]], label
+
+
+def build_parser():
+    p = make_parser(__doc__)
+    add_io_args(p, tables=True)
+    add_stage_args(p, "knn", "captions", "perturb")
+    p.add_argument("--space", choices=("post", "pre"), default="post", help="effective rank of E_post or E_pre")
+    p.add_argument("--normalized", action="store_true", help="use effective rank / min(T-1, D)")
+    p.add_argument("--clip_source", choices=("auto", "captions", "perturb"), default="auto",
+                   help="where CLIPScore comes from (auto: captions when its folder exists)")
+    p.add_argument("--per_model", action="store_true", help="also write one figure per model")
+    p.add_argument("--metric", default="l2", choices=("l2", "cosine"), help="overlap JSON read with per_image.csv")
+    return p
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    col = f"{args.space}_effective_rank" + ("_normalized" if args.normalized else "")
+    runs = load_knn(require_dir(stage_dir(args, "knn"), "knn folder"), args.metric)
+    clip, ylabel = clip_scores(args)
+    frames = []
+    for m, run in runs.items():
+        if run.per_image is None or col not in run.per_image.columns:
+            log.warning("%s: no %s in per_image.csv; skipped", m, col)
+            continue
+        frames.append(run.per_image[["shard", "key", col]].assign(model=m))
+    if not frames:
+        raise UsageError(f"no per_image.csv with column {col}")
+    df = pd.concat(frames).merge(clip, on=["model", "shard", "key"], how="inner")
+    models = pick_models(df["model"].unique(), args.models) if len(df) else []
+    if not models:
+        raise UsageError("no image has both an effective rank and a CLIPScore (no (model, shard, key) in common)")
+    xlabel = f"{args.space.capitalize()}-connector effective rank" + (" / min(T−1, D)" if args.normalized else "")
+    out = f"{args.out_dir}/erank_vs_clip"
+    rows = []
+    fig_all, axes = panel_grid(len(models), 4.2, 3.8, ncols=min(len(models), 4))
+    for ax_all, m in zip(axes, models, strict=True):
+        sub = df[df["model"] == m]
+        fig, (ax,) = panel_grid(1, 5.5, 4.5) if args.per_model else (None, (None,))
+        for a in (ax, ax_all) if ax else (ax_all,):
+            scatter_fit(a, sub[col], sub["clipscore"], model_color(m))
+            a.set(title=model_label(m), xlabel=xlabel, ylabel=f"{ylabel} (0–2.5)")
+        if fig is not None:
+            save_figure(fig, out, f"erank_vs_clip_{model_slug(m)}", args.pdf, args.dpi)
+        rows.append({"model": m, "x": col, "y": "clipscore", **correlations(sub[col], sub["clipscore"])})
+    fig_all.suptitle(f"Per-image {xlabel.lower()} vs {ylabel} (line: least squares)")
+    save_figure(fig_all, out, "erank_vs_clip_all", args.pdf, args.dpi)
+    write_table(pd.DataFrame(rows), args.results_dir, "erank_vs_clip_correlations",
+                ["model", "x", "n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
