@@ -120,6 +120,26 @@ train_stage() {
   stage "train-${models[0]}" train.sh MODEL="${models[0]}" IMAGES="$ROOT" VEC="$DATA/vector" CONNECTOR=mlp \
     OUT="$DATA/output/connector/${models[0]}_mlp" PREDICT=1 EXPORT=1 EXPORT_DIR="$DATA/vector" -- "${models[0]}"
 }
+caption_stage() {
+  local m
+  for m in "${models[@]}"; do
+    stage "caption-$m" caption.sh MODEL="$m" VEC="$DATA/vector" MODEL_TYPE="$MODEL_TYPE" \
+      RECON_DIR="$DATA/output/recon/${m}_$MODEL_TYPE" OUT="$DATA/output/captions/$m" \
+      CACHE_DIR="$DATA/output/perturb_out/cache" SCORES=clipscore,bertscore -- "$m"
+  done
+}
+perturb_stage() {
+  local m p
+  for m in "${models[@]}"; do
+    for p in $PERTURB; do
+      stage "perturb-$m-$p" perturb.sh MODEL="$m" VEC="$DATA/vector" OUT="$DATA/output/perturb_out" -- "$m" "$p" "$LEVELS"
+    done
+  done
+}
+score_stage() { stage score-perturb score_perturb.sh PERTURB_DIR="$DATA/output/perturb_out" -- "$DATA/output/perturb_out"; }
+figures_stage() {
+  stage figures figures.sh -- "$DATA/output" "${FIGURES:-figures}" "${RESULTS:-results}"
+}
 
 stage_ids=()
 fan_out vec_stage
@@ -129,4 +149,8 @@ fan_out emb_stage
 fan_out export_stage
 fan_out eval_recon_stage
 fan_out train_stage
+fan_out caption_stage
+fan_out perturb_stage
+fan_out score_stage
+fan_out figures_stage
 if [[ $mode == slurm ]]; then log "submitted; follow with: squeue -u $USER"; else log "pipeline done; outputs under $DATA/"; fi

@@ -209,16 +209,9 @@ def resolve_clip_spec(spec: str) -> str:
     """``tiny`` → the offline tiny CLIP folder from ``vlmc.extract.reference``; anything else unchanged."""
     if spec != "tiny":
         return spec
-    try:
-        from vlmc.extract import reference
-    except ImportError:
-        raise UsageError(
-            "--clip_model tiny needs vlmc.extract.reference (not available); give a CLIP folder"
-        ) from None
-    builder = getattr(reference, "tiny_clip_dir", None)
-    if builder is None:
-        raise UsageError("vlmc.extract.reference has no tiny_clip_dir(); give --clip_model a CLIP folder")
-    return str(builder())
+    from vlmc.extract.reference import tiny_reference_path
+
+    return str(tiny_reference_path("tiny-clip"))
 
 
 @dataclass
