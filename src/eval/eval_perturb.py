@@ -23,9 +23,7 @@ are greedy, batched by token shape (a batch's captions equal the batch-1 caption
 the store was extracted at. Vectors are cast to the model dtype before they are perturbed; the
 perturbation runs on the model's device. ``--resume`` keeps the rows already written (unique by
 (shard, key); every write is atomic) and refuses a CSV made with other settings. A Slurm USR1 (see
-scripts/perturb.sh) makes it write what it has and exit 75.
-
-Images: """
+scripts/perturb.sh) makes it write what it has and exit 75."""
 
 from __future__ import annotations
 
@@ -40,7 +38,14 @@ from vlmc.eval.captions_io import done_ids, upsert_rows
 from vlmc.eval.perturb import LEVEL_HELP, MASK_FILLS, PERTURBATIONS, apply_batch, check_level, perturb_key
 from vlmc.models.load import load_vlm
 from vlmc.train.data import plan_batches
-from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, parse_csv_list, resolve_device
+from vlmc.utils.cli import (
+    UsageError,
+    ensure_writable_dir,
+    entry_point,
+    make_parser,
+    parse_csv_list,
+    resolve_device,
+)
 from vlmc.utils.stop import StopFlag, StopRequested
 
 log = logging.getLogger("vlmc.eval_perturb")
@@ -50,7 +55,7 @@ COLUMNS = ("key", "shard", "image_path", "caption_original", "caption_perturbed"
 
 def build_parser():
     """The stage-8 argument parser."""
-    p = make_parser(__doc__ + inject.IMAGES_HELP + ".\n\nQwen3-VL: " + inject.DEEPSTACK_HELP + ".")
+    p = make_parser(__doc__ + inject.help_notes())
     p.add_argument("--vec_dir", default="data/vector", help="stage-1 store: base folder (+ --model_name), model folder or one shard folder")
     p.add_argument("--image_dir", default="sample/images", help="the images the store was extracted from (see above)")
     p.add_argument("--model_name", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
@@ -73,7 +78,7 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=8, help="images per generate call")
     p.add_argument("--limit", type=int, default=0, help="at most this many images (store order); 0 = all")
     p.add_argument("--shards", default=None, help="comma list of shards (default: all)")
-    p.add_argument("--save_every", type=int, default=64, help="rewrite the CSV after this many new rows")
+    p.add_argument("--save_every", type=int, default=256, help="rewrite the CSV after this many new rows")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="model compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
     p.add_argument("--amp", action="store_true", help="the seed's flag: same as --dtype bf16")
@@ -141,22 +146,23 @@ def main(argv: list[str] | None = None) -> int:
     images = inject.ImageIndex(args.image_dir)
     images.check_shards([s.shard for s in samples])
     out_dir = ensure_writable_dir(args.out_dir)
-    if not store.family:
-        raise UsageError(f"{store.shards[0].post.dir}: the manifest names no model family; cannot caption")
-    vlm = load_vlm(store.family, args.model_path or store.source, inject.resolve_compute_dtype(args.dtype, store, device), device)
-    prompt = inject.resolve_prompt(args.prompt, store, vlm.adapter)
+    adapter, source, dtype, prompt = inject.model_setup(store, args.model_path, args.dtype, device, args.prompt)
     img_size = store.manifest.get("img_size")
-    gen = inject.generation_settings(vlm, store, prompt, args.max_new_tokens, args.deepstack)
+    gen = inject.generation_settings(adapter, source, dtype, store, prompt, args.max_new_tokens, args.deepstack)
+    plans = []
+    for name, value in levels:  # every output checked (and a fresh run's old files removed) before the model loads
+        path = output_path(out_dir, store.model, args.mode, name)
+        settings = {**gen, "model": store.model, "mode": args.mode, "level": name, "seed": args.seed,
+                    "options": opts, "vec_dir": str(Path(args.vec_dir).resolve())}
+        inject.start_output(path, settings, args.resume)
+        plans.append((path, name, value))
+    vlm = load_vlm(store.family, source, dtype, device)
     cache = inject.CaptionCache(Path(args.cache_dir or out_dir / "cache") / f"original_{store.model}.csv", gen,
                                 inject.chunk_digests(store))
     reader = inject.PostReader()
     order = [s.id for s in samples]
     with StopFlag() as stop:
-        for name, value in levels:
-            path = output_path(out_dir, store.model, args.mode, name)
-            settings = {**gen, "model": store.model, "mode": args.mode, "level": name, "seed": args.seed,
-                        "options": opts, "vec_dir": str(Path(args.vec_dir).resolve())}
-            inject.start_output(path, settings, args.resume)
+        for path, name, value in plans:
             done = done_ids(path, ("caption_original", "caption_perturbed")) if args.resume else set()
             todo = [s for s in samples if s.id not in done]
             n_new, n_skipped = run_level(args, vlm, cache, reader, images, todo, path, value, name, opts, prompt,

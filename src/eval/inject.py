@@ -65,6 +65,14 @@ IMAGES_HELP = (
 )
 
 
+
+def help_notes(extra: str = "") -> str:
+    """The images and deepstack paragraphs of the stages' ``--help`` (wrapped to 100 columns)."""
+    import textwrap
+
+    paras = ["Images: " + IMAGES_HELP + ".", "Deepstack (--deepstack): " + DEEPSTACK_HELP + "." + extra]
+    return "\n\n" + "\n\n".join(textwrap.fill(p, 100) for p in paras)
+
 # -- generation -----------------------------------------------------------------------------------
 
 
@@ -136,10 +144,17 @@ def caption_from_images(
     max_new_tokens: int = 32,
     batch_size: int = 8,
     img_size: int | None = None,
+    shapes: Sequence[Any] | None = None,
 ) -> list[str]:
-    """The model's own greedy captions from pixels, batched by image size, in input order."""
+    """The model's own greedy captions from pixels, in input order.
+
+    Batches hold images of equal ``shapes`` (e.g. their stored E_post shapes, i.e. equal image-token
+    counts); default: equal pixel sizes.
+    """
+    if shapes is not None and len(shapes) != len(images):
+        raise ValueError(f"{len(images)} images but {len(shapes)} shapes")
     out: list[str | None] = [None] * len(images)
-    for idx in shape_groups([im.size for im in images], batch_size):
+    for idx in shape_groups(list(shapes) if shapes is not None else [im.size for im in images], batch_size):
         caps = _generate(vlm, [images[i] for i in idx], prompt, max_new_tokens, None, img_size, None)
         for i, c in zip(idx, caps, strict=True):
             out[i] = c
@@ -280,18 +295,36 @@ def resolve_prompt(prompt: str | None, store: Store, adapter: FamilyAdapter) -> 
     return prompt or store.manifest.get("prompt") or adapter.default_prompt
 
 
-def generation_settings(vlm: VLM, store: Store, prompt: str, max_new_tokens: int, deepstack: str | None) -> dict[str, Any]:
-    """What decides the caption of an unperturbed stored E_post (the cache fingerprint's fields)."""
+def generation_settings(adapter: FamilyAdapter, source: str, dtype: torch.dtype, store: Store, prompt: str,
+                        max_new_tokens: int, deepstack: str | None) -> dict[str, Any]:
+    """What decides the caption of an unperturbed stored E_post (the cache fingerprint's fields).
+
+    ``source`` is the resolved weights (``vlmc.models.load.resolve_source``), so it is known before the
+    model is loaded and a ``--resume`` with other settings fails fast.
+    """
     return {
-        "family": vlm.adapter.name,
-        "source": vlm.source,
-        "compute_dtype": str(vlm.dtype).replace("torch.", ""),
+        "family": adapter.name,
+        "source": source,
+        "compute_dtype": str(dtype).replace("torch.", ""),
         "prompt": prompt,
         "max_new_tokens": int(max_new_tokens),
         "img_size": store.manifest.get("img_size"),
-        "deepstack": (deepstack or getattr(vlm.adapter, "deepstack_default", None)) if supports_deepstack(vlm.adapter) else None,
+        "deepstack": (deepstack or getattr(adapter, "deepstack_default", None)) if supports_deepstack(adapter) else None,
         "store_dtype": store.store_dtype,
     }
+
+
+def model_setup(store: Store, model_path: str | None, dtype_name: str, device: torch.device,
+                prompt: str | None) -> tuple[FamilyAdapter, str, torch.dtype, str]:
+    """``(adapter, resolved source, compute dtype, prompt)`` for captioning ``store``, without loading weights."""
+    from vlmc.models.base import get_adapter
+    from vlmc.models.load import resolve_source
+
+    if not store.family:
+        raise UsageError(f"{store.shards[0].post.dir}: the manifest names no model family; cannot caption")
+    adapter = get_adapter(store.family)
+    source = resolve_source(adapter, model_path or store.source)
+    return adapter, source, resolve_compute_dtype(dtype_name, store, device), resolve_prompt(prompt, store, adapter)
 
 
 def fingerprint(obj: Any) -> str:
@@ -455,7 +488,9 @@ __all__ = [
     "chunk_digests",
     "fingerprint",
     "generation_settings",
+    "model_setup",
     "gt_caption",
+    "help_notes",
     "open_vectors",
     "reorder_rows",
     "resolve_compute_dtype",

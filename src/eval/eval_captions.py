@@ -1,0 +1,249 @@
+"""Stage 7: captions from the stored E_post and from reconstructed embeddings, per image.
+
+For every selected image of a stage-1 store (with ``--recon_dir``: by default only the reconstructor's
+HELD-OUT images from its split.json, ``--split all`` for every image):
+
+    caption_gt           the reference caption <key>.txt beside the image ("" if none)
+    caption_post_direct  the stored E_post injected into the model (the reference condition; cached in
+                         <cache_dir>/original_<model>.csv, shared with stage 8 when --cache_dir matches)
+    caption_recon        Ê_pre = reconstructor(E_post) → the model's REAL connector → injected (--recon_dir)
+    reproj_mse           MSE(connector(Ê_pre), E_post) in the standardised E_post space (train-split
+                         stats), mean over tokens × channels (as eval_recon.py)
+    reproj_cosine        per-token cosine(connector(Ê_pre), E_post), mean over tokens (as eval_recon.py)
+    caption_image        (--with_image_caption) the model's own caption from the pixels
+    split                (--recon_dir) train / val: which part of the reconstructor's split the image is in
+
+into ``<out_dir>/captions_<model>.csv`` (columns key, shard, image_path, caption_gt,
+caption_post_direct[, caption_recon, reproj_mse, reproj_cosine, split][, caption_image], plus score
+columns with --with_clipscore / --with_bertscore, exactly as score_captions.py writes them) and
+``<csv>.run.json`` with the settings. Rows are unique by (shard, key); writes are atomic; ``--resume``
+generates only the rows still missing and refuses a CSV made with other settings. A Slurm USR1 (see
+scripts/caption.sh) makes it write what it has and exit 75.
+
+The model is the store manifest's family and source (``--model_path`` overrides the weights; it is
+NOT the reconstructor any more: that is ``--recon_dir``). Captions are greedy, batched by token shape
+(a batch's captions equal the batch-1 captions), at the image size the store was extracted at."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from vlmc.eval import inject
+from vlmc.eval.captions_io import done_ids, upsert_rows
+from vlmc.eval.scoring import add_scoring_args, build_scorers
+from vlmc.models.load import load_vlm
+from vlmc.train.data import plan_batches
+from vlmc.utils.cli import (
+    UsageError,
+    ensure_writable_dir,
+    entry_point,
+    make_parser,
+    parse_csv_list,
+    resolve_device,
+)
+from vlmc.utils.stop import StopFlag, StopRequested
+
+log = logging.getLogger("vlmc.eval_captions")
+
+BASE_COLUMNS = ("key", "shard", "image_path", "caption_gt", "caption_post_direct")
+RECON_COLUMNS = ("caption_recon", "reproj_mse", "reproj_cosine", "split")
+
+
+def build_parser():
+    """The stage-7 argument parser."""
+    p = make_parser(__doc__ + inject.help_notes(" caption_recon replaces only the merger output: with 'original' the "
+                                                 "image's own deepstack features go with it."))
+    p.add_argument("--vec_dir", default=None, help="stage-1 store: base folder (+ --embed_model), model folder or one shard "
+                   "folder (default: data/vector; with --recon_dir: the store the reconstructor was trained on)")
+    p.add_argument("--image_dir", default="sample/images", help="the images the store was extracted from (see above)")
+    p.add_argument("--embed_model", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
+    p.add_argument("--model_path", "--model-path", dest="model_path", default=None,
+                   help="VLM weights (HF id, local folder, 'tiny'); default: the store manifest's source")
+    p.add_argument("--recon_dir", default=None,
+                   help="train_recon --out_dir (best_model.pt, normalization.safetensors, split.json); unset: no caption_recon")
+    p.add_argument("--recon_stats_path", default=None, help="deprecated (the seed's stats file): its folder is taken as --recon_dir")
+    p.add_argument("--split", default="val", choices=["val", "all"],
+                   help="with --recon_dir: val = only the reconstructor's held-out images; all = every image of the store")
+    p.add_argument("--out_dir", default="data/output/captions", help="output folder of captions_<model>.csv")
+    p.add_argument("--cache_dir", default=None, help="caption_post_direct cache folder (default <out_dir>/cache)")
+    p.add_argument("--batch_size", type=int, default=8, help="images per generate call")
+    p.add_argument("--shards", default=None, help="comma list of shards (default: all)")
+    p.add_argument("--shard_limit", type=int, default=0, help="at most this many images per shard; 0 = all")
+    p.add_argument("--max_items", type=int, default=0, help="at most this many images in all (store order); 0 = all")
+    p.add_argument("--caption_prompt", "--prompt", dest="prompt", default=None,
+                   help="caption instruction (default: the store's recorded prompt, else the family's)")
+    p.add_argument("--caption_max_new_tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=32,
+                   help="caption length limit (tokens)")
+    p.add_argument("--with_image_caption", action="store_true", help="also caption_image: the model's caption from the pixels")
+    p.add_argument("--with_clipscore", action="store_true", help="score the CSV with CLIPScore when done (as score_captions.py)")
+    p.add_argument("--with_bertscore", action="store_true", help="score the CSV with BERTScore when done (as score_captions.py)")
+    p.add_argument("--compare_post_vs_recon", action="store_true", help="the seed's flag; always on (ignored)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for the reconstructor")
+    p.add_argument("--dtype", default="auto", help="VLM compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--deepstack", default=None, choices=list(inject.DEEPSTACK_MODES),
+                   help="Qwen3-VL only (default original; see above)")
+    p.add_argument("--save_every", type=int, default=256, help="rewrite the CSV after this many new rows")
+    p.add_argument("--resume", action="store_true", help="keep rows an earlier run wrote; generate only the rest")
+    add_scoring_args(p, standalone=False)
+    return p
+
+
+def check_args(args) -> None:
+    """Reject impossible numbers and the seed's old meanings before anything is loaded."""
+    if args.batch_size < 1 or args.save_every < 1 or args.max_new_tokens < 1:
+        raise UsageError("--batch_size, --save_every and --caption_max_new_tokens must be >= 1")
+    if args.shard_limit < 0 or args.max_items < 0:
+        raise UsageError("--shard_limit and --max_items must be >= 0")
+    if args.model_path and args.model_path.endswith((".pt", ".pth", ".ckpt")):
+        raise UsageError(f"--model_path {args.model_path} looks like a reconstructor checkpoint; --model_path is the VLM "
+                         "source now: pass the reconstructor's folder as --recon_dir")
+    if args.recon_stats_path:
+        stats = Path(args.recon_stats_path)
+        folder = stats if stats.is_dir() else stats.parent
+        log.warning("--recon_stats_path is deprecated: using its folder %s as --recon_dir", folder)
+        if args.recon_dir and Path(args.recon_dir).resolve() != folder.resolve():
+            raise UsageError(f"--recon_stats_path (folder {folder}) and --recon_dir {args.recon_dir} disagree")
+        args.recon_dir = str(folder)
+
+
+def select(args, device: torch.device):
+    """``(store, samples, run)``: the store, the selected samples (store order), the reconstructor run or None."""
+    shards = parse_csv_list(args.shards) or None
+    run = None
+    if args.recon_dir:
+        from vlmc.train.export_recon import open_run
+
+        if args.vec_dir and not Path(args.vec_dir).exists():
+            raise UsageError(f"--vec_dir {args.vec_dir} does not exist")
+        run = open_run(args.recon_dir, device, args.vec_dir, args.embed_model)
+        store, samples = run.store, run.part(args.split)
+    else:
+        store = inject.open_vectors(args.vec_dir or "data/vector", args.embed_model)
+        samples = inject.store_samples(store)
+        if args.split == "val":
+            log.info("no --recon_dir: --split val has no held-out set to select; captioning every image")
+    return store, inject.select_samples(samples, shards, args.shard_limit, args.max_items), run
+
+
+def recon_batch(run, vlm, posts_raw, batch, amp: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """connector(reconstructor(E_post)) per image (float32) and the reproj metrics of a same-shape batch."""
+    from vlmc.eval.eval_recon import token_cosine
+    from vlmc.train.export_recon import reconstruct, reproject
+
+    s0 = batch[0]
+    post = torch.stack(posts_raw)
+    rec = reconstruct(run, post, s0.pre_grid, s0.post_grid, amp)
+    proj = reproject(vlm, list(rec), [s.pre_grid for s in batch])
+    dev = run.std.post_mean.device
+    p, q = torch.stack(proj).to(dev), post.to(dev).float()
+    metrics = {
+        "reproj_mse": ((run.std.post_metric(p) - run.std.post_metric(q)) ** 2).mean((-1, -2)).cpu(),
+        "reproj_cosine": token_cosine(p, q).cpu(),
+    }
+    return proj, metrics
+
+
+def fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    device = resolve_device(args.device)
+    metrics = [m for m, on in (("clipscore", args.with_clipscore), ("bertscore", args.with_bertscore)) if on]
+    scorers = build_scorers(args, metrics) if metrics else None
+    store, samples, run = select(args, device)
+    images = inject.ImageIndex(args.image_dir)
+    images.check_shards([s.shard for s in samples])
+    out_dir = ensure_writable_dir(args.out_dir)
+    adapter, source, dtype, prompt = inject.model_setup(store, args.model_path, args.dtype, device, args.prompt)
+    gen = inject.generation_settings(adapter, source, dtype, store, prompt, args.max_new_tokens, args.deepstack)
+    path = out_dir / f"captions_{store.model}.csv"
+    settings: dict[str, Any] = {**gen, "model": store.model, "image_caption": args.with_image_caption}
+    if run is not None:
+        settings["recon"] = {"dir": str(run.model_dir.resolve()), "stats_sha256": run.meta.get("stats_sha256"),
+                             "epoch": run.meta.get("epoch"), "amp": args.amp}
+    inject.start_output(path, settings, args.resume)
+    vlm = load_vlm(store.family, source, dtype, device)
+    cache = inject.CaptionCache(Path(args.cache_dir or out_dir / "cache") / f"original_{store.model}.csv", gen,
+                                inject.chunk_digests(store))
+    need = ["caption_post_direct"] + (list(RECON_COLUMNS) if run else []) + (["caption_image"] if args.with_image_caption else [])
+    done = done_ids(path, need) if args.resume else set()
+    todo = [s for s in samples if s.id not in done]
+    val_ids = {tuple(x) for x in run.split["val"]} if run else set()
+    with StopFlag() as stop:
+        n_new, n_skipped = generate(args, vlm, run, cache, images, todo, path, prompt, store.manifest.get("img_size"),
+                                    val_ids, stop)
+        inject.reorder_rows(path, [s.id for s in samples])
+        log.info("%s: %d new rows, %d kept, %d skipped (no image)%s", path, n_new, len(samples) - len(todo), n_skipped,
+                 f"; caption_post_direct cache: {cache.hits} hits" if cache.hits else "")
+        if scorers is not None and path.exists():
+            from vlmc.eval.score_captions import score_file
+
+            score_file(path, path, scorers, None, args.resume, args.save_every)
+    return 0
+
+
+def generate(args, vlm, run, cache, images, todo, path, prompt, img_size, val_ids, stop) -> tuple[int, int]:
+    """Generate and write the rows of ``todo``; returns ``(rows written, images skipped)``."""
+    reader = inject.PostReader()
+    rows: list[dict[str, str]] = []
+    n_new = n_skipped = 0
+
+    def flush() -> None:
+        nonlocal rows
+        cache.flush()
+        if rows:
+            upsert_rows(path, rows)
+            rows = []
+
+    mnt, bs = args.max_new_tokens, args.batch_size
+    bar = tqdm(total=len(todo), desc=f"captions {path.stem}", unit="img", file=sys.stderr, disable=None)
+    try:
+        for idx in plan_batches(todo, bs):
+            batch = [todo[i] for i in idx]
+            ims, recs = images.load(batch)
+            keep = [j for j, im in enumerate(ims) if im is not None]
+            n_skipped += len(batch) - len(keep)
+            if keep:
+                batch, ims, recs = [batch[j] for j in keep], [ims[j] for j in keep], [recs[j] for j in keep]
+                raw = reader.raw(batch)
+                posts = [t.to(device=vlm.device, dtype=vlm.dtype) for t in raw]
+                direct = inject.cached_or_generate(cache, vlm, batch, ims, posts, prompt, mnt, bs, img_size, args.deepstack)
+                new = [{"key": s.key, "shard": s.shard, "image_path": str(r.path), "caption_gt": inject.gt_caption(r),
+                        "caption_post_direct": c} for s, r, c in zip(batch, recs, direct, strict=True)]
+                if run is not None:
+                    proj, m = recon_batch(run, vlm, raw, batch, args.amp)
+                    caps = inject.caption_from_post(vlm, ims, proj, prompt, mnt, bs, img_size, args.deepstack)
+                    for j, (row, s) in enumerate(zip(new, batch, strict=True)):
+                        row.update(caption_recon=caps[j], reproj_mse=fmt(float(m["reproj_mse"][j])),
+                                   reproj_cosine=fmt(float(m["reproj_cosine"][j])),
+                                   split="val" if s.id in val_ids else "train")
+                if args.with_image_caption:
+                    own = inject.caption_from_images(vlm, ims, prompt, mnt, bs, img_size, [tuple(t.shape) for t in raw])
+                    for row, c in zip(new, own, strict=True):
+                        row["caption_image"] = c
+                rows += new
+                n_new += len(batch)
+            bar.update(len(idx))
+            if len(rows) >= args.save_every or stop:
+                flush()
+            if stop:
+                raise StopRequested(f"{path.name}: stopped after {n_new} new rows; rerun with --resume to continue")
+        flush()
+    finally:
+        bar.close()
+    return n_new, n_skipped
+
+
+if __name__ == "__main__":
+    sys.exit(main())
