@@ -11,7 +11,7 @@
 # Settings (environment, defaults in brackets): MODELS [llava idefics2 qwen2.5vl], ROOT [sample/images],
 # DATA [data: every stage writes under it], MODEL_PATH [tiny; empty = each family's HF checkpoint],
 # DEVICE [auto], MODEL_TYPE [mlp reconstructor], EPOCHS [CLI default; demo 8], PERTURB [mask lowrank],
-# LEVELS [0,0.25,0.5,0.75], SLURM_ARGS (extra sbatch flags for every job, e.g. "--gres=none -c 2").
+# MASK_LEVELS [0,0.25,0.5,0.75], LOWRANK_LEVELS [1,0.5,0.25,0.05], ORTHOGONAL_LEVELS, NOISE_LEVELS, SLURM_ARGS (extra sbatch flags for every job, e.g. "--gres=none -c 2").
 # Account/partition come from your environment or scripts/slurm.env (see common.sh); nothing is hard-coded.
 # A failing stage stops its dependants: Slurm leaves them PENDING (DependencyNeverSatisfied) and
 # --kill-on-invalid-dep=yes cancels them, so the failure shows in squeue / the stage's log.
@@ -37,7 +37,16 @@ export MODEL_PATH=${MODEL_PATH-tiny}
 DATA=${DATA:-data}
 read -r -a models <<< "${MODELS:-llava idefics2 qwen2.5vl}"
 PERTURB=${PERTURB:-mask lowrank}
-LEVELS=${LEVELS:-0,0.25,0.5,0.75}
+# levels per perturbation (each mode's own scale; see eval_perturb.py --help)
+levels_for() {
+  case $1 in
+    mask) echo "${MASK_LEVELS:-0,0.25,0.5,0.75}" ;;
+    lowrank) echo "${LOWRANK_LEVELS:-1,0.5,0.25,0.05}" ;;
+    orthogonal) echo "${ORTHOGONAL_LEVELS:-0,0.25,0.5,1}" ;;
+    noise) echo "${NOISE_LEVELS:-40,20,10,0}" ;;
+    *) die "unknown perturbation $1" ;;
+  esac
+}
 MODEL_TYPE=${MODEL_TYPE:-mlp}
 if [[ -n ${DEMO:-} ]]; then
   export DEVICE=cpu EPOCHS=${EPOCHS:-8} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -132,7 +141,7 @@ perturb_stage() {
   local m p
   for m in "${models[@]}"; do
     for p in $PERTURB; do
-      stage "perturb-$m-$p" perturb.sh MODEL="$m" VEC="$DATA/vector" OUT="$DATA/output/perturb_out" -- "$m" "$p" "$LEVELS"
+      stage "perturb-$m-$p" perturb.sh MODEL="$m" VEC="$DATA/vector" OUT="$DATA/output/perturb_out" -- "$m" "$p" "$(levels_for "$p")"
     done
   done
 }
