@@ -30,7 +30,7 @@ from pathlib import Path
 
 from vlmc.data.images import discover_images
 from vlmc.extract.reference import MODEL_TYPES, POOL_DOC, POOLS, load_reference
-from vlmc.extract.runner import RunConfig, check_run_args, group_by_shard, run_shards
+from vlmc.extract.runner import RunConfig, add_run_args, check_run_args, group_by_shard, run_shards
 from vlmc.store.vectors import MANIFEST
 from vlmc.utils.cli import (
     UsageError,
@@ -40,6 +40,7 @@ from vlmc.utils.cli import (
     parse_csv_list,
     parse_dtype,
     resolve_device,
+    resolve_dtype,
 )
 from vlmc.utils.io import read_json
 
@@ -59,15 +60,7 @@ def build_parser():
     p.add_argument("--model_type", default="auto", help=f"one of {', '.join(MODEL_TYPES)}: which pooling rule applies (auto: from the config)")
     p.add_argument("--pretrained", default=None, help="open_clip only: pretrained tag (e.g. laion2b_s34b_b79k) or checkpoint file")
     p.add_argument("--pool", default="cls", help=f"one of {', '.join(POOLS)}; exact tensors per backend above")
-    p.add_argument("--shards", default=None, help="comma list of shard names to process (default: all)")
-    p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers decoding and preprocessing images")
-    p.add_argument("--max_items", type=int, default=0, help="process at most this many images (in shard, key order); 0 = all")
-    p.add_argument("--save_every", type=int, default=256, help="images per chunk file (the resume granularity)")
-    p.add_argument("--skip_existing", action="store_true", help="keep chunks an earlier run committed; redo the rest")
-    p.add_argument("--dtype", default="auto", help="model compute dtype: auto (bf16 on cuda, fp32 on cpu), bf16, fp16, fp32")
-    p.add_argument("--store_dtype", default="fp16", help="dtype of the stored vectors: fp16, bf16 or fp32")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_run_args(p, batch_size=32)
     return p
 
 
@@ -104,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     records = discover_images(args.root, shards=parse_csv_list(args.shards) or None, max_items=args.max_items or None)
     out_dir = ensure_writable_dir(args.out_dir)
     device = resolve_device(args.device)
-    dtype = parse_dtype(args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32"))
+    dtype = resolve_dtype(args.dtype, device)
     by_shard = group_by_shard(records)
     if args.skip_existing:  # cheap fields first, so a mismatch fails before any model is loaded
         for shard in by_shard:

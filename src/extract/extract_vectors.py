@@ -22,7 +22,7 @@ import logging
 import sys
 
 from vlmc.data.images import discover_images
-from vlmc.extract.runner import RunConfig, check_run_args, run_shards
+from vlmc.extract.runner import RunConfig, add_run_args, check_run_args, run_shards
 from vlmc.extract.vectors import VLMEncoder
 from vlmc.models.base import families, get_adapter, list_modules
 from vlmc.models.load import load_vlm
@@ -32,8 +32,8 @@ from vlmc.utils.cli import (
     entry_point,
     make_parser,
     parse_csv_list,
-    parse_dtype,
     resolve_device,
+    resolve_dtype,
 )
 
 log = logging.getLogger("vlmc.extract_vectors")
@@ -54,15 +54,7 @@ def build_parser():
         "random weights). One value for every model, or per model as 'llava=PATH,qwen2.5vl=tiny'. "
         "Default: each family's published HF id",
     )
-    p.add_argument("--shards", default=None, help="comma list of shard names to process (default: all)")
-    p.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers decoding and preprocessing images")
-    p.add_argument("--max_items", type=int, default=0, help="process at most this many images (in shard, key order); 0 = all")
-    p.add_argument("--save_every", type=int, default=256, help="images per chunk file (the resume granularity)")
-    p.add_argument("--skip_existing", action="store_true", help="keep chunks an earlier run committed; redo the rest")
-    p.add_argument("--dtype", default="auto", help="model compute dtype: auto (bf16 on cuda, fp32 on cpu), bf16, fp16, fp32")
-    p.add_argument("--store_dtype", default="fp16", help="dtype of the stored vectors: fp16, bf16 or fp32")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_run_args(p, batch_size=8)
     p.add_argument("--img_size", type=int, default=None, help="resize images to this square size (default: the model processor's own size)")
     p.add_argument("--prompt", default=None, help="caption instruction used with --caption (default: the family's)")
     p.add_argument("--save", default="both", choices=["tokens", "pooled", "both"], help="store token matrices, their mean, or both")
@@ -103,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     models = select_models(args.models)
     sources = parse_model_paths(args.model_path, models)
     device = resolve_device(args.device)
-    dtype = parse_dtype(args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32"))
+    dtype = resolve_dtype(args.dtype, device)
     if args.list_modules:
         for m in models:
             vlm = load_vlm(m, sources[m], dtype, "meta" if (sources[m] or "").startswith("config:") else device)

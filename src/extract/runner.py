@@ -80,6 +80,19 @@ class ShardResult:
     skipped: int = 0
 
 
+def add_run_args(p, batch_size: int) -> None:
+    """The flags every image-folder → vector-store CLI shares (shards, batching, chunking, dtypes, device)."""
+    p.add_argument("--shards", default=None, help="comma list of shard names to process (default: all)")
+    p.add_argument("--batch_size", type=int, default=batch_size, help="images per forward pass")
+    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers decoding and preprocessing images")
+    p.add_argument("--max_items", type=int, default=0, help="process at most this many images (in shard, key order); 0 = all")
+    p.add_argument("--save_every", type=int, default=256, help="images per chunk file (the resume granularity)")
+    p.add_argument("--skip_existing", action="store_true", help="keep chunks an earlier run committed; redo the rest")
+    p.add_argument("--dtype", default="auto", help="model compute dtype: auto (bf16 on cuda, fp32 on cpu), bf16, fp16, fp32")
+    p.add_argument("--store_dtype", default="fp16", help="dtype of the stored vectors: fp16, bf16 or fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
 def check_run_args(args) -> None:
     """Reject impossible batching/chunking values of an image-store CLI before any model is loaded."""
     for flag in ("batch_size", "save_every"):

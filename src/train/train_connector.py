@@ -131,6 +131,7 @@ from vlmc.utils.cli import (
     parse_csv_list,
     parse_dtype,
     resolve_device,
+    resolve_dtype,
 )
 from vlmc.utils.io import (
     atomic_torch_save,
@@ -1122,7 +1123,7 @@ def check_resume(out: Path, args) -> dict[str, Any] | None:
 
 
 def open_vlm(args, device: torch.device) -> VLM:
-    dtype = parse_dtype(args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32"))
+    dtype = resolve_dtype(args.dtype, device)
     return load_vlm(args.embed_model, args.model_path, dtype, device)
 
 

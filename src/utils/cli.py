@@ -86,6 +86,13 @@ def parse_dtype(name: str) -> torch.dtype:
         raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bf16 on CUDA, fp32 elsewhere; otherwise ``parse_dtype(name)``."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return parse_dtype(name)
+
+
 def parse_csv_list(text: str | None) -> list[str]:
     """``"a, b,,c"`` → ``["a", "b", "c"]``."""
     return [t.strip() for t in (text or "").split(",") if t.strip()]
