@@ -326,6 +326,17 @@ def parse_caption(text: str | None) -> dict[str, Any]:
     return {"count": len(objects) if count is None else count, "objects": objects}
 
 
+def is_scene_caption(text: str | None) -> bool:
+    """Whether ``text`` states a whole scene: a count of 1-3 matching its objects, each fully described."""
+    parsed = parse_caption(text)
+    objs = parsed["objects"]
+    return (
+        1 <= parsed["count"] <= MAX_OBJECTS
+        and len(objs) == parsed["count"]
+        and all(o[a] is not None for o in objs for a in ATTRIBUTES[:4])
+    )
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 def _as_attributes(truth: Scene | dict[str, Any] | str) -> dict[str, Any]:
     if isinstance(truth, Scene):

@@ -31,6 +31,7 @@ import pandas as pd
 from vlmc.eval.captions_io import carry_scores, dedupe_rows, ensure_shard, read_table, require_columns
 from vlmc.eval.scoring import (
     DROP_HELP,
+    AttrTask,
     BertTask,
     ClipTask,
     ClipTextTask,
@@ -68,7 +69,7 @@ def build_tasks(cols: list[str]) -> tuple[list[Task], list[tuple[str, str, str]]
     drops: list[tuple[str, str, str]] = []
     for c in cols:
         s = suffix(c)
-        tasks += [ClipTask(s, c), BertTask(f"bertscore_f1_{s}", c, GT), ClipTextTask(s, c, GT)]
+        tasks += [ClipTask(s, c), BertTask(f"bertscore_f1_{s}", c, GT), ClipTextTask(s, c, GT), AttrTask(s, c, GT)]
         if REF in cols and c != REF:
             tasks += [
                 BertTask(f"bertscore_f1_{s}_vs_post_direct", c, REF),
@@ -78,6 +79,7 @@ def build_tasks(cols: list[str]) -> tuple[list[Task], list[tuple[str, str, str]]
             drops += [
                 ("clipscore_post_direct", f"clipscore_{s}", f"clipscore_drop{tail}"),
                 ("bertscore_f1_post_direct", f"bertscore_f1_{s}", f"bertscore_drop{tail}"),
+                ("attr_acc_post_direct", f"attr_acc_{s}", f"attr_acc_drop{tail}"),
             ]
     return tasks, drops
 

@@ -31,6 +31,7 @@ import pandas as pd
 from vlmc.eval.captions_io import carry_scores, dedupe_rows, ensure_shard, read_table, require_columns
 from vlmc.eval.scoring import (
     DROP_HELP,
+    AttrTask,
     BertTask,
     ClipTask,
     ClipTextTask,
@@ -55,10 +56,13 @@ TASKS = (
     BertTask("bertscore_f1_original_gt", "caption_original", "caption_gt"),
     BertTask("bertscore_f1_perturbed_gt", "caption_perturbed", "caption_gt"),
     ClipTextTask("", "caption_perturbed", "caption_original"),
+    AttrTask("original", "caption_original", "caption_gt"),
+    AttrTask("perturbed", "caption_perturbed", "caption_gt"),
 )
 DROPS = (
     ("clipscore_original", "clipscore_perturbed", "clipscore_drop"),
     ("bertscore_f1_original_gt", "bertscore_f1_perturbed_gt", "bertscore_drop_gt"),
+    ("attr_acc_original", "attr_acc_perturbed", "attr_acc_drop"),
 )
 
 

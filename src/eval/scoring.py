@@ -52,7 +52,11 @@ from vlmc.utils.stop import StopRequested, stop_requested
 log = logging.getLogger(__name__)
 
 CLIPSCORE_W = 2.5
-METRICS = ("clipscore", "bertscore")
+METRICS = ("clipscore", "bertscore", "attributes")
+ATTRIBUTES_HELP = (
+    "attr_acc: attribute accuracy of a caption against a synthetic scene's true caption (mean over shape, "
+    "colour, size, position and count; vlmc.data.scenes.attribute_scores); empty for other images"
+)
 CLIPSCORE_HELP = (
     "CLIPScore = 2.5 * max(cos(image, text), 0) per sample (Hessel et al. 2021); clipcos = raw cosine"
 )
@@ -195,7 +199,7 @@ def _open_backend(spec: str, device: torch.device) -> _HFClip | _OpenClip:
     if not path.is_dir():
         raise UsageError(
             f"--clip_model {spec!r}: not a local folder (no model hub here); give an HF CLIP folder, "
-            "'open_clip:NAME:CKPT', or 'tiny'"
+            "'open_clip:NAME:CKPT', 'tiny' or 'testbed'"
         )
     return _HFClip(path.resolve(), device)
 
@@ -206,7 +210,11 @@ def _cached_backend(spec: str, device: str) -> _HFClip | _OpenClip:
 
 
 def resolve_clip_spec(spec: str) -> str:
-    """``tiny`` → the offline tiny CLIP folder from ``vlmc.extract.reference``; anything else unchanged."""
+    """``tiny`` → the offline random tiny CLIP; ``testbed`` → the trained testbed CLIP; else unchanged."""
+    if spec == "testbed":
+        from vlmc.models.load import TESTBED_CLIP, testbed_path
+
+        return str(testbed_path(TESTBED_CLIP))
     if spec != "tiny":
         return spec
     from vlmc.extract.reference import tiny_reference_path
@@ -420,6 +428,7 @@ class Scorers:
     clip: ClipScorer | None
     bert: BertScorer | None
     clip_text: bool = False
+    attributes: bool = False
 
     @property
     def config(self) -> dict[str, Any]:
@@ -428,6 +437,7 @@ class Scorers:
             "clipscore": self.clip.config if self.clip else None,
             "clip_text": self.clip_text,
             "bertscore": self.bert.config if self.bert else None,
+            "attributes": ATTRIBUTES_HELP if self.attributes else None,
             "drop": DROP_HELP,
         }
 
@@ -444,13 +454,14 @@ def add_scoring_args(parser, standalone: bool = True) -> None:
     g = parser.add_argument_group("scoring", f"{CLIPSCORE_HELP}. BERTScore F1 via bert-score. {DROP_HELP}.")
     if standalone:
         g.add_argument(
-            "--metrics", default="clipscore,bertscore", help="comma list of: " + ", ".join(METRICS)
+            "--metrics", default=",".join(METRICS), help="comma list of: " + ", ".join(METRICS)
         )
     g.add_argument(
         "--clip_model",
         default=os.environ.get("VLMC_CLIP_MODEL", "tiny"),
-        help="local HF CLIP folder, 'open_clip:NAME:CKPT' (local checkpoint file), or 'tiny' (the offline "
-        "tiny CLIP of stage 2); env VLMC_CLIP_MODEL sets the default",
+        help="local HF CLIP folder, 'open_clip:NAME:CKPT' (local checkpoint file), 'tiny' (the offline "
+        "random tiny CLIP of stage 2) or 'testbed' (the CLIP trained on scenes, sample/models/clip); env "
+        "VLMC_CLIP_MODEL sets the default",
     )
     g.add_argument(
         "--clip_text", action="store_true", help="also write CLIP text-text cosines (cliptext_cos_*)"
@@ -495,7 +506,7 @@ def build_scorers(args, metrics: Sequence[str] | None = None) -> Scorers:
         bert = BertScorer(
             args.bertscore_model, args.bertscore_layers, args.idf, args.baseline_path, batch, device
         )
-    return Scorers(clip, bert, bool(args.clip_text) and clip is not None)
+    return Scorers(clip, bert, bool(args.clip_text) and clip is not None, "attributes" in metrics)
 
 
 # -- scoring a table (shared by score_captions, score_perturb and the caption stages) ---------------
@@ -539,7 +550,29 @@ class BertTask:
         return (self.column,)
 
 
-Task = ClipTask | ClipTextTask | BertTask
+@dataclass(frozen=True)
+class AttrTask:
+    """Attribute accuracy of ``cand_col`` against the scene caption ``ref_col`` → ``attr_acc_<name>``."""
+
+    name: str
+    cand_col: str
+    ref_col: str
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (f"attr_acc_{self.name}",)
+
+
+Task = ClipTask | ClipTextTask | BertTask | AttrTask
+
+
+def attribute_accuracies(cands: Sequence[str], refs: Sequence[str]) -> np.ndarray:
+    """Attribute accuracy per pair; NaN where the reference is not a complete scene caption."""
+    from vlmc.data.scenes import attribute_accuracy, is_scene_caption
+
+    return np.array(
+        [attribute_accuracy(c, r) if is_scene_caption(r) else np.nan for c, r in zip(cands, refs, strict=True)]
+    )
 
 
 def active_tasks(tasks: Sequence[Task], scorers: Scorers) -> list[Task]:
@@ -548,6 +581,7 @@ def active_tasks(tasks: Sequence[Task], scorers: Scorers) -> list[Task]:
         ClipTask: scorers.clip is not None,
         ClipTextTask: scorers.clip_text,
         BertTask: scorers.bert is not None,
+        AttrTask: scorers.attributes,
     }
     return [t for t in tasks if keep[type(t)]]
 
@@ -562,6 +596,8 @@ def run_task(df: pd.DataFrame, rows: np.ndarray, task: Task, scorers: Scorers) -
         cos = scorers.clip.image_text_cos(_texts(df, "image_path", rows), _texts(df, task.text_col, rows))
         return dict(zip(task.columns, (cos, clipscore_from_cos(cos)), strict=True))
     cands, refs = _texts(df, task.cand_col, rows), _texts(df, task.ref_col, rows)
+    if isinstance(task, AttrTask):
+        return {task.columns[0]: attribute_accuracies(cands, refs)}
     if isinstance(task, ClipTextTask):
         return {task.columns[0]: scorers.clip.text_text_cos(cands, refs)}
     corpus = df[task.ref_col].astype(str).tolist() if task.ref_col in df.columns else []

@@ -8,6 +8,7 @@ Writes, per shard (the same images and keys as stage 1, so kNN neighbourhoods ca
 
 One reference model per --out_dir (e.g. data/clip_ref/clip-l14, data/clip_ref/dinov2-base).
 --model_id: tiny-clip | tiny-dino | tiny-dino-reg (offline, seeded random weights built into $VLMC_CACHE),
+    testbed-clip (the CLIP trained on synthetic scenes, sample/models/clip),
 an HF id or local folder (CLIPModel, CLIPVisionModel[WithProjection], SiglipModel, SiglipVisionModel,
 Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel, or any AutoModel vision encoder + its
 AutoImageProcessor), or open_clip:<name> with --pretrained TAG|FILE (<name> may also be
@@ -56,7 +57,7 @@ def build_parser():
     p = make_parser(f"{__doc__}\n{POOL_DOC}")
     p.add_argument("--root", default="sample/images", help="image folder: <root>/<shard>/<key>.<ext> (a flat folder is one shard)")
     p.add_argument("--out_dir", default="data/clip_ref", help="output folder; files go to <out_dir>/<shard>/")
-    p.add_argument("--model_id", default="tiny-clip", help="tiny-clip, tiny-dino, tiny-dino-reg, an HF id or local folder, or open_clip:<name>")
+    p.add_argument("--model_id", default="tiny-clip", help="tiny-clip, tiny-dino, tiny-dino-reg, testbed-clip, an HF id or local folder, or open_clip:<name>")
     p.add_argument("--model_type", default="auto", help=f"one of {', '.join(MODEL_TYPES)}: which pooling rule applies (auto: from the config)")
     p.add_argument("--pretrained", default=None, help="open_clip only: pretrained tag (e.g. laion2b_s34b_b79k) or checkpoint file")
     p.add_argument("--pool", default="cls", help=f"one of {', '.join(POOLS)}; exact tensors per backend above")

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from vlmc.extract.runner import Encoded
+from vlmc.models.base import SCENE_PIXEL_MEAN, SCENE_PIXEL_STD, TinyDims
 from vlmc.utils.cli import UsageError
 
 log = logging.getLogger(__name__)
@@ -93,29 +94,52 @@ class TinyReference:
         self.build(Path(out_dir), seed)
 
 
-def _tiny_tokenizer():
+def _clip_tokenizer():
     from vlmc.models.tiny import train_word_tokenizer
 
-    return train_word_tokenizer([])
+    # CLIP's text tower pools at the first end token: every text must end with one (v1 lacked it, so
+    # all texts pooled at <s> and got one embedding).
+    return train_word_tokenizer([], append_eos=True)
 
 
-def build_tiny_clip(out_dir: Path, seed: int = 0) -> None:
-    """A ~0.2 M parameter CLIPModel (32 px, 8 px patches) with a CLIPImageProcessor and a tokenizer."""
+def _build_clip(out_dir: Path, seed: int, dims: TinyDims, projection: int) -> None:
+    """A small ``CLIPModel`` at ``dims`` (vision and text towers alike) with its processor, saved to ``out_dir``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from vlmc.models.tiny import seed_everything
 
-    tok = _tiny_tokenizer()
-    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=32, patch_size=8, projection_dim=32)
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                vocab_size=len(tok), max_position_embeddings=32, projection_dim=32,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tok = _clip_tokenizer()
+    tower = dict(hidden_size=dims.vision_hidden, intermediate_size=2 * dims.vision_hidden,
+                 num_hidden_layers=dims.vision_layers, num_attention_heads=dims.vision_heads,
+                 projection_dim=projection)  # fmt: skip
+    vision = dict(tower, image_size=dims.image, patch_size=dims.patch)
+    text = dict(tower, vocab_size=len(tok), max_position_embeddings=48, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
     seed_everything(seed)
-    model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=32)).eval()
+    model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=projection)).eval()
     model.save_pretrained(out_dir)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out_dir)
+    size = {"shortest_edge": dims.image}
+    crop = {"height": dims.image, "width": dims.image}
+    CLIPImageProcessor(size=size, crop_size=crop, **dims.normalisation()).save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
+
+
+TINY_CLIP_DIMS = TinyDims(image=32, patch=8, vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=2)
+# The testbed CLIP (trained on scenes by src/train/train_testbed.py): 96 px, 6x6 patches.
+TESTBED_CLIP_DIMS = TinyDims(
+    image=96, patch=16, vision_hidden=96, vision_layers=3, text_hidden=96, text_layers=3,
+    pixel_mean=SCENE_PIXEL_MEAN, pixel_std=SCENE_PIXEL_STD,
+)  # fmt: skip
+
+
+def build_tiny_clip(out_dir: Path, seed: int = 0) -> None:
+    """A ~0.2 M parameter random CLIPModel (32 px, 8 px patches) with a CLIPImageProcessor and a tokenizer."""
+    _build_clip(out_dir, seed, TINY_CLIP_DIMS, projection=32)
+
+
+def build_testbed_clip(out_dir: Path, seed: int = 0) -> None:
+    """The untrained testbed CLIPModel (96 px, 16 px patches, 3 + 3 layers, 64-d projection)."""
+    _build_clip(out_dir, seed, TESTBED_CLIP_DIMS, projection=64)
 
 
 def _build_tiny_dino(out_dir: Path, seed: int, registers: int) -> None:
@@ -153,10 +177,13 @@ def build_tiny_dino_reg(out_dir: Path, seed: int = 0) -> None:
 
 
 TINY: dict[str, TinyReference] = {
-    "tiny-clip": TinyReference("ref-clip", build_tiny_clip),
+    "tiny-clip": TinyReference("ref-clip", build_tiny_clip, tiny_version=2),
     "tiny-dino": TinyReference("ref-dino", build_tiny_dino),
     "tiny-dino-reg": TinyReference("ref-dino-reg", build_tiny_dino_reg),
 }
+
+
+TESTBED_REFERENCE = "testbed-clip"  # the CLIP trained by src/train/train_testbed.py (sample/models/clip)
 
 
 def tiny_reference_path(model_id: str, seed: int = 0) -> Path:
@@ -397,9 +424,14 @@ def detect_model_type(hf_model_type: str) -> str:
 
 
 def resolve_hf_source(model_id: str) -> str:
-    """A tiny id → its built folder; an existing path → itself; else the id (HF hub name)."""
+    """A tiny id → its built folder; ``testbed-clip`` → the trained testbed CLIP; an existing path →
+    itself; else the id (HF hub name)."""
     if model_id in TINY:
         return str(tiny_reference_path(model_id))
+    if model_id == TESTBED_REFERENCE:
+        from vlmc.models.load import TESTBED_CLIP, testbed_path
+
+        return str(testbed_path(TESTBED_CLIP))
     looks_local = os.sep in model_id and (model_id.startswith((".", os.sep, "~")) or model_id.count("/") > 1)
     path = Path(model_id).expanduser()
     if path.exists():

@@ -38,6 +38,51 @@ CorrespondenceKind = Literal["1:1", "merge", "none"]
 
 
 @dataclass(frozen=True)
+class TinyDims:
+    """Dimensions of an offline small variant (the random ``tiny`` one or the trained testbed one).
+
+    Attributes:
+        image: input side in pixels (Qwen: the side of the largest image, ``max_pixels = image**2``).
+        patch: vision patch side in pixels.
+        vision_hidden: vision tower width (heads: ``vision_hidden // 16``; MLP: 2x width).
+        vision_layers: vision tower depth.
+        text_hidden: LM width (4 heads, 2 KV heads; MLP: 2x width).
+        text_layers: LM depth.
+        latents: Idefics2 perceiver latents (other families ignore it).
+        pixel_mean: image-processor normalisation mean for every channel (``None``: the family's default).
+        pixel_std: image-processor normalisation std for every channel (``None``: the family's default).
+    """
+
+    image: int
+    patch: int
+    vision_hidden: int
+    vision_layers: int
+    text_hidden: int
+    text_layers: int
+    latents: int = 8
+    pixel_mean: float | None = None
+    pixel_std: float | None = None
+
+    @property
+    def vision_heads(self) -> int:
+        return max(1, self.vision_hidden // 16)
+
+    def normalisation(self) -> dict[str, list[float]]:
+        """``image_mean`` / ``image_std`` image-processor kwargs (empty: keep the processor's defaults)."""
+        if self.pixel_mean is None or self.pixel_std is None:
+            return {}
+        return {"image_mean": [self.pixel_mean] * 3, "image_std": [self.pixel_std] * 3}
+
+
+# Synthetic scenes are a light background (pixel mean 0.89, std 0.11 per channel at 96 px) with small
+# coloured shapes. Under CLIP's ImageNet normalisation the background is a large constant input that
+# swamps the shapes, and a tower trained from scratch on captions learnt nothing of the image in 1500
+# steps (captions identical for every image; measured). The testbed normalises with these instead:
+# the background maps near 0 and the shapes stand out.
+SCENE_PIXEL_MEAN, SCENE_PIXEL_STD = 0.85, 0.2
+
+
+@dataclass(frozen=True)
 class Correspondence:
     """How pre tokens map onto post tokens.
 
@@ -112,6 +157,10 @@ class FamilyAdapter:
         """Build the offline tiny variant (model + processor) and ``save_pretrained`` it to ``out_dir``."""
         raise NotImplementedError
 
+    def build_testbed(self, out_dir: Path, seed: int = 0) -> None:
+        """Save an *untrained* testbed variant (default init) to ``out_dir`` for ``src/train/train_testbed.py``."""
+        raise NotImplementedError
+
     def load_pretrained(self, path: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
         """``from_pretrained(path)`` of model and processor (a local folder or an HF id)."""
         raise NotImplementedError
@@ -138,6 +187,16 @@ class FamilyAdapter:
         raise NotImplementedError
 
     # -- language path ---------------------------------------------------------------------------
+    def prompt_inputs(
+        self, vlm: VLM, images: Sequence[Image.Image], prompt: str | None = None, img_size: int | None = None
+    ) -> dict[str, Tensor]:
+        """The exact model inputs ``generate`` starts from, on the model's device.
+
+        Chat-templated prompt rows (left padded, image tokens expanded) plus pixel inputs: training on
+        ``prompt_inputs`` followed by caption ids teaches the model the sequences greedy decoding continues.
+        """
+        raise NotImplementedError
+
     def generate(
         self,
         vlm: VLM,

@@ -16,7 +16,29 @@ from vlmc.utils.cli import UsageError
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+TESTBED = "testbed"
 CONFIG_PREFIX = "config:"
+# The calibrated testbed (src/train/train_testbed.py): trained VLMs of these families plus a CLIP.
+TESTBED_FAMILIES = ("llava", "idefics2", "qwen2.5vl", "qwen3.5")
+TESTBED_CLIP = "clip"
+
+
+def default_testbed_dir() -> Path:
+    """Where the trained testbed lives: ``$VLMC_TESTBED`` or the repository's ``sample/models``."""
+    env = os.environ.get("VLMC_TESTBED")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "sample" / "models"
+
+
+def testbed_path(name: str) -> Path:
+    """The trained testbed folder of ``name`` (a family or ``clip``); a ``UsageError`` if it is missing."""
+    path = default_testbed_dir() / name
+    if not (path / "config.json").is_file():
+        known = ", ".join((*TESTBED_FAMILIES, TESTBED_CLIP))
+        raise UsageError(
+            f"no trained testbed model {name!r} at {path} (testbed models: {known}; "
+            "train with python src/train/train_testbed.py)"
+        )
+    return path
 
 
 def tiny_path(adapter: FamilyAdapter, seed: int = 0) -> Path:
@@ -40,11 +62,14 @@ def tiny_path(adapter: FamilyAdapter, seed: int = 0) -> Path:
 
 
 def resolve_source(adapter: FamilyAdapter, source: str | None) -> str:
-    """The concrete source string: ``None`` → the family's default HF id; ``tiny`` → its built folder."""
+    """The concrete source string: ``None`` → the family's default HF id; ``tiny`` → its built folder;
+    ``testbed`` → its trained folder under :func:`default_testbed_dir`."""
     if not source:
         return adapter.default_id
     if source == TINY:
         return str(tiny_path(adapter))
+    if source == TESTBED:
+        return str(testbed_path(adapter.name))
     return source
 
 
@@ -58,7 +83,7 @@ def load_vlm(
 
     Args:
         family: registry name, e.g. ``llava``.
-        source: HF id, local folder, ``tiny`` or ``config:<name>`` (random weights at real
+        source: HF id, local folder, ``tiny``, ``testbed`` or ``config:<name>`` (random weights at real
             dimensions; ``device="meta"`` builds without memory). ``None`` → the default HF id.
         dtype: parameter dtype.
         device: where to put the model.

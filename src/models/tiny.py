@@ -28,6 +28,7 @@ def train_word_tokenizer(
     corpus: Iterable[str] = (),
     bos: str = BOS,
     eos: str = EOS,
+    append_eos: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train a WordLevel tokenizer offline in milliseconds.
 
@@ -39,6 +40,7 @@ def train_word_tokenizer(
         corpus: extra text whose words join the vocabulary.
         bos: beginning-of-sequence token.
         eos: end-of-sequence token.
+        append_eos: also end every encoded text with ``eos`` (text towers such as CLIP's pool at it).
 
     Returns:
         A ``PreTrainedTokenizerFast`` whose ``len()`` is the vocabulary size to configure models with.
@@ -49,8 +51,9 @@ def train_word_tokenizer(
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     trainer = trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1)
     tok.train_from_iterator([" ".join(CAPTION_WORDS), *corpus], trainer=trainer)
+    specials_used = [(bos, tok.token_to_id(bos))] + ([(eos, tok.token_to_id(eos))] if append_eos else [])
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
+        single=f"{bos} $A {eos}" if append_eos else f"{bos} $A", special_tokens=specials_used
     )
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(
@@ -65,3 +68,4 @@ def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+

@@ -9,10 +9,11 @@ Writes to ``--results_dir`` (each only when its stage folder exists):
                                      scalars (CKA, Procrustes, distance correlations; dots → ``_``)
     knn_knor_per_k.csv/.tex          long form: model, pair, k, mean, median, std
     recon_summary.csv/.tex           stage 6, per model and metric (mse_pre, cosine_pre, reproj_*)
-    caption_summary.csv/.tex         stage 7, per model and column (clipscore_drop*, bertscore_drop*,
+    caption_summary.csv/.tex         stage 7, per model and column (clipscore_drop*, bertscore_drop*, attr_acc*,
                                      clipscore_post_direct, clipscore_recon, bertscore_f1_recon_vs_post_direct)
     perturb_summary.csv/.tex         stage 8, per model, mode, level and column (clipscore_drop,
-                                     bertscore_drop_gt, bertscore_f1, clipscore_original, clipscore_perturbed)
+                                     bertscore_drop_gt, bertscore_f1, clipscore_original, clipscore_perturbed,
+                                     attr_acc_original, attr_acc_perturbed, attr_acc_drop; attr_acc: scenes only)
 
 Statistics of a column (finite values only): n, mean, median, std (ddof=1), q25, q75, iqr (linear
 quantiles), ci95_lo/ci95_hi = percentile bootstrap 95% CI of the mean (``--n_boot`` resamples from a fresh
@@ -49,7 +50,8 @@ log = logging.getLogger("vlmc.plot.summary")
 
 STATS_TEX = ["n", "mean", "ci95_lo", "ci95_hi", "median", "iqr"]
 CAPTION_COLS = ("clipscore_post_direct", "clipscore_recon", "bertscore_f1_recon_vs_post_direct")
-PERTURB_COLS = ("clipscore_drop", "bertscore_drop_gt", "bertscore_f1", "clipscore_original", "clipscore_perturbed")
+PERTURB_COLS = ("clipscore_drop", "bertscore_drop_gt", "bertscore_f1", "clipscore_original", "clipscore_perturbed",
+                "attr_acc_original", "attr_acc_perturbed", "attr_acc_drop")
 
 
 def knn_summary(args, models_wanted: str) -> None:
@@ -103,7 +105,7 @@ def recon_summary(args, models_wanted: str) -> None:
 def caption_summary(args, models_wanted: str) -> None:
     df = read_captions(require_dir(stage_dir(args, "captions"), "captions folder"))
     df = df[df["model"].isin(pick_models(df["model"].unique(), models_wanted))]
-    drops = [c for c in df.columns if c.startswith(("clipscore_drop", "bertscore_drop"))]
+    drops = [c for c in df.columns if c.startswith(("clipscore_drop", "bertscore_drop", "attr_acc"))]
     write_table(grouped_stats(df, ["model"], [*drops, *CAPTION_COLS], args), args.results_dir, "caption_summary",
                 ["model", "column", *STATS_TEX])
 

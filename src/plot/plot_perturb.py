@@ -50,9 +50,11 @@ LEVEL_LABEL = {
 }
 PANELS = {
     "drop": [("clipscore_drop", "ΔCLIPScore (original − perturbed; 0–2.5 scale)", None),
-             ("bertscore_drop_gt", "ΔBERTScore-F1 vs gt (original − perturbed)", None)],
+             ("bertscore_drop_gt", "ΔBERTScore-F1 vs gt (original − perturbed)", None),
+             ("attr_acc_drop", "Δ attribute accuracy (original − perturbed; scenes)", None)],
     "score": [("clipscore_perturbed", "CLIPScore (0–2.5; dashed: unperturbed)", "clipscore_original"),
-              ("bertscore_f1", "BERTScore-F1, perturbed vs original caption", None)],
+              ("bertscore_f1", "BERTScore-F1, perturbed vs original caption", None),
+              ("attr_acc_perturbed", "attribute accuracy (0–1, scenes; dashed: unperturbed)", "attr_acc_original")],
 }
 
 

@@ -80,3 +80,30 @@ def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``path``; on clean exit it replaces ``path`` as a whole.
+
+    Readers see the old folder or the new one, never a mix: the old one is renamed aside, the new one
+    renamed in, then the old one deleted. On error the temp folder is removed and ``path`` is untouched.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

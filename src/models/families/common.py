@@ -282,6 +282,13 @@ class HFAdapter(FamilyAdapter):
         """Canonical-order E_post → the order the model's LM consumes (identity by default)."""
         return list(post)
 
+    def prompt_inputs(
+        self, vlm: VLM, images: Sequence[Image.Image], prompt: str | None = None, img_size: int | None = None
+    ) -> dict[str, Tensor]:
+        texts = chat_texts(vlm.processor, prompt or self.default_prompt, len(images))
+        with left_padding(vlm.processor.tokenizer):
+            return dict(self._generation_inputs(vlm, images, texts, img_size))
+
     def generate_ids(
         self,
         vlm: VLM,
@@ -293,10 +300,8 @@ class HFAdapter(FamilyAdapter):
     ) -> tuple[Tensor, int]:
         """Greedy token ids ``[B, L_prompt + new]`` and ``L_prompt`` (see ``generate``)."""
         tokenizer = vlm.processor.tokenizer
-        texts = chat_texts(vlm.processor, prompt or self.default_prompt, len(images))
-        with left_padding(tokenizer):
-            batch = self._generation_inputs(vlm, images, texts, img_size)
-        inputs = to_model(dict(batch), vlm.device, vlm.dtype)
+        batch = self.prompt_inputs(vlm, images, prompt, img_size)
+        inputs = to_model(batch, vlm.device, vlm.dtype)
         mm = None
         if post is not None:
             shapes = self._post_shapes(vlm, inputs)

@@ -29,7 +29,15 @@ from transformers import (
     Idefics2Processor,
 )
 
-from vlmc.models.base import VLM, Captured, Correspondence, register
+from vlmc.models.base import (
+    SCENE_PIXEL_MEAN,
+    SCENE_PIXEL_STD,
+    VLM,
+    Captured,
+    Correspondence,
+    TinyDims,
+    register,
+)
 from vlmc.models.families.common import (
     HFAdapter,
     check_rows,
@@ -63,9 +71,14 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
 )
 
-# Tiny variant: 64 px, patch 16 → 16 patches → 8 latents.
-TINY_IMAGE, TINY_PATCH, TINY_LATENTS = 64, 16, 8
-# Tiny init (see _make_image_dependent): distinct small perceiver latents, a wider LM init.
+# Tiny variant: 64 px, patch 16 → 16 patches → 8 latents. Testbed (trained on scenes): 96 px → 36
+# patches → 16 latents.
+TINY_DIMS = TinyDims(image=64, patch=16, vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=2, latents=8)
+TESTBED_DIMS = TinyDims(
+    image=96, patch=16, vision_hidden=96, vision_layers=4, text_hidden=128, text_layers=3, latents=16,
+    pixel_mean=SCENE_PIXEL_MEAN, pixel_std=SCENE_PIXEL_STD,
+)  # fmt: skip
+# Tiny init (_distinct_latents, _widen_lm_init): distinct small perceiver latents, a wider LM init.
 TINY_LATENT_STD, TINY_LM_STD = 0.02, 0.2
 # The project's fixed input size for real Idefics2 checkpoints.
 REAL_IMAGE = 336
@@ -93,9 +106,9 @@ def idefics2_8b() -> Idefics2Config:
     )
 
 
-def _processor(tokenizer: Any, image_size: int, n_latents: int) -> Idefics2Processor:
+def _processor(tokenizer: Any, image_size: int, n_latents: int, **norm: Any) -> Idefics2Processor:
     image_processor = Idefics2ImageProcessor(
-        do_image_splitting=False, size={"height": image_size, "width": image_size}
+        do_image_splitting=False, size={"height": image_size, "width": image_size}, **norm
     )
     return Idefics2Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=n_latents, chat_template=CHAT_TEMPLATE
@@ -122,31 +135,42 @@ class Idefics2Adapter(HFAdapter):
 
     # -- weights ---------------------------------------------------------------------------------
     def build_tiny(self, out_dir: Path, seed: int = 0) -> None:
+        self._build(out_dir, seed, TINY_DIMS, testbed=False)
+
+    def build_testbed(self, out_dir: Path, seed: int = 0) -> None:
+        self._build(out_dir, seed, TESTBED_DIMS, testbed=True)
+
+    def _build(self, out_dir: Path, seed: int, dims: TinyDims, testbed: bool) -> None:
+        """A small Idefics2 at ``dims``: random tiny (image-dependent init) or testbed (to train)."""
         seed_everything(seed)
         tok = train_word_tokenizer(SPECIAL_TOKENS, corpus=[":"])
         pad_left_by_default(tok)
-        processor = _processor(tok, TINY_IMAGE, TINY_LATENTS)
+        processor = _processor(tok, dims.image, dims.latents, **dims.normalisation())
         ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         config = Idefics2Config(
             vision_config=dict(
-                hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                image_size=TINY_IMAGE, patch_size=TINY_PATCH,
+                hidden_size=dims.vision_hidden, intermediate_size=2 * dims.vision_hidden,
+                num_hidden_layers=dims.vision_layers, num_attention_heads=dims.vision_heads,
+                image_size=dims.image, patch_size=dims.patch,
             ),
             perceiver_config=dict(
-                hidden_size=64, resampler_n_latents=TINY_LATENTS, resampler_depth=2, resampler_n_heads=4,
-                resampler_head_dim=16, num_key_value_heads=2, rms_norm_eps=1e-5,
+                hidden_size=dims.text_hidden, resampler_n_latents=dims.latents, resampler_depth=2,
+                resampler_n_heads=4, resampler_head_dim=dims.text_hidden // 4, num_key_value_heads=2,
+                rms_norm_eps=1e-5,
             ),
             text_config=dict(
-                model_type="mistral", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                rms_norm_eps=1e-5, sliding_window=None, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                model_type="mistral", vocab_size=len(tok), hidden_size=dims.text_hidden,
+                intermediate_size=2 * dims.text_hidden, num_hidden_layers=dims.text_layers, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, sliding_window=None,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             ),
             image_token_id=ids[IMAGE_TOKEN],
             tie_word_embeddings=False,
-        )
+        )  # fmt: skip
         model = Idefics2ForConditionalGeneration(config)
-        _make_image_dependent(model, seed)
+        _distinct_latents(model, seed)
+        if not testbed:
+            _widen_lm_init(model, seed)
         set_generation_defaults(model, tok, [tok.eos_token_id, ids[END_OF_UTTERANCE]])
         save_variant(model, processor, out_dir)
 
@@ -244,19 +268,24 @@ def _patches(cfg: Idefics2Config, pixel_inputs: Mapping[str, Tensor]) -> tuple[T
     return pv, patch_mask, [(int(r), int(c)) for r, c, _ in stats]
 
 
-def _make_image_dependent(model: Idefics2ForConditionalGeneration, seed: int) -> None:
-    """Tiny-variant init under which outputs depend on the image.
+def _distinct_latents(model: Idefics2ForConditionalGeneration, seed: int) -> None:
+    """Small distinct random perceiver latents.
 
-    At the default init the perceiver latents are all ones: every latent is the same vector and
-    dominates the residual stream, so E_post barely sees the image (FIELD_NOTES). Small distinct
-    random latents fix that; a wider LM init lets the image tokens move the greedy captions.
+    At the default init the latents are all ones: every latent is the same vector and dominates the
+    residual stream, so E_post barely sees the image (FIELD_NOTES), and training cannot tell them apart.
     """
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         lat = model.model.connector.perceiver_resampler.latents
         lat.copy_(torch.randn(lat.shape, generator=g) * TINY_LATENT_STD)
+
+
+def _widen_lm_init(model: Idefics2ForConditionalGeneration, seed: int) -> None:
+    """Random tiny variant only: a wider LM init, so greedy captions move with the image tokens."""
+    g = torch.Generator().manual_seed(seed + 1)
+    torch.randn(model.model.connector.perceiver_resampler.latents.shape, generator=g)  # same stream as before
+    with torch.no_grad():
         for p in model.model.text_model.parameters():
             if p.ndim == 2:
                 p.normal_(0.0, TINY_LM_STD, generator=g)
         model.lm_head.weight.normal_(0.0, TINY_LM_STD, generator=g)
-

@@ -25,7 +25,15 @@ from transformers import (
     LlavaProcessor,
 )
 
-from vlmc.models.base import VLM, Captured, Correspondence, register
+from vlmc.models.base import (
+    SCENE_PIXEL_MEAN,
+    SCENE_PIXEL_STD,
+    VLM,
+    Captured,
+    Correspondence,
+    TinyDims,
+    register,
+)
 from vlmc.models.families.common import (
     HFAdapter,
     check_rows,
@@ -52,8 +60,13 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
 )
 
-# Tiny variant: 64 px, patch 16 → 4×4 = 16 tokens per image.
-TINY_IMAGE, TINY_PATCH = 64, 16
+# Tiny variant: 64 px, patch 16 → 4×4 = 16 tokens per image. Testbed (trained on scenes): 96 px →
+# 6×6 tokens, two per side of each cell of the scenes' 3×3 grid.
+TINY_DIMS = TinyDims(image=64, patch=16, vision_hidden=64, vision_layers=3, text_hidden=64, text_layers=2)
+TESTBED_DIMS = TinyDims(
+    image=96, patch=16, vision_hidden=96, vision_layers=4, text_hidden=128, text_layers=3,
+    pixel_mean=SCENE_PIXEL_MEAN, pixel_std=SCENE_PIXEL_STD,
+)  # fmt: skip
 # Std of the tiny LM's re-initialised matrices (default 0.02 lets the text tokens drown the image).
 TINY_LM_STD = 0.2
 
@@ -79,9 +92,9 @@ def llava_15_7b() -> LlavaConfig:
     )
 
 
-def _processor(tokenizer: Any, image_size: int, patch_size: int) -> LlavaProcessor:
+def _processor(tokenizer: Any, image_size: int, patch_size: int, **norm: Any) -> LlavaProcessor:
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}, **norm
     )
     return LlavaProcessor(
         image_processor=image_processor,
@@ -112,28 +125,38 @@ class LlavaAdapter(HFAdapter):
 
     # -- weights ---------------------------------------------------------------------------------
     def build_tiny(self, out_dir: Path, seed: int = 0) -> None:
+        self._build(out_dir, seed, TINY_DIMS, testbed=False)
+
+    def build_testbed(self, out_dir: Path, seed: int = 0) -> None:
+        self._build(out_dir, seed, TESTBED_DIMS, testbed=True)
+
+    def _build(self, out_dir: Path, seed: int, dims: TinyDims, testbed: bool) -> None:
+        """A small LLaVA at ``dims``: random tiny (image-dependent init) or testbed (default init, to train)."""
         seed_everything(seed)
         tok = train_word_tokenizer([IMAGE_TOKEN], corpus=[":"])
         pad_left_by_default(tok)
-        processor = _processor(tok, TINY_IMAGE, TINY_PATCH)
+        processor = _processor(tok, dims.image, dims.patch, **dims.normalisation())
         config = LlavaConfig(
             vision_config=CLIPVisionConfig(
-                hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                image_size=TINY_IMAGE, patch_size=TINY_PATCH, projection_dim=32,
+                hidden_size=dims.vision_hidden, intermediate_size=2 * dims.vision_hidden,
+                num_hidden_layers=dims.vision_layers, num_attention_heads=dims.vision_heads,
+                image_size=dims.image, patch_size=dims.patch, projection_dim=32,
             ),
             text_config=LlamaConfig(
-                vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                vocab_size=len(tok), hidden_size=dims.text_hidden, intermediate_size=2 * dims.text_hidden,
+                num_hidden_layers=dims.text_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=256,
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             ),
             image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-            image_seq_length=(TINY_IMAGE // TINY_PATCH) ** 2,
+            image_seq_length=(dims.image // dims.patch) ** 2,
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
             tie_word_embeddings=False,
-        )
+        )  # fmt: skip
         model = LlavaForConditionalGeneration(config)
-        _make_image_dependent(model, seed)
+        if not testbed:
+            _make_image_dependent(model, seed)
         set_generation_defaults(model, tok)
         save_variant(model, processor, out_dir)
 

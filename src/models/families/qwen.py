@@ -65,7 +65,16 @@ from transformers.vision_utils import (
     get_vision_window_index,
 )
 
-from vlmc.models.base import VLM, Captured, Correspondence, FamilyAdapter, register
+from vlmc.models.base import (
+    SCENE_PIXEL_MEAN,
+    SCENE_PIXEL_STD,
+    VLM,
+    Captured,
+    Correspondence,
+    FamilyAdapter,
+    TinyDims,
+    register,
+)
 from vlmc.models.families.common import build_random, set_generation_defaults
 from vlmc.models.tiny import seed_everything, train_word_tokenizer
 from vlmc.utils.cli import UsageError
@@ -102,6 +111,21 @@ DEEPSTACK_KEY = "deepstack.{}"
 TINY_PATCH = 8
 TINY_MIN_PIXELS = 32 * 32
 TINY_MAX_PIXELS = 128 * 128
+# Testbed variants (trained on scenes): 96x96 images → 6x6 patches of 16 px → 3x3 merged tokens, one per
+# cell of the scenes' 3x3 grid.
+TESTBED_DIMS = TinyDims(
+    image=96, patch=16, vision_hidden=64, vision_layers=4, text_hidden=128, text_layers=3,
+    pixel_mean=SCENE_PIXEL_MEAN, pixel_std=SCENE_PIXEL_STD,
+)  # fmt: skip
+
+
+def mrope_sections(head_dim: int, rotary_fraction: float = 1.0) -> list[int]:
+    """(t, h, w) rotary sections of a tiny LM's rotary half: 1/4, 3/8, 3/8 (Qwen2.5-VL's split), or
+    1/2, 1/4, 1/4 with a partial rotary fraction (Qwen3.5's tiny split)."""
+    half = int(head_dim * rotary_fraction) // 2
+    if rotary_fraction < 1.0:
+        return [half // 2, half // 4, half - half // 2 - half // 4]
+    return [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
 
 
 def _tiny_tokenizer(special_ids: dict[str, int] | None = None) -> PreTrainedTokenizerFast:
@@ -164,7 +188,12 @@ class QwenMergerAdapter(FamilyAdapter):
     real_special_ids: ClassVar[dict[str, int]] = {}
 
     # -- configs ---------------------------------------------------------------------------------
-    def tiny_config(self, tok: PreTrainedTokenizerFast) -> Any:
+    tiny_dims: ClassVar[TinyDims] = TinyDims(
+        image=128, patch=TINY_PATCH, vision_hidden=32, vision_layers=3, text_hidden=64, text_layers=2
+    )
+
+    def tiny_config(self, tok: PreTrainedTokenizerFast, dims: TinyDims) -> Any:
+        """The family's config at ``dims`` (the random tiny variant or the testbed one)."""
         raise NotImplementedError
 
     # Gain on the tiny LM's residual-branch outputs (attention o_proj / DeltaNet out_proj / MLP
@@ -191,9 +220,11 @@ class QwenMergerAdapter(FamilyAdapter):
             "vision_end_token_id": ids(VISION_END),
         }
 
-    def _make_processor(self, tok: PreTrainedTokenizerFast, patch: int, min_px: int, max_px: int) -> Any:
+    def _make_processor(
+        self, tok: PreTrainedTokenizerFast, patch: int, min_px: int, max_px: int, **norm: Any
+    ) -> Any:
         common = dict(patch_size=patch, merge_size=2, temporal_patch_size=2)
-        image_processor = Qwen2VLImageProcessor(min_pixels=min_px, max_pixels=max_px, **common)
+        image_processor = Qwen2VLImageProcessor(min_pixels=min_px, max_pixels=max_px, **common, **norm)
         video_processor = self.video_processor_cls(**common)
         tok.padding_side = "left"
         return self.processor_cls(
@@ -205,12 +236,22 @@ class QwenMergerAdapter(FamilyAdapter):
 
     # -- weights ---------------------------------------------------------------------------------
     def build_tiny(self, out_dir: Path, seed: int = 0) -> None:
+        self._build(out_dir, seed, self.tiny_dims, testbed=False)
+
+    def build_testbed(self, out_dir: Path, seed: int = 0) -> None:
+        self._build(out_dir, seed, TESTBED_DIMS, testbed=True)
+
+    def _build(self, out_dir: Path, seed: int, dims: TinyDims, testbed: bool) -> None:
+        """A small model at ``dims``: random tiny (``tune_tiny`` init) or testbed (default init, to train)."""
         tok = _tiny_tokenizer()
-        processor = self._make_processor(tok, TINY_PATCH, TINY_MIN_PIXELS, TINY_MAX_PIXELS)
-        config = self.tiny_config(tok)
+        processor = self._make_processor(
+            tok, dims.patch, TINY_MIN_PIXELS, dims.image * dims.image, **dims.normalisation()
+        )
+        config = self.tiny_config(tok, dims)
         seed_everything(seed)
         model = self.model_cls(config).eval()
-        self.tune_tiny(model)
+        if not testbed:
+            self.tune_tiny(model)
         set_generation_defaults(model, tok)
         model.save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
@@ -437,6 +478,11 @@ class QwenMergerAdapter(FamilyAdapter):
         )
         return {k: v.to(vlm.device) if k != "image_grid_thw" else v for k, v in inputs.items()}
 
+    def prompt_inputs(
+        self, vlm: VLM, images: Sequence[Image.Image], prompt: str | None = None, img_size: int | None = None
+    ) -> dict[str, Tensor]:
+        return self._chat_inputs(vlm, images, prompt, img_size)
+
     def _injected_outputs(
         self, vlm: VLM, inputs: dict[str, Tensor], post: Sequence[Tensor], **kwargs: Any
     ) -> Any:
@@ -553,19 +599,26 @@ class Qwen25VLAdapter(QwenMergerAdapter):
     real_processor = (14, 56 * 56, 28 * 28 * 1280)  # preprocessor_config.json min/max_pixels
     real_special_ids = QWEN2_SPECIAL_IDS
 
-    def tiny_config(self, tok: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
-        # window_size 32 px = 2x2 merge blocks of 8-px patches: a 64x96 image has 2x3 windows, so the
-        # window permutation is far from the identity; blocks 1 and 3 attend globally, 0 and 2 in windows.
+    tiny_dims = TinyDims(image=128, patch=TINY_PATCH, vision_hidden=32, vision_layers=4, text_hidden=64, text_layers=2)
+
+    def tiny_config(self, tok: PreTrainedTokenizerFast, dims: TinyDims) -> Qwen2_5_VLConfig:
+        # window_size = 4 patches = 2x2 merge blocks (tiny: 32 px): a 64x96 tiny image has 2x3 windows and
+        # the testbed's 3x3 merge grid has windows of 4, 2, 2 and 1 blocks, so the window permutation is
+        # far from the identity; blocks 1 and 3 attend globally, 0 and 2 in windows.
         return Qwen2_5_VLConfig(
             vision_config=dict(
-                depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=TINY_PATCH,
-                spatial_merge_size=2, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1, 3],
-                out_hidden_size=64, hidden_act="silu",
+                depth=dims.vision_layers, hidden_size=dims.vision_hidden, intermediate_size=2 * dims.vision_hidden,
+                num_heads=dims.vision_heads, patch_size=dims.patch, spatial_merge_size=2, temporal_patch_size=2,
+                window_size=4 * dims.patch, fullatt_block_indexes=[1, 3], out_hidden_size=dims.text_hidden,
+                hidden_act="silu",
             ),
             text_config=dict(
-                vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                vocab_size=len(tok), hidden_size=dims.text_hidden, intermediate_size=2 * dims.text_hidden,
+                num_hidden_layers=dims.text_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=2048,
+                rope_parameters={
+                    "rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_sections(dims.text_hidden // 4),
+                },
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             ),
             tie_word_embeddings=False,
@@ -620,21 +673,24 @@ class Qwen35Adapter(QwenMergerAdapter):
     real_special_ids = QWEN35_SPECIAL_IDS
     tiny_lm_gain = 6.0
 
-    def tiny_config(self, tok: PreTrainedTokenizerFast) -> Qwen3_5Config:
+    def tiny_config(self, tok: PreTrainedTokenizerFast, dims: TinyDims) -> Qwen3_5Config:
         # one linear-attention (gated DeltaNet) and one full-attention layer, as in the real hybrid LM
         return Qwen3_5Config(
             vision_config=dict(
-                depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=TINY_PATCH,
-                spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+                depth=dims.vision_layers, hidden_size=dims.vision_hidden, intermediate_size=2 * dims.vision_hidden,
+                num_heads=dims.vision_heads, patch_size=dims.patch, spatial_merge_size=2, temporal_patch_size=2,
+                out_hidden_size=dims.text_hidden, num_position_embeddings=64,
             ),
             text_config=dict(
-                vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_conv_kernel_dim=4,
-                linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-                layer_types=["linear_attention", "full_attention"], max_position_embeddings=2048,
+                vocab_size=len(tok), hidden_size=dims.text_hidden, intermediate_size=2 * dims.text_hidden,
+                num_hidden_layers=dims.text_layers, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=dims.text_hidden // 4, linear_conv_kernel_dim=4, linear_key_head_dim=dims.text_hidden // 4,
+                linear_value_head_dim=dims.text_hidden // 4, linear_num_key_heads=2, linear_num_value_heads=4,
+                layer_types=(["linear_attention"] * (dims.text_layers - 1) + ["full_attention"]),
+                max_position_embeddings=2048,
                 rope_parameters={
                     "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                    "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                    "mrope_section": mrope_sections(dims.text_hidden // 4, 0.5), "mrope_interleaved": True,
                 },
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             ),
@@ -689,18 +745,21 @@ class Qwen3VLAdapter(QwenMergerAdapter):
     deepstack_default: ClassVar[str] = "original"
     _warned_leak: ClassVar[bool] = False
 
-    def tiny_config(self, tok: PreTrainedTokenizerFast) -> Qwen3VLConfig:
+    def tiny_config(self, tok: PreTrainedTokenizerFast, dims: TinyDims) -> Qwen3VLConfig:
         return Qwen3VLConfig(
             vision_config=dict(
-                depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=TINY_PATCH,
-                spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+                depth=dims.vision_layers, hidden_size=dims.vision_hidden, intermediate_size=2 * dims.vision_hidden,
+                num_heads=dims.vision_heads, patch_size=dims.patch, spatial_merge_size=2, temporal_patch_size=2,
+                out_hidden_size=dims.text_hidden, num_position_embeddings=64,
                 deepstack_visual_indexes=[0, 1],
             ),
             text_config=dict(
-                vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                vocab_size=len(tok), hidden_size=dims.text_hidden, intermediate_size=2 * dims.text_hidden,
+                num_hidden_layers=dims.text_layers, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=dims.text_hidden // 4, max_position_embeddings=2048,
                 rope_parameters={
-                    "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                    "rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_sections(dims.text_hidden // 4),
+                    "mrope_interleaved": True,
                 },
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             ),
