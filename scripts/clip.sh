@@ -12,7 +12,7 @@
 #   bash scripts/clip.sh                          # no Slurm: every shard inline, in this shell
 #
 # Settings (environment, defaults in brackets): ROOT [sample/images], OUT [data/clip_ref; one reference
-# model per OUT], MODEL_ID [tiny-clip; also tiny-dino, tiny-dino-reg, an HF id or folder, open_clip:<name>],
+# model per OUT], MODEL_ID [tiny-clip; also testbed-clip, tiny-dino, tiny-dino-reg, an HF id or folder, open_clip:<name>],
 # MODEL_TYPE [auto], POOL [cls; see `extract_clip.py --help` for the exact tensor per backend],
 # PRETRAINED [open_clip only: tag or checkpoint file], DTYPE [auto: bf16 on GPU, fp32 on CPU],
 # DEVICE [auto], BATCH_SIZE [CLI default], SHARDS [all, comma list], EXTRA_ARGS (more CLI flags);
@@ -30,6 +30,7 @@
 #SBATCH --cpus-per-task=4
 #SBATCH --gres=gpu:1
 #SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@120
 #SBATCH --output=logs/%x-%A_%a.out
 set -euo pipefail

@@ -80,8 +80,9 @@ task_shards() {
 # shell only) becomes a clean stop + requeue. On USR1 it creates $VLMC_STOP_FILE and forwards
 # $VLMC_CHECKPOINT_SIGNAL (default USR1) to CMD, which should finish its current chunk and exit; after
 # $VLMC_CHECKPOINT_GRACE s (default 90) CMD gets SIGTERM. Then under Slurm `scontrol requeue` (the job
-# needs --requeue; the rerun resumes via --skip_existing/--resume). Without Slurm, or if the requeue is
-# refused, it returns 75 ("stopped early; rerun the same command to resume"). Else: CMD's status.
+# needs --requeue, and --open-mode=append so its log keeps the stopped run's lines; the rerun resumes via
+# --skip_existing/--resume). Without Slurm, or if the requeue is refused, it returns 75 ("stopped early;
+# rerun the same command to resume"). Else: CMD's status.
 run_requeueable() {
   local rc waited grace=${VLMC_CHECKPOINT_GRACE:-90}
   export VLMC_STOP_FILE=${VLMC_STOP_FILE:-${TMPDIR:-/tmp}/vlmc-stop.${SLURM_JOB_ID:-$$}}
@@ -98,7 +99,9 @@ run_requeueable() {
     while kill -0 "$_vlmc_child" 2>/dev/null && (( waited < grace * 5 )); do sleep 0.2; waited=$((waited + 1)); done
     if kill -0 "$_vlmc_child" 2>/dev/null; then log "no checkpoint after ${grace}s: SIGTERM"; kill -TERM "$_vlmc_child"; fi
   done
-  trap - USR1
+  # The stage is over: a USR1 from now on (Slurm's --signal=B:USR1@T landing after it finished) must not
+  # kill this shell (the default action), which would turn a finished job into FAILED.
+  trap '' USR1
   rm -f "$VLMC_STOP_FILE"
   (( _vlmc_stop )) || return "$rc"
   if [[ -n ${SLURM_JOB_ID:-} ]]; then

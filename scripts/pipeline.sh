@@ -5,13 +5,21 @@
 #   bash scripts/pipeline.sh                 # Slurm present: submit every stage with --dependency=afterok,
 #                                            # arrays over shards, print the job ids; else run inline
 #   bash scripts/pipeline.sh --local         # run every stage inline, in order, in this shell
-#   bash scripts/pipeline.sh --demo          # `make demo`: inline, tiny models, sample/images, CPU
-#   MODELS="llava qwen2.5vl" ROOT=data/images MODEL_PATH= bash scripts/pipeline.sh   # real checkpoints
+#   bash scripts/pipeline.sh --demo          # `make demo`: inline, trained testbed models, sample/images, CPU
+#   MODELS="llava qwen2.5vl" ROOT=data/images MODEL_PATH= REF_MODEL=openai/clip-vit-large-patch14 \
+#     VLMC_CLIP_MODEL=/models/clip-vit-large-patch14 bash scripts/pipeline.sh   # real checkpoints
 #
-# Settings (environment, defaults in brackets): MODELS [llava idefics2 qwen2.5vl], ROOT [sample/images],
-# DATA [data: every stage writes under it], MODEL_PATH [tiny; empty = each family's HF checkpoint],
+# Settings (environment, defaults in brackets): MODELS [llava idefics2 qwen2.5vl qwen3.5], ROOT [sample/images],
+# DATA [data: every stage writes under it], MODEL_PATH [testbed: the models trained on synthetic scenes,
+# sample/models; tiny: random tiny models; empty: each family's HF checkpoint], REF_MODEL [stage-2 reference:
+# testbed-clip with MODEL_PATH=testbed, tiny-clip with tiny, else openai/clip-vit-large-patch14],
+# VLMC_CLIP_MODEL [CLIPScore backbone: testbed / tiny with those MODEL_PATHs; set a local CLIP folder otherwise],
 # DEVICE [auto], MODEL_TYPE [mlp reconstructor], EPOCHS [CLI default; demo 8], PERTURB [mask lowrank],
 # MASK_LEVELS [0,0.25,0.5,0.75], LOWRANK_LEVELS [1,0.5,0.25,0.05], ORTHOGONAL_LEVELS, NOISE_LEVELS, SLURM_ARGS (extra sbatch flags for every job, e.g. "--gres=none -c 2").
+# <WRAPPER>_ARGS: extra CLI flags for one stage only, passed as that wrapper's EXTRA_ARGS: VEC_ARGS, CLIP_ARGS,
+# CAL_ARGS, EMB_ARGS, EXPORT_RECON_ARGS, EVAL_RECON_ARGS, TRAIN_ARGS, CAPTION_ARGS, PERTURB_ARGS,
+# SCORE_PERTURB_ARGS (e.g. EMB_ARGS="--batch_size 16 --patience 0"). Any other wrapper setting (CLIP_MODEL,
+# METRIC, ...) also reaches its stage from the environment (sbatch --export=ALL).
 # Account/partition come from your environment or scripts/slurm.env (see common.sh); nothing is hard-coded.
 # A failing stage stops its dependants: Slurm leaves them PENDING (DependencyNeverSatisfied) and
 # --kill-on-invalid-dep=yes cancels them, so the failure shows in squeue / the stage's log.
@@ -24,7 +32,7 @@ for a in "$@"; do
   case $a in
     --local) mode=local ;;
     --demo) mode=local; DEMO=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) die "unknown argument $a (see --help)" ;;
   esac
 done
@@ -32,10 +40,21 @@ if [[ $mode == auto ]]; then
   if command -v sbatch >/dev/null && scontrol ping >/dev/null 2>&1; then mode=slurm; else mode=local; fi
 fi
 
-export ROOT=${ROOT:-sample/images} DEVICE=${DEVICE:-auto}
-export MODEL_PATH=${MODEL_PATH-tiny}
-DATA=${DATA:-data}
-read -r -a models <<< "${MODELS:-llava idefics2 qwen2.5vl}"
+# Relative paths you give are relative to where you run this; the defaults live in the repository.
+abspath() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
+ROOT=$(abspath "${ROOT:-$VLMC_ROOT/sample/images}")
+DATA=$(abspath "${DATA:-$VLMC_ROOT/data}")
+FIGURES=$(abspath "${FIGURES:-$VLMC_ROOT/figures}")
+RESULTS=$(abspath "${RESULTS:-$VLMC_ROOT/results}")
+export ROOT DEVICE=${DEVICE:-auto}
+export MODEL_PATH=${MODEL_PATH-testbed}
+case $MODEL_PATH in
+  testbed) ref_default=testbed-clip; export VLMC_CLIP_MODEL=${VLMC_CLIP_MODEL:-testbed} ;;
+  tiny) ref_default=tiny-clip; export VLMC_CLIP_MODEL=${VLMC_CLIP_MODEL:-tiny} ;;
+  *) ref_default=openai/clip-vit-large-patch14 ;;
+esac
+REF_MODEL=${REF_MODEL:-$ref_default}
+read -r -a models <<< "${MODELS:-llava idefics2 qwen2.5vl qwen3.5}"
 PERTURB=${PERTURB:-mask lowrank}
 # levels per perturbation (each mode's own scale; see eval_perturb.py --help)
 levels_for() {
@@ -51,8 +70,8 @@ MODEL_TYPE=${MODEL_TYPE:-mlp}
 if [[ -n ${DEMO:-} ]]; then
   export DEVICE=cpu EPOCHS=${EPOCHS:-8} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 fi
-mkdir -p logs
 cd "$VLMC_ROOT"
+mkdir -p logs  # the wrappers' #SBATCH --output=logs/... is relative to the submit directory: the repo
 
 last=""  # job id(s) the next stage depends on
 # stage NAME SCRIPT [ENV=VALUE...] -- [ARGS...]: run inline, or submit after the previous stage.
@@ -62,6 +81,9 @@ stage() {
   while (($#)) && [[ $1 != -- ]]; do envs+=("$1"); shift; done
   (($#)) && shift
   args=("$@")
+  local knob=${script%.sh}
+  knob=${knob^^}_ARGS  # e.g. EMB_ARGS -> emb.sh's EXTRA_ARGS
+  if [[ -n ${!knob:-} ]]; then envs+=("EXTRA_ARGS=${!knob}"); fi
   if [[ $mode == local ]]; then
     log "== $name"
     env "${envs[@]}" bash "scripts/$script" "${args[@]}"
@@ -96,7 +118,7 @@ vec_stage() {
     ARRAY=0-$((nsh - 1)) stage "vec-$m" vec.sh MODELS="$m" OUT="$DATA/vector"
   done
 }
-clip_stage() { ARRAY=0-$((nsh - 1)) stage clip clip.sh OUT="$DATA/clip_ref"; }
+clip_stage() { ARRAY=0-$((nsh - 1)) stage clip clip.sh MODEL_ID="$REF_MODEL" OUT="$DATA/clip_ref"; }
 cal_stage() {
   local m
   for m in "${models[@]}"; do
@@ -147,7 +169,7 @@ perturb_stage() {
 }
 score_stage() { stage score-perturb score_perturb.sh PERTURB_DIR="$DATA/output/perturb_out" -- "$DATA/output/perturb_out"; }
 figures_stage() {
-  stage figures figures.sh -- "$DATA/output" "${FIGURES:-figures}" "${RESULTS:-results}"
+  stage figures figures.sh -- "$DATA/output" "$FIGURES" "$RESULTS"
 }
 
 stage_ids=()
@@ -162,4 +184,4 @@ fan_out caption_stage
 fan_out perturb_stage
 fan_out score_stage
 fan_out figures_stage
-if [[ $mode == slurm ]]; then log "submitted; follow with: squeue -u $USER"; else log "pipeline done; outputs under $DATA/"; fi
+if [[ $mode == slurm ]]; then log "submitted; follow with: squeue -u ${USER:-$(id -un)}"; else log "pipeline done; outputs under $DATA/"; fi

@@ -29,6 +29,7 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --gres=gpu:1
 #SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@120
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail

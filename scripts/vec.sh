@@ -25,6 +25,7 @@
 #SBATCH --cpus-per-task=4
 #SBATCH --gres=gpu:1
 #SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@120
 #SBATCH --output=logs/%x-%A_%a.out
 set -euo pipefail

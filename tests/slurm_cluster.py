@@ -91,9 +91,9 @@ class SlurmCluster:
             tmp = tempfile.gettempdir()
             base = tempfile.mkdtemp(prefix="vlmc-slurm-", dir=tmp if len(tmp) < 60 else "/tmp")
         self.base = Path(base)
-        self.cpus = cpus or os.cpu_count() or 1
-        if shutil.which("nproc"):
-            self.cpus = cpus or int(subprocess.run(["nproc"], capture_output=True, text=True).stdout)
+        # the CPUs this process may use (not `nproc`, which honours OMP_NUM_THREADS and would make the
+        # node single-CPU, serialising every job, whenever the tests run with OMP_NUM_THREADS=1)
+        self.cpus = cpus or len(os.sched_getaffinity(0)) or 1
         self.gpus = gpus  # fake GPUs (GRES on plain files) so `#SBATCH --gres=gpu:1` scripts run on CPU
         self.node = socket.gethostname().split(".")[0]
         self.user = pwd.getpwuid(os.geteuid()).pw_name  # root here; a non-root user runs only its own jobs

@@ -165,6 +165,12 @@ def test_run_requeueable_passes_exit_code():
     assert bash("run_requeueable true; echo after").stdout == "after\n"
 
 
+def test_usr1_after_the_stage_finished_does_not_kill_the_shell():
+    """Slurm's --signal=B:USR1@T may land after the stage ended: the job must still end with its status."""
+    r = bash("run_requeueable true; kill -USR1 $$; sleep 0.2; echo survived")
+    assert (r.returncode, r.stdout) == (0, "survived\n"), r.stderr
+
+
 def _start_usr1_case(tmp_path, n=50, delay=0.1, extra=""):
     out = tmp_path / "chunks"
     (tmp_path / "stage.py").write_text(STAGE)
