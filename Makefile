@@ -8,12 +8,13 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-fast figures bench lint clean-data help
+.PHONY: demo sample test test-fast figures bench lint clean-data help
 
 help:
 	@echo "make demo    - whole pipeline on the embedded default (tiny models + sample/images), CPU, offline"
 	@echo "make test    - the test suite (unit, stage end-to-end on tiny models, real single-node Slurm)"
 	@echo "make figures - regenerate figures/ and results/ from sample/"
+	@echo "make sample  - make demo, then refresh sample/ from its outputs (scripts/update_sample.sh)"
 	@echo "make bench   - benchmarks (ratios against baselines measured in the same run)"
 	@echo "make lint    - ruff"
 
@@ -27,6 +28,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 demo: $(STAMP)
 	bash scripts/pipeline.sh --demo
+
+sample: demo
+	bash scripts/update_sample.sh data/output sample
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests

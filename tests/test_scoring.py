@@ -290,7 +290,7 @@ def test_score_perturb_resume_no_duplicates_nothing_twice(tmp_path, clip_dir, im
     n = score_perturb.score_file(src, dst, scorers, skip_existing=True, save_every=1)
     out2 = read_table(dst)
     assert out2["key"].tolist() == ["000010000", "000010001", "000010002"]
-    assert n == 6  # one row x (3 clip + 3 bert tasks), nothing else
+    assert n == 8  # one row x (3 clip + 3 bert + 2 attribute tasks), nothing else
     assert out2.iloc[:2][list(out.columns)].equals(out[list(out.columns)])
     assert out2["caption_gt"].iloc[2] == ""  # no .txt for that image
     assert out2["bertscore_f1_original_gt"].iloc[2] == "nan"
@@ -425,3 +425,18 @@ def test_stop_request_writes_progress_then_resumes(tmp_path, clip_dir, images):
     assert read_table(dst)["clipscore_original"].tolist()[1:] == ["", ""]  # first chunk written, rest pending
     # a fresh run (no active stop flag) continues
     assert score_perturb.score_file(src, dst, scorers, skip_existing=True, save_every=1) == 2 * 3
+
+
+def test_attribute_task_scores_scene_references_only():
+    """attr_acc: exact on a scene caption, partial credit per attribute, NaN where the reference is no scene."""
+    from vlmc.eval.scoring import AttrTask, Scorers, run_task
+
+    truth = "two objects: a large red circle at the top left and a small blue square in the center."
+    wrong_colour = "two objects: a large red circle at the top left and a small green square in the center."
+    df = pd.DataFrame({"cand": [truth, wrong_colour, "a dog"], "ref": [truth, truth, "a dog on a table"]})
+    task = AttrTask("x", "cand", "ref")
+    assert Scorers(None, None).config["attributes"] is None
+    values = run_task(df, np.arange(3), task, Scorers(None, None, attributes=True))["attr_acc_x"]
+    assert values[0] == 1.0
+    assert values[1] == pytest.approx((1 + 0.5 + 1 + 1 + 1) / 5)  # colour right for 1 of 2 objects
+    assert np.isnan(values[2])

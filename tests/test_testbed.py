@@ -168,3 +168,50 @@ def test_committed_clip_prefers_true_captions():
     held_out = scene_items(100, HELD_OUT_FIRST + 20_000, workers=1)
     assert true_vs_shuffled(model, processor, held_out) >= 0.95
     assert _committed()["models"][TESTBED_CLIP]["held_out_true_beats_shuffled"] >= 0.95
+
+
+# -- what the committed demo run (sample/, `make sample`) shows on the testbed ------------------------
+
+SAMPLE = ROOT / "sample"
+
+
+def _scene_rows(df):
+    return df[df["attr_acc_original" if "attr_acc_original" in df else "attr_acc_post_direct"].notna()]
+
+
+@pytest.mark.parametrize("mode", ["mask", "lowrank"])
+def test_demo_perturbations_degrade_scene_captions_monotonically(mode):
+    """Stage 8 on the testbed: attribute accuracy and CLIPScore fall with the level (rises ≤ noise)."""
+    from vlmc.plot.data import read_perturb
+
+    df = _scene_rows(read_perturb(SAMPLE / "perturb_out", mode))
+    assert set(TESTBED_FAMILIES) <= set(df["model"]), sorted(df["model"].unique())
+    for model, g in df.groupby("model"):
+        # stronger perturbation = higher mask probability, lower retained rank fraction
+        by_level = g.groupby("level")[["attr_acc_perturbed", "clipscore_perturbed"]].mean()
+        by_level = by_level.sort_index(ascending=(mode == "mask"))
+        for col, noise, span in (("attr_acc_perturbed", 0.05, 0.2), ("clipscore_perturbed", 0.05, 0.05)):
+            v = by_level[col].to_numpy()
+            assert (np.diff(v) <= noise).all(), (model, col, v)
+            assert v[0] - v[-1] >= span, (model, col, v)
+
+
+def test_demo_reconstructed_captions_keep_most_of_the_accuracy():
+    """Stage 7: captions from Ê_post = connector(reconstructor(E_post)) keep ≥ 0.8 of the model's own accuracy."""
+    from vlmc.plot.data import read_captions
+
+    df = _scene_rows(read_captions(SAMPLE / "captions"))
+    for model, g in df.groupby("model"):
+        own, recon = g["attr_acc_post_direct"].mean(), g["attr_acc_recon"].mean()
+        assert own >= 0.9 and recon / own >= 0.8, (model, own, recon)
+
+
+def test_demo_geometry_differs_between_families():
+    """Stage 3: pre→post KNOR@10 and the post effective rank are not the same number for every family."""
+    from vlmc.plot.data import load_knn
+
+    runs = load_knn(SAMPLE / "knn_out")
+    assert set(TESTBED_FAMILIES) <= set(runs)
+    knor = [runs[m].per_image["pre_post_knor10"].mean() for m in TESTBED_FAMILIES]
+    erank = [runs[m].per_image["post_effective_rank_normalized"].mean() for m in TESTBED_FAMILIES]
+    assert max(knor) - min(knor) >= 0.05 and max(erank) - min(erank) >= 0.05, (knor, erank)

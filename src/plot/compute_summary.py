@@ -11,6 +11,9 @@ Writes to ``--results_dir`` (each only when its stage folder exists):
     recon_summary.csv/.tex           stage 6, per model and metric (mse_pre, cosine_pre, reproj_*)
     caption_summary.csv/.tex         stage 7, per model and column (clipscore_drop*, bertscore_drop*, attr_acc*,
                                      clipscore_post_direct, clipscore_recon, bertscore_f1_recon_vs_post_direct)
+    testbed_summary.csv/.tex         one row per model, from the tables above: attr_acc and CLIPScore of the
+                                     model's own and reconstructed captions (recon_keeps = ratio), both per
+                                     perturbation level, pre→post KNOR@10, normalised effective ranks
     perturb_summary.csv/.tex         stage 8, per model, mode, level and column (clipscore_drop,
                                      bertscore_drop_gt, bertscore_f1, clipscore_original, clipscore_perturbed,
                                      attr_acc_original, attr_acc_perturbed, attr_acc_drop; attr_acc: scenes only)
@@ -29,6 +32,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -144,7 +149,47 @@ def main(argv: list[str] | None = None) -> int:
             SECTIONS[s](args, args.models)
         else:
             log.warning("no %s folder under %s: %s summary skipped", "|".join(SUBDIRS[s]), args.in_dir, s)
+    testbed_summary(Path(args.results_dir))
     return 0
+
+
+def _means(path: Path, by: list[str]) -> pd.DataFrame:
+    """``<by..., column> → mean`` of a summary CSV written above (empty when it is absent)."""
+    if not path.exists():
+        return pd.DataFrame(columns=[*by, "column", "mean"])
+    return pd.read_csv(path, dtype={"model": str, "mode": str})[[*by, "column", "mean"]]
+
+
+def testbed_summary(results_dir: Path) -> None:
+    """``testbed_summary.csv/.tex``: one row per model of what the calibrated testbed should show.
+
+    From the tables above: attribute accuracy and CLIPScore of the model's own captions (stage 7
+    ``post_direct``), of captions through a trained reconstructor (``recon``) and their ratio; both
+    scores at every perturbation level (stage 8); pre→post KNOR@10 and normalised effective ranks (stage
+    3). Scene-only scores are means over the synthetic scenes; the rest over every image.
+    """
+    caps = _means(results_dir / "caption_summary.csv", ["model"])
+    pert = _means(results_dir / "perturb_summary.csv", ["model", "mode", "level"])
+    knn_path = results_dir / "knn_summary_per_model.csv"
+    knn = pd.read_csv(knn_path, dtype={"model": str}).set_index("model") if knn_path.exists() else pd.DataFrame()
+    rows = []
+    for model in sorted(set(caps["model"]) | set(pert["model"]) | set(knn.index)):
+        row: dict[str, Any] = {"model": model}
+        for col, name in (("attr_acc_post_direct", "attr_acc"), ("attr_acc_recon", "attr_acc_recon"),
+                          ("clipscore_post_direct", "clipscore"), ("clipscore_recon", "clipscore_recon")):
+            hit = caps[(caps["model"] == model) & (caps["column"] == col)]["mean"]
+            row[name] = float(hit.iloc[0]) if len(hit) else np.nan
+        row["recon_keeps"] = row["attr_acc_recon"] / row["attr_acc"] if row["attr_acc"] else np.nan
+        for r in pert[(pert["model"] == model) & pert["column"].isin(["attr_acc_perturbed", "clipscore_perturbed"])
+                      ].itertuples(index=False):
+            row[f"{r.mode}{r.level:g}_{r.column.removesuffix('_perturbed')}"] = r.mean
+        for col in ("pre_post_knor10_mean", "pre_effective_rank_normalized_mean", "post_effective_rank_normalized_mean"):
+            row[col.removesuffix("_mean")] = float(knn.loc[model, col]) if model in knn.index and col in knn else np.nan
+        rows.append(row)
+    if rows:
+        df = pd.DataFrame(rows)
+        tex = [c for c in df.columns if not c.endswith("_clipscore") and c != "clipscore_recon"]
+        write_table(df, results_dir, "testbed_summary", tex)
 
 
 if __name__ == "__main__":

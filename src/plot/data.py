@@ -307,7 +307,7 @@ def read_loss_maps(path: Path) -> dict:
 
 # -- stage 7: captions ------------------------------------------------------------------------------
 
-SCORE_PREFIXES = ("clipscore", "clipcos", "bertscore", "cliptext", "reproj")
+SCORE_PREFIXES = ("clipscore", "clipcos", "bertscore", "cliptext", "reproj", "attr_acc")
 
 
 def read_captions(caption_dir: Path) -> pd.DataFrame:
@@ -315,7 +315,7 @@ def read_captions(caption_dir: Path) -> pd.DataFrame:
 
     Required: ``shard, key`` and at least one ``clipscore_*`` / ``bertscore_*`` column (the file was
     scored by score_captions.py). ``model`` comes from a ``model`` column, else the file name. Score
-    columns (``clipscore_*``, ``clipcos_*``, ``bertscore_*``, ``cliptext_*``, ``reproj_*``) become float;
+    columns (``clipscore_*``, ``clipcos_*``, ``bertscore_*``, ``cliptext_*``, ``reproj_*``, ``attr_acc*``) become float;
     ``split`` (train / val, from eval_captions --recon_dir) is kept as text.
     """
     files = sorted(caption_dir.rglob("captions_*.csv"))
@@ -337,7 +337,8 @@ def read_captions(caption_dir: Path) -> pd.DataFrame:
 
 PERTURB_SCORES = ("clipscore_original", "clipscore_perturbed", "clipscore_drop", "bertscore_f1",
                   "bertscore_f1_original_gt", "bertscore_f1_perturbed_gt", "bertscore_drop_gt", "clipscore_gt",
-                  "clipcos_original", "clipcos_perturbed", "cliptext_cos")
+                  "clipcos_original", "clipcos_perturbed", "cliptext_cos", "attr_acc_original",
+                  "attr_acc_perturbed", "attr_acc_drop")
 
 
 def read_perturb(perturb_dir: Path, mode: str | None = None) -> pd.DataFrame:
