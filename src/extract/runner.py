@@ -13,6 +13,7 @@ import logging
 import platform
 import sys
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vlmc.data.images import ImageDataset, ImageRecord
-from vlmc.store.vectors import ShardWriter, cast_checked, digest_keys, pack
+from vlmc.store.vectors import ShardWriter, cast_checked_many, digest_keys, pack
 from vlmc.utils.cli import DTYPES, UsageError, parse_dtype
 from vlmc.utils.stop import StopFlag, StopRequested, stop_requested
 
@@ -46,7 +47,12 @@ class Encoded:
 
 
 class Encoder(Protocol):
-    """What the runner needs from a model."""
+    """What the runner needs from a model.
+
+    An encoder may set ``needs_images = False`` when ``encode`` only counts its ``images`` (no
+    captions): the decoded images then stay in the DataLoader workers (pickling them back to the main
+    process costs as much as decoding) and ``encode`` gets one ``None`` per image instead.
+    """
 
     def meta(self) -> dict[str, Any]:
         """Manifest fields describing the model and settings (compared on resume)."""
@@ -54,7 +60,7 @@ class Encoder(Protocol):
     def preprocess(self, images: list[Image.Image]) -> dict[str, Any]:
         """Model inputs for a batch; runs in DataLoader workers, so the object must pickle."""
 
-    def encode(self, inputs: dict[str, Any], images: list[Image.Image]) -> Encoded:
+    def encode(self, inputs: dict[str, Any], images: list[Image.Image | None]) -> Encoded:
         """Per-image outputs for a preprocessed batch."""
 
 
@@ -159,27 +165,41 @@ def run_shard(
     if progress is not None:
         progress.update(result.resumed)
     dtype = DTYPES[cfg.store_dtype]
-    for ci, batches in _chunk_batches(encoder, records, chunks, todo, cfg):
-        keys: list[str] = []
-        parts: list[Encoded] = []
-        skipped: list[dict[str, str]] = []
-        for recs, inputs, images, bad in batches:
-            skipped += bad
-            if recs:
-                with torch.inference_mode():
-                    enc = encoder.encode(inputs, images)
-                enc.vectors = {k: [cast_checked(v.detach().cpu(), dtype) for v in vs] for k, vs in enc.vectors.items()}
-                parts.append(enc)
-                keys += [r.key for r in recs]
-            if progress is not None:
-                progress.update(len(recs) + len(bad))
-        _commit(writer, ci, digests[ci], keys, parts, skipped, cfg)
-        result.written += len(keys)
-        result.skipped += len(skipped)
-        for s in skipped:
-            log.warning("skipped %s/%s (%s): %s", shard, s["key"], s["path"], s["reason"])
-        if stop_requested():
-            raise StopRequested(f"{shard_dir}: stopped after chunk {ci}; rerun with --skip_existing to resume")
+    # Chunk k is packed, saved, hashed, fsynced and committed in one background thread while chunk
+    # k+1 is encoded (at most one commit in flight, in chunk order, so the manifest only ever lists
+    # files written completely, as before). Leaving the block waits for the pending commit.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmc-commit") as io_thread:
+        pending: Future | None = None
+        for ci, batches in _chunk_batches(encoder, records, chunks, todo, cfg):
+            keys: list[str] = []
+            parts: list[Encoded] = []
+            skipped: list[dict[str, str]] = []
+            for recs, inputs, images, bad in batches:
+                skipped += bad
+                if recs:
+                    with torch.inference_mode():
+                        enc = encoder.encode(inputs, images)
+                    enc.vectors = {k: cast_checked_many([v.detach() for v in vs], dtype) for k, vs in enc.vectors.items()}
+                    parts.append(enc)
+                    keys += [r.key for r in recs]
+                if progress is not None:
+                    progress.update(len(recs) + len(bad))
+            if pending is not None:
+                pending.result()  # the previous chunk's commit (re-raises its error)
+            # the last chunk is committed by the final (complete) manifest below: one manifest write less
+            last = ci == todo[-1]
+            pending = io_thread.submit(_commit, writer, ci, digests[ci], keys, parts, skipped, cfg, not last)
+            result.written += len(keys)
+            result.skipped += len(skipped)
+            for s in skipped:
+                log.warning("skipped %s/%s (%s): %s", shard, s["key"], s["path"], s["reason"])
+            if stop_requested():
+                pending.result()
+                if last:
+                    writer.write_manifest(complete=False)
+                raise StopRequested(f"{shard_dir}: stopped after chunk {ci}; rerun with --skip_existing to resume")
+        if pending is not None:
+            pending.result()
     writer.write_manifest(complete=True, n_chunks=len(chunks))
     return result
 
@@ -215,13 +235,15 @@ def _commit(
     parts: list[Encoded],
     skipped: list[dict[str, str]],
     cfg: RunConfig,
+    manifest: bool = True,
 ) -> None:
+    """Pack one chunk's batches and write it (``manifest``: also rewrite the manifest; see ``write_chunk``)."""
     dtype = DTYPES[cfg.store_dtype]
     data: dict[str, dict[str, Any]] = {}
     if parts:
         writer.meta.update(parts[0].shapes)
         for kind in parts[0].vectors:
-            vecs = [v for p in parts for v in p.vectors[kind]]
+            vecs = [v for p in parts for v in p.vectors[kind]]  # already in the storage dtype, on the host
             save = cfg.save if vecs[0].dim() == 2 else "tokens"
             data[kind] = pack(vecs, keys, dtype, save)
             for name in parts[0].extras.get(kind, {}):
@@ -231,7 +253,7 @@ def _commit(
                 data[kind][name] = torch.tensor(values) if not isinstance(values[0], str) else values
     else:  # every input of this chunk was unreadable: commit an empty chunk so resume skips it
         data = {kind: {"keys": []} for kind in writer.meta.get("kinds", ["pre", "post"])}
-    writer.write_chunk(index, digest, keys, data, skipped)
+    writer.write_chunk(index, digest, keys, data, skipped, manifest=manifest)
 
 
 def _uniform_grid(grids: list, entry: dict[str, Any] | None) -> bool:
@@ -255,14 +277,19 @@ def _chunk_batches(
 
 
 class _Collate:
-    """Dataset items → (readable records, model inputs, images, skipped rows); runs in workers."""
+    """Dataset items → (readable records, model inputs, images, skipped rows); runs in workers.
+
+    With an encoder whose ``needs_images`` is false the images are replaced by ``None`` after
+    preprocessing, so only the model inputs travel back from the worker.
+    """
 
     def __init__(self, encoder: Encoder) -> None:
         self.encoder = encoder
+        self.keep_images = bool(getattr(encoder, "needs_images", True))
 
     def __call__(self, items: list) -> tuple[list[ImageRecord], dict, list, list[dict[str, str]]]:
         good = [(rec, img) for rec, img, _ in items if img is not None]
         bad = [{"key": rec.key, "path": str(rec.path), "reason": why} for rec, img, why in items if img is None]
         images = [im for _, im in good]
         inputs = self.encoder.preprocess(images) if images else {}
-        return [r for r, _ in good], inputs, images, bad
+        return [r for r, _ in good], inputs, images if self.keep_images else [None] * len(images), bad

@@ -59,14 +59,22 @@ class VLMEncoder:
             "kinds": ["pre", "post", *self.module_names],
         }
 
+    @property
+    def needs_images(self) -> bool:
+        """Only captions need the decoded images in ``encode`` (the runner then ships them from its workers)."""
+        return self.caption
+
     def preprocess(self, images: list[Image.Image]) -> dict[str, Any]:
         return self.vlm.adapter.preprocess(self.vlm.processor, images, self.img_size)
 
-    def encode(self, inputs: dict[str, Any], images: list[Image.Image]) -> Encoded:
+    def encode(self, inputs: dict[str, Any], images: list[Image.Image | None]) -> Encoded:
         vlm = self.vlm
         inputs = {k: v.to(vlm.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        with capture_modules(vlm.model, self.module_names) as mods:
-            cap = vlm.adapter.encode(vlm, inputs)
+        if self.module_names:
+            with capture_modules(vlm.model, self.module_names) as mods:
+                cap = vlm.adapter.encode(vlm, inputs)
+        else:  # no hooks to place: skip capture_modules' walk over every module of the model
+            cap, mods = vlm.adapter.encode(vlm, inputs), {}
         enc = Encoded(
             vectors={"pre": cap.pre, "post": cap.post},
             extras={"pre": {"grids": cap.pre_grid}, "post": {"grids": cap.post_grid}},

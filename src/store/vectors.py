@@ -21,13 +21,13 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
 
 from vlmc.utils.cli import UsageError
-from vlmc.utils.io import atomic_torch_save, atomic_write_json, read_json, safe_torch_load, sha256_file
+from vlmc.utils.io import atomic_open, atomic_write_json, read_json, safe_torch_load, sha256_file
 
 FORMAT = "vlmc.vectors/1"
 MANIFEST = "manifest.json"
@@ -69,11 +69,61 @@ def pack(vectors: Sequence[Tensor], keys: Sequence[str], dtype: torch.dtype, sav
 
 
 def cast_checked(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x`` in ``dtype`` (contiguous); a ``UsageError`` if finite values overflow to inf."""
+    """``x`` in ``dtype`` (contiguous); a ``UsageError`` if finite values overflow to inf.
+
+    A tensor already in ``dtype`` is returned as is (contiguous): no cast, so nothing can overflow.
+    """
+    if x.dtype == dtype:
+        return x.contiguous()
     y = x.to(dtype).contiguous()
-    if y.is_floating_point() and not torch.isfinite(y).all() and torch.isfinite(x).all():
-        raise UsageError(f"values up to {x.abs().max().item():.3g} overflow {dtype}; use --store_dtype fp32 or bf16")
+    if y.is_floating_point() and not _all_finite(y):
+        _raise_if_overflow(x, dtype)
     return y
+
+
+def cast_checked_many(xs: Sequence[Tensor], dtype: torch.dtype, device: str | torch.device = "cpu") -> list[Tensor]:
+    """``cast_checked`` of every tensor, moved to ``device``: one batch's vectors at once.
+
+    The tensors are cast into one flat buffer where they live (on a GPU: before the copy to the host,
+    which then moves the smaller storage dtype, in one transfer), checked for overflow with one
+    reduction and returned as contiguous views of that buffer. Same values and the same
+    ``UsageError`` as ``cast_checked`` on each.
+    """
+    device = torch.device(device)
+    if not xs:
+        return []
+    if all(x.dtype == dtype and x.device == device for x in xs):
+        return [x.contiguous() for x in xs]
+    src = xs[0].device
+    if any(x.device != src for x in xs):  # not one batch: one at a time
+        return [cast_checked(x, dtype).to(device) for x in xs]
+    sizes = [x.numel() for x in xs]
+    flat = torch.empty(sum(sizes), dtype=dtype, device=src)
+    for part, x in zip(flat.split(sizes), xs, strict=True):
+        part.view(x.shape).copy_(x)  # cast while copying
+    if flat.is_floating_point() and any(x.dtype != dtype for x in xs) and not _all_finite(flat):
+        for x in xs:
+            if x.dtype != dtype and not _all_finite(x.to(dtype)):
+                _raise_if_overflow(x, dtype)
+    flat = flat.to(device)
+    return [part.view(x.shape) for part, x in zip(flat.split(sizes), xs, strict=True)]
+
+
+def _all_finite(y: Tensor) -> bool:
+    """Whether a floating tensor has no inf or NaN: its min and max are finite (NaN propagates).
+
+    One pass without a temporary, ~20x cheaper on a CPU than ``torch.isfinite(y).all()``.
+    """
+    if y.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(y.reshape(-1))
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _raise_if_overflow(x: Tensor, dtype: torch.dtype) -> None:
+    """The overflow ``UsageError`` when ``x`` (whose cast to ``dtype`` is not all finite) is all finite."""
+    if torch.isfinite(x).all():
+        raise UsageError(f"values up to {x.abs().max().item():.3g} overflow {dtype}; use --store_dtype fp32 or bf16")
 
 
 def unpack(chunk: dict[str, Any]) -> list[Tensor]:
@@ -130,6 +180,7 @@ class ShardWriter:
         keys: Sequence[str],
         data: dict[str, dict[str, Any]],
         skipped: list[dict[str, str]],
+        manifest: bool = True,
     ) -> None:
         """Write every kind's chunk file atomically, then commit it in the manifest.
 
@@ -139,13 +190,14 @@ class ShardWriter:
             keys: keys actually stored (readable images), in row order.
             data: kind (``pre``, ``post``, or a captured module name) → chunk dict from ``pack``.
             skipped: ``{"key", "path", "reason"}`` for inputs of this chunk that could not be read.
+            manifest: rewrite the manifest now (``False``: the caller's next ``write_manifest``
+                commits the chunk, e.g. the final ``complete`` one right after the last chunk).
         """
         files = {}
         for kind, chunk in data.items():
             name = chunk_name(kind, index)
-            path = self.dir / name
-            atomic_torch_save(chunk, path)
-            files[kind] = {"name": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            size, digest = _save_hashed(chunk, self.dir / name)
+            files[kind] = {"name": name, "bytes": size, "sha256": digest}
         self.chunks[index] = {
             "index": index,
             "rows": len(keys),
@@ -156,7 +208,8 @@ class ShardWriter:
             "skipped": skipped,
         }
         self.skipped[index] = skipped
-        self.write_manifest(complete=False)
+        if manifest:
+            self.write_manifest(complete=False)
 
     def write_manifest(self, complete: bool, n_chunks: int | None = None) -> dict[str, Any]:
         """Rewrite ``manifest.json``; ``complete`` only when every expected chunk is committed."""
@@ -173,6 +226,37 @@ class ShardWriter:
         }
         atomic_write_json(self.dir / MANIFEST, manifest)
         return manifest
+
+
+class _HashingWriter:
+    """A binary file wrapper hashing every byte written through it (so a saved file is never re-read)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.sequential = True  # False once anything seeks: the hash is then recomputed from the file
+
+    def write(self, b: Any) -> int:
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.sequential = False
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def _save_hashed(obj: Any, path: Path) -> tuple[int, str]:
+    """``atomic_torch_save`` (same bytes) that also returns the file's size and sha256, hashed while writing."""
+    with atomic_open(path, "wb") as f:
+        w = _HashingWriter(f)
+        torch.save(obj, w)
+    return path.stat().st_size, (w.sha.hexdigest() if w.sequential else sha256_file(path))
 
 
 # -- reading ---------------------------------------------------------------------------------------
