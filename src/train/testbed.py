@@ -92,8 +92,8 @@ def scene_items(
 class TrainConfig:
     """Hyper-parameters of one testbed training run (defaults: the committed models)."""
 
-    n_train: int = 4000
-    steps: int = 1500
+    n_train: int = 8000
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01

@@ -21,7 +21,9 @@ Examples:
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -102,13 +104,22 @@ def train_clip_model(out: Path, train, held_out, cfg: TrainConfig) -> dict[str, 
 
 
 def update_report(out_dir: Path, name: str, entry: dict[str, Any], cfg: TrainConfig, n_eval: int) -> None:
-    """Merge one model's entry into ``<out_dir>/testbed.json`` (atomic rewrite)."""
+    """Merge one model's entry into ``<out_dir>/testbed.json`` (atomic rewrite, under a file lock)."""
+    path = out_dir / REPORT
+    fd = os.open(out_dir, os.O_RDONLY)  # lock the folder: concurrent trainers (e.g. one per family) share the report
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _merge_entry(path, name, entry, cfg, n_eval)
+    finally:
+        os.close(fd)
+
+
+def _merge_entry(path: Path, name: str, entry: dict[str, Any], cfg: TrainConfig, n_eval: int) -> None:
     import transformers
 
-    path = out_dir / REPORT
     report = read_json(path) if path.exists() else {"models": {}}
     entry |= {
-        "bytes": folder_bytes(out_dir / name),
+        "bytes": folder_bytes(path.parent / name),
         "config": cfg.to_dict(),
         "n_eval": n_eval,
         "threads": torch.get_num_threads(),

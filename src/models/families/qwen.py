@@ -224,6 +224,8 @@ class QwenMergerAdapter(FamilyAdapter):
         self, tok: PreTrainedTokenizerFast, patch: int, min_px: int, max_px: int, **norm: Any
     ) -> Any:
         common = dict(patch_size=patch, merge_size=2, temporal_patch_size=2)
+        if norm:  # testbed: transformers 5 ignores min_pixels/max_pixels; the bounds are `size`
+            norm = {**norm, "size": {"shortest_edge": min_px, "longest_edge": max_px}}
         image_processor = Qwen2VLImageProcessor(min_pixels=min_px, max_pixels=max_px, **common, **norm)
         video_processor = self.video_processor_cls(**common)
         tok.padding_side = "left"
