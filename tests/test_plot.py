@@ -45,7 +45,8 @@ EXPECTED_FIGURES = [
     "recon_maps/recon_maps_llava.png", "recon_maps/recon_maps_qwen25vl.png",
 ]
 TABLES = ["knn_summary_per_model", "knn_knor_per_k", "recon_summary", "caption_summary", "perturb_summary",
-          "caption_recon_correlations", "caption_recon_pre_correlations", "erank_vs_clip_correlations"]
+          "caption_recon_correlations", "caption_recon_pre_correlations", "erank_vs_clip_correlations",
+          "testbed_summary"]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,21 @@ def test_every_table_written(outputs):
         tex = (res / f"{name}.tex").read_text()
         assert tex.startswith(r"\begin{tabular}") and r"\bottomrule" in tex and "_" not in tex.replace(r"\_", "")
     assert sorted(p.name for p in res.iterdir()) == sorted(f"{n}.{e}" for n in TABLES for e in ("csv", "tex"))
+
+
+def test_testbed_summary_restates_the_other_tables(outputs):
+    """testbed_summary is a view: its numbers are the caption / perturbation / knn tables' own."""
+    _, res = outputs
+    tb = pd.read_csv(res / "testbed_summary.csv").set_index("model")
+    caps = pd.read_csv(res / "caption_summary.csv")
+    pert = pd.read_csv(res / "perturb_summary.csv")
+    knn = pd.read_csv(res / "knn_summary_per_model.csv").set_index("model")
+    for model, row in tb.iterrows():
+        mine = caps[(caps["model"] == model) & (caps["column"] == "clipscore_post_direct")]["mean"]
+        assert row["clipscore"] == pytest.approx(mine.iloc[0])
+        assert row["pre_post_knor10"] == pytest.approx(knn.loc[model, "pre_post_knor10_mean"])
+        for r in pert[(pert["model"] == model) & (pert["column"] == "clipscore_perturbed")].itertuples():
+            assert row[f"{r.mode}{r.level:g}_clipscore"] == pytest.approx(r.mean)
 
 
 def test_optional_flags(tree, tmp_path):
