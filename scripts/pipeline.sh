@@ -14,6 +14,7 @@
 # sample/models; tiny: random tiny models; empty: each family's HF checkpoint], REF_MODEL [stage-2 reference:
 # testbed-clip with MODEL_PATH=testbed, tiny-clip with tiny, else openai/clip-vit-large-patch14],
 # VLMC_CLIP_MODEL [CLIPScore backbone: testbed / tiny with those MODEL_PATHs; set a local CLIP folder otherwise],
+# CONNECTOR_MODEL [the first of MODELS: which model gets a replacement connector trained; empty: none],
 # DEVICE [auto], MODEL_TYPE [mlp reconstructor], EPOCHS [CLI default; demo 8], PERTURB [mask lowrank],
 # MASK_LEVELS [0,0.25,0.5,0.75], LOWRANK_LEVELS [1,0.5,0.25,0.05], ORTHOGONAL_LEVELS, NOISE_LEVELS, SLURM_ARGS (extra sbatch flags for every job, e.g. "--gres=none -c 2").
 # <WRAPPER>_ARGS: extra CLI flags for one stage only, passed as that wrapper's EXTRA_ARGS: VEC_ARGS, CLIP_ARGS,
@@ -32,7 +33,7 @@ for a in "$@"; do
   case $a in
     --local) mode=local ;;
     --demo) mode=local; DEMO=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) die "unknown argument $a (see --help)" ;;
   esac
 done
@@ -55,6 +56,7 @@ case $MODEL_PATH in
 esac
 REF_MODEL=${REF_MODEL:-$ref_default}
 read -r -a models <<< "${MODELS:-llava idefics2 qwen2.5vl qwen3.5}"
+CONNECTOR_MODEL=${CONNECTOR_MODEL-${models[0]}}
 PERTURB=${PERTURB:-mask lowrank}
 # levels per perturbation (each mode's own scale; see eval_perturb.py --help)
 levels_for() {
@@ -109,7 +111,8 @@ fan_out() {
   local -a ids=()
   stage_ids=()
   "$@"
-  if [[ $mode == slurm ]]; then ids=("${stage_ids[@]}"); last=$(IFS=:; echo "${ids[*]}"); fi
+  # a stage that submitted nothing (e.g. CONNECTOR_MODEL empty) leaves the dependency as it was
+  if [[ $mode == slurm && ${#stage_ids[@]} -gt 0 ]]; then ids=("${stage_ids[@]}"); last=$(IFS=:; echo "${ids[*]}"); fi
 }
 
 vec_stage() {
@@ -146,10 +149,12 @@ eval_recon_stage() {
       OUT="$DATA/output/recon_eval/$m" -- "$m"
   done
 }
-# Replacement-connector training (modular-connector experiment) for the first model.
+# Replacement-connector training (modular-connector experiment) for $CONNECTOR_MODEL (empty: none).
 train_stage() {
-  stage "train-${models[0]}" train.sh MODEL="${models[0]}" IMAGES="$ROOT" VEC="$DATA/vector" CONNECTOR=mlp \
-    OUT="$DATA/output/connector/${models[0]}_mlp" PREDICT=1 EXPORT=1 EXPORT_DIR="$DATA/vector" -- "${models[0]}"
+  local m=$CONNECTOR_MODEL
+  [[ -n $m ]] || return 0
+  stage "train-$m" train.sh MODEL="$m" IMAGES="$ROOT" VEC="$DATA/vector" CONNECTOR=mlp \
+    OUT="$DATA/output/connector/${m}_mlp" PREDICT=1 EXPORT=1 EXPORT_DIR="$DATA/vector" -- "$m"
 }
 caption_stage() {
   local m

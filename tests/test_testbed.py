@@ -128,6 +128,11 @@ def test_cli_trains_and_reports(tmp_path):
     assert set(report["models"]) == {"llava", "clip"}
     assert report["models"]["llava"]["bytes"] > 0 and report["models"]["llava"]["config"]["steps"] == 2
     assert load_vlm("llava", str(tmp_path / "llava")).model.training is False
+    # a second schedule on top of the first; the report keeps both
+    assert train_testbed.main([*argv[:1], "llava", *argv[2:], "--continue"]) == 0
+    entry = json.loads((tmp_path / "testbed.json").read_text())["models"]["llava"]
+    assert entry["continues"]["config"]["steps"] == 2 and "held_out_attribute_accuracy" in entry["continues"]
+    assert train_testbed.main(["--models", "qwen3.5", "--out", str(tmp_path), "--continue"]) == 2
 
 
 # -- the committed, trained testbed (sample/models) -------------------------------------------------

@@ -15,7 +15,8 @@ HELD-OUT images from its split.json, ``--split all`` for every image):
 
 into ``<out_dir>/captions_<model>.csv`` (columns key, shard, image_path, caption_gt,
 caption_post_direct[, caption_recon, reproj_mse, reproj_cosine, split][, caption_image], plus score
-columns with --with_clipscore / --with_bertscore, exactly as score_captions.py writes them) and
+columns with --with_clipscore / --with_bertscore, exactly as score_captions.py writes them; either also
+adds the scene attribute accuracy attr_acc_*) and
 ``<csv>.run.json`` with the settings. Rows are unique by (shard, key); writes are atomic; ``--resume``
 generates only the rows still missing and refuses a CSV made with other settings. A Slurm USR1 (see
 scripts/caption.sh) makes it write what it has and exit 75.
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     check_args(args)
     device = resolve_device(args.device)
     metrics = [m for m, on in (("clipscore", args.with_clipscore), ("bertscore", args.with_bertscore)) if on]
+    metrics += ["attributes"] if metrics else []  # scene attribute accuracy: free, empty for non-scenes
     scorers = build_scorers(args, metrics) if metrics else None
     store, samples, run = select(args, device)
     images = inject.ImageIndex(args.image_dir)

@@ -59,12 +59,16 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def train_family(family: str, out: Path, train, held_out, cfg: TrainConfig) -> dict[str, Any]:
-    """Build, train, evaluate and save one testbed VLM into ``out``; returns its report entry."""
+def train_family(
+    family: str, out: Path, train, held_out, cfg: TrainConfig, init_from: Path | None = None
+) -> dict[str, Any]:
+    """Build (or continue ``init_from``), train, evaluate and save one testbed VLM into ``out``; returns its
+    report entry."""
     adapter = get_adapter(family)
     with tempfile.TemporaryDirectory() as untrained, atomic_dir(out) as tmp:
-        adapter.build_testbed(Path(untrained), seed=cfg.seed)
-        vlm = load_vlm(family, untrained)
+        if init_from is None:
+            adapter.build_testbed(Path(untrained), seed=cfg.seed)
+        vlm = load_vlm(family, str(init_from or untrained))
         curve, seconds = timed(lambda: train_vlm(vlm, train, cfg))
         scores = caption_accuracy(vlm, held_out)
         vlm.model.save_pretrained(tmp)
@@ -130,6 +134,16 @@ def _merge_entry(path: Path, name: str, entry: dict[str, Any], cfg: TrainConfig,
     atomic_write_json(path, report)
 
 
+def _previous(out_dir: Path, name: str) -> dict[str, Any]:
+    """The report entry of the model ``--continue`` starts from (a ``UsageError`` if there is none)."""
+    path = out_dir / REPORT
+    report = read_json(path) if path.exists() else {"models": {}}
+    if name not in report["models"] or not (out_dir / name / "config.json").is_file():
+        raise UsageError(f"--continue: no trained {name} in {out_dir} to continue from")
+    entry = report["models"][name]
+    return {k: entry[k] for k in ("config", "train_seconds", "held_out_attribute_accuracy", "continues") if k in entry}
+
+
 def parse_models(text: str) -> list[str]:
     """``all`` or a comma list of testbed names, validated."""
     names = list(ALL) if text == "all" else parse_csv_list(text)
@@ -154,8 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_eval", type=int, default=200, help="held-out scenes scored after training")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--continue", dest="cont", action="store_true",
+        help="continue from the models already in --out (a second schedule of --steps) instead of a fresh init",
+    )
     args = parser.parse_args(argv)
     names = parse_models(args.models)
+    if args.cont and TESTBED_CLIP in names:
+        raise UsageError("--continue applies to the VLMs only; train the CLIP afresh")
     if not 1 <= args.n_train < HELD_OUT_FIRST:
         raise UsageError(f"--n_train must be between 1 and {HELD_OUT_FIRST - 1}, got {args.n_train}")
     if args.steps < 1 or args.batch_size < 2 or args.n_eval < 2:
@@ -171,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             entry = train_clip_model(args.out / name, train, held_out, clip_cfg)
             update_report(args.out, name, entry, clip_cfg, args.n_eval)
         else:
-            entry = train_family(name, args.out / name, train, held_out, cfg)
+            previous = _previous(args.out, name) if args.cont else None
+            entry = train_family(name, args.out / name, train, held_out, cfg, args.out / name if args.cont else None)
+            if previous is not None:  # the report keeps the whole recipe: every schedule, in order
+                entry["continues"] = previous
             update_report(args.out, name, entry, cfg, args.n_eval)
     print(f"trained {', '.join(names)} into {args.out} (report: {args.out / REPORT})")
     return 0
