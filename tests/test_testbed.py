@@ -58,7 +58,7 @@ def test_parallel_rendering_matches_serial():
     assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("family", TESTBED_FAMILIES)
+@pytest.mark.parametrize("family", [*TESTBED_FAMILIES, "qwen3.5"])
 def test_labels_cover_exactly_the_caption_after_the_generation_prompt(family, items, tmp_path):
     """Training rows = the prompt row generate() builds + caption + end token; only the answer is labelled."""
     get_adapter(family).build_testbed(tmp_path, seed=0)
