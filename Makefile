@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 .PHONY: demo sample test test-fast figures bench lint clean-data help
 
 help:
-	@echo "make demo    - whole pipeline on the embedded default (tiny models + sample/images), CPU, offline"
+	@echo "make demo    - whole pipeline on the embedded default (trained testbed models + sample/images), CPU, offline"
 	@echo "make test    - the test suite (unit, stage end-to-end on tiny models, real single-node Slurm)"
 	@echo "make figures - regenerate figures/ and results/ from sample/"
 	@echo "make sample  - make demo, then refresh sample/ from its outputs (scripts/update_sample.sh)"
