@@ -8,12 +8,13 @@
 # caption cache) and nothing else; each folder is replaced as a whole (copied beside, then renamed), so an
 # interrupted run leaves the old sample. Images (sample/images) and models (sample/models) are untouched.
 set -euo pipefail
+case ${1:-} in -h|--help) sed -n '2,9p' "$0"; exit 0 ;; esac
 src=${1:-data/output}
 dst=${2:-sample}
-mkdir -p "$dst"
 for d in knn_out recon_eval captions perturb_out; do
   [[ -d $src/$d ]] || { echo "update_sample.sh: $src/$d missing: run the pipeline first (make demo)" >&2; exit 2; }
 done
+mkdir -p "$dst"
 for d in knn_out recon_eval captions perturb_out; do
   tmp=$(mktemp -d "$dst/.$d.XXXXXX")
   tar -C "$src/$d" --exclude=./cache -cf - . | tar -C "$tmp" -xf -
