@@ -9,7 +9,7 @@
 #   MODELS="llava qwen2.5vl" ROOT=data/images MODEL_PATH= REF_MODEL=openai/clip-vit-large-patch14 \
 #     VLMC_CLIP_MODEL=/models/clip-vit-large-patch14 bash scripts/pipeline.sh   # real checkpoints
 #
-# Settings (environment, defaults in brackets): MODELS [llava idefics2 qwen2.5vl: the trained testbed], ROOT [sample/images],
+# Settings (environment, defaults in brackets): MODELS [llava idefics2 qwen2.5vl qwen3.5: the trained testbed], ROOT [sample/images],
 # DATA [data: every stage writes under it], MODEL_PATH [testbed: the models trained on synthetic scenes,
 # sample/models; tiny: random tiny models; empty: each family's HF checkpoint], REF_MODEL [stage-2 reference:
 # testbed-clip with MODEL_PATH=testbed, tiny-clip with tiny, else openai/clip-vit-large-patch14],
@@ -55,7 +55,7 @@ case $MODEL_PATH in
   *) ref_default=openai/clip-vit-large-patch14 ;;
 esac
 REF_MODEL=${REF_MODEL:-$ref_default}
-read -r -a models <<< "${MODELS:-llava idefics2 qwen2.5vl}"
+read -r -a models <<< "${MODELS:-llava idefics2 qwen2.5vl qwen3.5}"
 CONNECTOR_MODEL=${CONNECTOR_MODEL-${models[0]}}
 PERTURB=${PERTURB:-mask lowrank}
 # levels per perturbation (each mode's own scale; see eval_perturb.py --help)

@@ -22,6 +22,7 @@ from vlmc.train.testbed import (
     caption_examples,
     collate_captions,
     derangement,
+    recipe,
     scene_items,
     split_of,
     train_vlm,
@@ -58,7 +59,7 @@ def test_parallel_rendering_matches_serial():
     assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("family", [*TESTBED_FAMILIES, "qwen3.5"])
+@pytest.mark.parametrize("family", [f for f in train_testbed.TRAINABLE if f != TESTBED_CLIP])
 def test_labels_cover_exactly_the_caption_after_the_generation_prompt(family, items, tmp_path):
     """Training rows = the prompt row generate() builds + caption + end token; only the answer is labelled."""
     get_adapter(family).build_testbed(tmp_path, seed=0)
@@ -89,6 +90,13 @@ def test_training_is_seeded_and_lowers_the_loss(items, tmp_path):
         weights.append({k: v.clone() for k, v in vlm.model.state_dict().items()})
         assert curve[-1] < curve[0]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_recipe_layers_defaults_model_recipe_and_flags():
+    assert recipe("llava") == TrainConfig()
+    assert recipe("qwen2.5vl").lr == 1e-3 and recipe("qwen2.5vl").steps == TrainConfig().steps
+    assert recipe("qwen2.5vl", lr=5e-3, steps=None).lr == 5e-3  # a flag beats the recipe; None = not given
+    assert recipe("llava", steps=7).steps == 7
 
 
 def test_derangement_has_no_fixed_point():
@@ -132,7 +140,7 @@ def test_cli_trains_and_reports(tmp_path):
     assert train_testbed.main([*argv[:1], "llava", *argv[2:], "--continue"]) == 0
     entry = json.loads((tmp_path / "testbed.json").read_text())["models"]["llava"]
     assert entry["continues"]["config"]["steps"] == 2 and "held_out_attribute_accuracy" in entry["continues"]
-    assert train_testbed.main(["--models", "qwen3.5", "--out", str(tmp_path), "--continue"]) == 2
+    assert train_testbed.main(["--models", "qwen3vl", "--out", str(tmp_path), "--continue"]) == 2
 
 
 # -- the committed, trained testbed (sample/models) -------------------------------------------------

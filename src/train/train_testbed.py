@@ -36,8 +36,10 @@ from vlmc.models.base import get_adapter
 from vlmc.models.load import TESTBED_CLIP, TESTBED_FAMILIES, default_testbed_dir, load_vlm
 from vlmc.train.testbed import (
     HELD_OUT_FIRST,
+    RECIPES,
     TrainConfig,
     caption_accuracy,
+    recipe,
     scene_items,
     timed,
     train_clip,
@@ -50,7 +52,7 @@ from vlmc.utils.io import atomic_dir, atomic_write_json, read_json
 log = logging.getLogger("vlmc.train_testbed")
 
 ALL = (*TESTBED_FAMILIES, TESTBED_CLIP)  # --models all: the committed testbed
-TRAINABLE = (*TESTBED_FAMILIES, "qwen3.5", TESTBED_CLIP)  # qwen3.5 builds and trains, not yet committed
+TRAINABLE = (*TESTBED_FAMILIES, "qwen3vl", TESTBED_CLIP)  # qwen3vl builds and trains; not committed
 EVAL_FIRST = HELD_OUT_FIRST + 10_000  # held-out keys not in sample/images
 REPORT = "testbed.json"
 
@@ -162,11 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         "--models", default="all", help=f"'all' ({', '.join(ALL)}) or a comma list of: {', '.join(TRAINABLE)}"
     )
     parser.add_argument("--out", type=Path, default=default_testbed_dir(), help="output folder")
-    defaults = TrainConfig()
-    parser.add_argument("--n_train", type=int, default=defaults.n_train, help="training scenes (keys 0..n-1)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps per model")
-    parser.add_argument("--batch_size", type=int, default=defaults.batch_size, help="scenes per step")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate")
+    d = TrainConfig()
+    # These default to None (= the model's recipe); "%(default).0s" prints nothing and stops argparse's
+    # formatter from appending "(default: None)".
+    recipes = "; ".join(f"{n}: {', '.join(f'{k} {v:g}' for k, v in r.items())}" for n, r in RECIPES.items())
+    parser.add_argument("--n_train", type=int, default=d.n_train, help="training scenes (keys 0..n-1)")
+    parser.add_argument("--steps", type=int, default=None, help=f"optimiser steps per model (default: {d.steps}%(default).0s)")
+    parser.add_argument("--batch_size", type=int, default=None, help=f"scenes per step (default: {d.batch_size}%(default).0s)")
+    parser.add_argument(
+        "--lr", type=float, default=None, help=f"peak AdamW learning rate (default: {d.lr:g}; per-model recipes: {recipes}%(default).0s)"
+    )
     parser.add_argument("--clip_steps", type=int, default=None, help="steps for the CLIP (default: --steps)")
     parser.add_argument("--n_eval", type=int, default=200, help="held-out scenes scored after training")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
@@ -181,18 +188,21 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--continue applies to the VLMs only; train the CLIP afresh")
     if not 1 <= args.n_train < HELD_OUT_FIRST:
         raise UsageError(f"--n_train must be between 1 and {HELD_OUT_FIRST - 1}, got {args.n_train}")
-    if args.steps < 1 or args.batch_size < 2 or args.n_eval < 2:
-        raise UsageError("--steps must be >= 1, --batch_size and --n_eval >= 2")
+    if (args.steps is not None and args.steps < 1) or (args.batch_size is not None and args.batch_size < 2):
+        raise UsageError("--steps must be >= 1 and --batch_size >= 2")
+    if args.n_eval < 2:
+        raise UsageError("--n_eval must be >= 2")
     ensure_writable_dir(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(n_train=args.n_train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    given = dict(n_train=args.n_train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     train, held_out = scene_items(args.n_train, 0), scene_items(args.n_eval, EVAL_FIRST)
     for name in names:
+        steps = (args.clip_steps or args.steps) if name == TESTBED_CLIP else args.steps
+        cfg = recipe(name, **(given | {"steps": steps}))
         if name == TESTBED_CLIP:
-            clip_cfg = TrainConfig(**(cfg.to_dict() | {"steps": args.clip_steps or args.steps}))
-            entry = train_clip_model(args.out / name, train, held_out, clip_cfg)
-            update_report(args.out, name, entry, clip_cfg, args.n_eval)
+            entry = train_clip_model(args.out / name, train, held_out, cfg)
+            update_report(args.out, name, entry, cfg, args.n_eval)
         else:
             previous = _previous(args.out, name) if args.cont else None
             entry = train_family(name, args.out / name, train, held_out, cfg, args.out / name if args.cont else None)

@@ -80,6 +80,11 @@ TESTBED_DIMS = TinyDims(
 )  # fmt: skip
 # Tiny init (_distinct_latents, _widen_lm_init): distinct small perceiver latents, a wider LM init.
 TINY_LATENT_STD, TINY_LM_STD = 0.02, 0.2
+# Testbed init (_strong_positions): the perceiver has no positional input of its own, so the layout reaches
+# E_post only through the vision embeddings' position table. At its default std (0.02, vs ~0.3 for the
+# patch embeddings) the trained testbed lost position entirely (held-out position accuracy 0.16, a linear
+# probe of E_post 0.08 = chance); at std 1.0 a probe reads position off E_post perfectly after 800 steps.
+TESTBED_POSITION_STD = 1.0
 # The project's fixed input size for real Idefics2 checkpoints.
 REAL_IMAGE = 336
 
@@ -169,7 +174,9 @@ class Idefics2Adapter(HFAdapter):
         )  # fmt: skip
         model = Idefics2ForConditionalGeneration(config)
         _distinct_latents(model, seed)
-        if not testbed:
+        if testbed:
+            _strong_positions(model, seed)
+        else:
             _widen_lm_init(model, seed)
         set_generation_defaults(model, tok, [tok.eos_token_id, ids[END_OF_UTTERANCE]])
         save_variant(model, processor, out_dir)
@@ -278,6 +285,13 @@ def _distinct_latents(model: Idefics2ForConditionalGeneration, seed: int) -> Non
     with torch.no_grad():
         lat = model.model.connector.perceiver_resampler.latents
         lat.copy_(torch.randn(lat.shape, generator=g) * TINY_LATENT_STD)
+
+
+def _strong_positions(model: Idefics2ForConditionalGeneration, seed: int) -> None:
+    """Testbed only: vision position embeddings at :data:`TESTBED_POSITION_STD`, comparable to the patches'."""
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        model.model.vision_model.embeddings.position_embedding.weight.normal_(0.0, TESTBED_POSITION_STD, generator=g)
 
 
 def _widen_lm_init(model: Idefics2ForConditionalGeneration, seed: int) -> None:
