@@ -15,7 +15,8 @@
 # testbed-clip with MODEL_PATH=testbed, tiny-clip with tiny, else openai/clip-vit-large-patch14],
 # VLMC_CLIP_MODEL [CLIPScore backbone: testbed / tiny with those MODEL_PATHs; set a local CLIP folder otherwise],
 # CONNECTOR_MODEL [the first of MODELS: which model gets a replacement connector trained; empty: none],
-# DEVICE [auto], MODEL_TYPE [mlp reconstructor], EPOCHS [CLI default; demo 8], PERTURB [mask lowrank],
+# DEVICE [auto], MODEL_TYPE [mlp reconstructor], EPOCHS [CLI default; demo 8; the demo also sets EMB_ARGS to
+# --train_split 0.5], PERTURB [mask lowrank],
 # MASK_LEVELS [0,0.25,0.5,0.75], LOWRANK_LEVELS [1,0.5,0.25,0.05], ORTHOGONAL_LEVELS, NOISE_LEVELS, SLURM_ARGS (extra sbatch flags for every job, e.g. "--gres=none -c 2").
 # <WRAPPER>_ARGS: extra CLI flags for one stage only, passed as that wrapper's EXTRA_ARGS: VEC_ARGS, CLIP_ARGS,
 # CAL_ARGS, EMB_ARGS, EXPORT_RECON_ARGS, EVAL_RECON_ARGS, TRAIN_ARGS, CAPTION_ARGS, PERTURB_ARGS,
@@ -33,7 +34,7 @@ for a in "$@"; do
   case $a in
     --local) mode=local ;;
     --demo) mode=local; DEMO=1 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) die "unknown argument $a (see --help)" ;;
   esac
 done
@@ -71,6 +72,9 @@ levels_for() {
 MODEL_TYPE=${MODEL_TYPE:-mlp}
 if [[ -n ${DEMO:-} ]]; then
   export DEVICE=cpu EPOCHS=${EPOCHS:-8} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+  # hold out half the sample from the reconstructors: stage 7's reconstructed captions then rest on
+  # 33 held-out images (24 scenes), not the 7 of the default 0.9 split
+  EMB_ARGS=${EMB_ARGS---train_split 0.5}
 fi
 cd "$VLMC_ROOT"
 mkdir -p logs  # the wrappers' #SBATCH --output=logs/... is relative to the submit directory: the repo
