@@ -262,8 +262,13 @@ def _uniform_grid(grids: list, entry: dict[str, Any] | None) -> bool:
 
 def _chunk_batches(
     encoder: Encoder, records: Sequence[ImageRecord], chunks: Sequence[range], todo: Sequence[int], cfg: RunConfig
-) -> Iterator[tuple[int, list]]:
-    """Yield (chunk index, its batches) for the chunks still to do; images load in workers."""
+) -> Iterator[tuple[int, Iterator]]:
+    """Yield (chunk index, an iterator over its batches) for the chunks still to do; images load in workers.
+
+    The batches are yielded lazily (consume each chunk's iterator before asking for the next chunk): a
+    list would make the loop wait for a whole chunk to decode before encoding its first batch, so the
+    workers' decoding and the model's forward would not overlap (ours/bare 0.62-0.78 with 1 worker).
+    """
     plan = batch_plan([chunks[i] for i in todo], cfg.batch_size)
     if not plan:
         return
@@ -273,7 +278,7 @@ def _chunk_batches(
     owner = {i: ci for ci in todo for i in chunks[ci]}
     batches = iter(loader)
     for ci, group in itertools.groupby(plan, key=lambda b: owner[b[0]]):
-        yield ci, [next(batches) for _ in group]
+        yield ci, (next(batches) for _ in group)
 
 
 class _Collate:
