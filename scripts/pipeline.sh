@@ -73,7 +73,7 @@ MODEL_TYPE=${MODEL_TYPE:-mlp}
 if [[ -n ${DEMO:-} ]]; then
   export DEVICE=cpu EPOCHS=${EPOCHS:-8} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
   # hold out half the sample from the reconstructors: stage 7's reconstructed captions then rest on
-  # 33 held-out images (24 scenes), not the 7 of the default 0.9 split
+  # 33 held-out images (23 scenes), not the 7 of the default 0.9 split
   EMB_ARGS=${EMB_ARGS---train_split 0.5}
 fi
 cd "$VLMC_ROOT"

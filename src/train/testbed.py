@@ -5,8 +5,9 @@ because the truth of every scene is known (``vlmc.data.scenes``). Split by key i
 keys ``< HELD_OUT_FIRST`` train, keys from ``HELD_OUT_FIRST`` on (``sample/images`` uses them) are held
 out and never trained on.
 
-Every VLM is its family's real transformers class at the adapter's ``build_testbed`` dimensions (default
-init), trained end to end with the family's own processor and chat template: the text is the captioning
+Every VLM is its family's real transformers class at the adapter's ``build_testbed`` dimensions and init
+(the default one, but Idefics2's stronger vision position table), trained end to end under the model's
+recipe (:data:`RECIPES`) with the family's own processor and chat template: the text is the captioning
 prompt exactly as ``generate`` builds it, followed by the true caption and the end token; the loss is the
 LM's cross-entropy on the caption and end tokens only. The CLIP is ``CLIPModel`` trained with its own
 contrastive loss on the same (image, caption) pairs.
