@@ -125,7 +125,8 @@ vec_stage() {
     ARRAY=0-$((nsh - 1)) stage "vec-$m" vec.sh MODELS="$m" OUT="$DATA/vector"
   done
 }
-clip_stage() { ARRAY=0-$((nsh - 1)) stage clip clip.sh MODEL_ID="$REF_MODEL" OUT="$DATA/clip_ref"; }
+# MODEL_TYPE here is the reconstructor's; clip.sh reads the same name as its backend (CLIP_ARGS="--model_type ...")
+clip_stage() { ARRAY=0-$((nsh - 1)) stage clip clip.sh MODEL_ID="$REF_MODEL" MODEL_TYPE=auto OUT="$DATA/clip_ref"; }
 cal_stage() {
   local m
   for m in "${models[@]}"; do
