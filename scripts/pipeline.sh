@@ -34,7 +34,7 @@ for a in "$@"; do
   case $a in
     --local) mode=local ;;
     --demo) mode=local; DEMO=1 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     *) die "unknown argument $a (see --help)" ;;
   esac
 done
