@@ -6,7 +6,8 @@
 #   MODEL_TYPE=linear bash scripts/eval_recon.sh llava       # no Slurm: runs inline, in this shell
 #
 # Settings (environment, defaults in brackets): MODEL [first argument, else llava], MODEL_TYPE [mlp],
-# MODEL_DIR [data/output/recon/<MODEL>_<MODEL_TYPE>, the emb.sh OUT], OUT [data/output/recon_eval/<MODEL>],
+# MODEL_DIR [data/output/recon/<MODEL>_<MODEL_TYPE>, the emb.sh OUT], VEC [empty: the store it trained on;
+# another stage-1 store, e.g. of a held-out image set: its images count as held out], OUT [data/output/recon_eval/<MODEL>],
 # MODEL_PATH [empty = the source recorded by stage 1], DEVICE [auto], EXTRA_ARGS (more CLI flags);
 # arguments after the model name go to eval_recon.py too. Relative paths are relative to the submit dir.
 # Account/partition: not set here. sbatch reads SBATCH_ACCOUNT / SBATCH_PARTITION / SBATCH_GRES ... from
@@ -40,12 +41,14 @@ MODEL=${MODEL:-llava}
 MODEL_TYPE=${MODEL_TYPE:-mlp}
 MODEL_DIR=${MODEL_DIR:-$VLMC_ROOT/data/output/recon/${MODEL}_${MODEL_TYPE}}
 OUT=${OUT:-$VLMC_ROOT/data/output/recon_eval/$MODEL}
+VEC=${VEC:-}
 MODEL_PATH=${MODEL_PATH:-}
 DEVICE=${DEVICE:-auto}
 [[ -f $MODEL_DIR/best_model.pt ]] || die "no trained reconstructor in $MODEL_DIR (run scripts/emb.sh $MODEL first)"
 
 cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/eval/eval_recon.py" --model_dir "$MODEL_DIR" --embed_model "$MODEL"
   --out_dir "$OUT" --device "$DEVICE" --resume)
+if [[ -n $VEC ]]; then cmd+=(--vec_dir "$VEC"); fi
 if [[ -n $MODEL_PATH ]]; then cmd+=(--model-path "$MODEL_PATH"); fi
 read -r -a extra <<< "${EXTRA_ARGS:-}"
 cmd+=(${extra[@]+"${extra[@]}"} "$@")

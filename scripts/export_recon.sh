@@ -7,7 +7,8 @@
 #   MODEL_TYPE=linear bash scripts/export_recon.sh llava     # no Slurm: runs inline, in this shell
 #
 # Settings (environment, defaults in brackets): MODEL [first argument, else llava], MODEL_TYPE [mlp],
-# MODEL_DIR [data/output/recon/<MODEL>_<MODEL_TYPE>, the emb.sh OUT], OUT_BASE [data/vector_recon],
+# MODEL_DIR [data/output/recon/<MODEL>_<MODEL_TYPE>, the emb.sh OUT], VEC [empty: the store it trained on;
+# another stage-1 store, e.g. of a held-out image set: its images count as held out], OUT_BASE [data/vector_recon],
 # SPLIT [val], MODEL_PATH [empty = the source recorded by stage 1; 'tiny', a folder or an HF id],
 # DEVICE [auto], BATCH_SIZE [CLI default], EXTRA_ARGS (more CLI flags); arguments after the model name
 # go to export_recon.py too. Relative paths are relative to the directory you submit from.
@@ -43,12 +44,14 @@ MODEL_TYPE=${MODEL_TYPE:-mlp}
 MODEL_DIR=${MODEL_DIR:-$VLMC_ROOT/data/output/recon/${MODEL}_${MODEL_TYPE}}
 OUT_BASE=${OUT_BASE:-$VLMC_ROOT/data/vector_recon}
 SPLIT=${SPLIT:-val}
+VEC=${VEC:-}
 MODEL_PATH=${MODEL_PATH:-}
 DEVICE=${DEVICE:-auto}
 [[ -f $MODEL_DIR/best_model.pt ]] || die "no trained reconstructor in $MODEL_DIR (run scripts/emb.sh $MODEL first)"
 
 cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/train/export_recon.py" --model_dir "$MODEL_DIR" --embed_model "$MODEL"
   --out_base "$OUT_BASE" --split "$SPLIT" --device "$DEVICE" --skip_existing)
+if [[ -n $VEC ]]; then cmd+=(--vec_dir "$VEC"); fi
 if [[ -n $MODEL_PATH ]]; then cmd+=(--model-path "$MODEL_PATH"); fi
 if [[ -n ${BATCH_SIZE:-} ]]; then cmd+=(--batch_size "$BATCH_SIZE"); fi
 read -r -a extra <<< "${EXTRA_ARGS:-}"

@@ -15,8 +15,12 @@
 # testbed-clip with MODEL_PATH=testbed, tiny-clip with tiny, else openai/clip-vit-large-patch14],
 # VLMC_CLIP_MODEL [CLIPScore backbone: testbed / tiny with those MODEL_PATHs; set a local CLIP folder otherwise],
 # CONNECTOR_MODEL [the first of MODELS: which model gets a replacement connector trained; empty: none],
-# DEVICE [auto], MODEL_TYPE [mlp reconstructor], EPOCHS [CLI default; demo 8; the demo also sets EMB_ARGS to
-# --train_split 0.5], PERTURB [mask lowrank],
+# DEVICE [auto], MODEL_TYPE [mlp idefics2=transformer: the reconstructor, a default type plus MODEL=TYPE
+# exceptions; Idefics2's perceiver latents have no token correspondence to its patches, and only attention
+# learns that map], TRAIN_ROOT [empty: each reconstructor trains on a seeded 90 % of ROOT and stages 5-7 use
+# the rest; set: it trains on TRAIN_ROOT (extracted to DATA/vector_train) and stages 5-7 evaluate it on every
+# image of ROOT; the demo generates 2000 testbed training scenes into DATA/images_train], EPOCHS [CLI default;
+# demo 15; the demo also sets EMB_ARGS to --lr 1e-3 --num_layers 2], PERTURB [mask lowrank],
 # MASK_LEVELS [0,0.25,0.5,0.75], LOWRANK_LEVELS [1,0.5,0.25,0.05], ORTHOGONAL_LEVELS, NOISE_LEVELS, SLURM_ARGS (extra sbatch flags for every job, e.g. "--gres=none -c 2").
 # <WRAPPER>_ARGS: extra CLI flags for one stage only, passed as that wrapper's EXTRA_ARGS: VEC_ARGS, CLIP_ARGS,
 # CAL_ARGS, EMB_ARGS, EXPORT_RECON_ARGS, EVAL_RECON_ARGS, TRAIN_ARGS, CAPTION_ARGS, PERTURB_ARGS,
@@ -69,13 +73,35 @@ levels_for() {
     *) die "unknown perturbation $1" ;;
   esac
 }
-MODEL_TYPE=${MODEL_TYPE:-mlp}
+MODEL_TYPE=${MODEL_TYPE:-mlp idefics2=transformer}
+for w in $MODEL_TYPE; do
+  [[ ${w#*=} =~ ^(linear|mlp|transformer)$ ]] || die "MODEL_TYPE: '$w' is not TYPE or MODEL=TYPE (linear, mlp, transformer)"
+done
+# recon_type MODEL: its reconstructor type under MODEL_TYPE
+recon_type() {
+  local w t=mlp
+  for w in $MODEL_TYPE; do
+    case $w in
+      "$1"=*) echo "${w#*=}"; return ;;
+      *=*) ;;
+      *) t=$w ;;
+    esac
+  done
+  echo "$t"
+}
 if [[ -n ${DEMO:-} ]]; then
-  export DEVICE=cpu EPOCHS=${EPOCHS:-8} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-  # hold out half the sample from the reconstructors: stage 7's reconstructed captions then rest on
-  # 33 held-out images (23 scenes), not the 7 of the default 0.9 split
-  EMB_ARGS=${EMB_ARGS---train_split 0.5}
+  export DEVICE=cpu EPOCHS=${EPOCHS:-15} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+  # CPU-sized reconstructors: idefics2's transformer gets 2 blocks (mlp: 2 layers, its default) and a higher lr
+  EMB_ARGS=${EMB_ARGS---lr 1e-3 --num_layers 2}
+  # the reconstructors learn from testbed training scenes; every sample image is held out from them
+  TRAIN_ROOT=${TRAIN_ROOT-$DATA/images_train}
+  if [[ $TRAIN_ROOT == "$DATA/images_train" && ! -f $TRAIN_ROOT/00000/000001999.txt ]]; then
+    log "== scenes: 2000 testbed training scenes -> $TRAIN_ROOT"
+    "$VLMC_PYTHON" "$VLMC_ROOT/src/data/scenes.py" --out "$TRAIN_ROOT" --n 2000 --seed 0 --no-progress
+  fi
 fi
+TRAIN_ROOT=${TRAIN_ROOT:+$(abspath "$TRAIN_ROOT")}
+TRAIN_VEC=$DATA/vector${TRAIN_ROOT:+_train}  # the store the reconstructors train on
 cd "$VLMC_ROOT"
 mkdir -p logs  # the wrappers' #SBATCH --output=logs/... is relative to the submit directory: the repo
 
@@ -109,6 +135,10 @@ stage() {
 mapfile -t shards < <(list_shards "$ROOT")
 nsh=${#shards[@]}
 ((nsh)) || die "no shards with images under $ROOT"
+if [[ -n $TRAIN_ROOT ]]; then
+  mapfile -t train_shards < <(list_shards "$TRAIN_ROOT")
+  ((${#train_shards[@]})) || die "no shards with images under TRAIN_ROOT $TRAIN_ROOT"
+fi
 
 # Stages that fan out over models run side by side; the next stage waits for all of them.
 fan_out() {
@@ -123,6 +153,9 @@ vec_stage() {
   local m
   for m in "${models[@]}"; do
     ARRAY=0-$((nsh - 1)) stage "vec-$m" vec.sh MODELS="$m" OUT="$DATA/vector"
+    if [[ -n $TRAIN_ROOT ]]; then
+      ARRAY=0-$((${#train_shards[@]} - 1)) stage "vec-train-$m" vec.sh MODELS="$m" ROOT="$TRAIN_ROOT" OUT="$TRAIN_VEC"
+    fi
   done
 }
 # MODEL_TYPE here is the reconstructor's; clip.sh reads the same name as its backend (CLIP_ARGS="--model_type ...")
@@ -133,24 +166,26 @@ cal_stage() {
     stage "cal-$m" cal.sh VEC="$DATA/vector" REF="clip:$DATA/clip_ref" OUT="$DATA/output/knn_out/$m" -- "$m"
   done
 }
+# Stages 4-7 name a model's reconstructor folder <model>_<type>; 5-7 read the evaluation store (DATA/vector),
+# whose images the reconstructor did not train on unless they are in its split's train part.
+recon_dir() { echo "$DATA/output/recon/${1}_$(recon_type "$1")"; }
 emb_stage() {
   local m
   for m in "${models[@]}"; do
-    stage "emb-$m" emb.sh MODEL="$m" VEC="$DATA/vector" MODEL_TYPE="$MODEL_TYPE" OUT="$DATA/output/recon/${m}_$MODEL_TYPE" \
-      -- "$m"
+    stage "emb-$m" emb.sh MODEL="$m" VEC="$TRAIN_VEC" MODEL_TYPE="$(recon_type "$m")" OUT="$(recon_dir "$m")" -- "$m"
   done
 }
 export_stage() {
   local m
   for m in "${models[@]}"; do
-    stage "export-$m" export_recon.sh MODEL="$m" MODEL_TYPE="$MODEL_TYPE" MODEL_DIR="$DATA/output/recon/${m}_$MODEL_TYPE" \
+    stage "export-$m" export_recon.sh MODEL="$m" VEC="$DATA/vector" MODEL_DIR="$(recon_dir "$m")" \
       OUT_BASE="$DATA/vector_recon" -- "$m"
   done
 }
 eval_recon_stage() {
   local m
   for m in "${models[@]}"; do
-    stage "eval-recon-$m" eval_recon.sh MODEL="$m" MODEL_TYPE="$MODEL_TYPE" MODEL_DIR="$DATA/output/recon/${m}_$MODEL_TYPE" \
+    stage "eval-recon-$m" eval_recon.sh MODEL="$m" VEC="$DATA/vector" MODEL_DIR="$(recon_dir "$m")" \
       OUT="$DATA/output/recon_eval/$m" -- "$m"
   done
 }
@@ -164,8 +199,7 @@ train_stage() {
 caption_stage() {
   local m
   for m in "${models[@]}"; do
-    stage "caption-$m" caption.sh MODEL="$m" VEC="$DATA/vector" MODEL_TYPE="$MODEL_TYPE" \
-      RECON_DIR="$DATA/output/recon/${m}_$MODEL_TYPE" OUT="$DATA/output/captions/$m" \
+    stage "caption-$m" caption.sh MODEL="$m" VEC="$DATA/vector" RECON_DIR="$(recon_dir "$m")" OUT="$DATA/output/captions/$m" \
       CACHE_DIR="$DATA/output/perturb_out/cache" SCORES=clipscore,bertscore -- "$m"
   done
 }

@@ -123,6 +123,30 @@ def test_eval_recon_held_out_rows_maps_resume_and_untouched_stats(trained, tmp_p
     assert (out / "normalization.safetensors").read_bytes() == stats
 
 
+def test_another_store_is_held_out_whole_and_a_foreign_model_is_refused(trained, tmp_path):
+    """Trained on one image set, evaluated on another (same shard names, other keys): every image of the
+    other store is held out, the training store keeps its split, and a store of other widths is refused."""
+    _, out = trained
+    keys = [f"{i:09d}" for i in range(20000, 20006)]
+    write_synthetic_store(tmp_path / "vec" / "synth", CONNECTOR, "1:1", (4, 4), 8, {"00000": keys, "00001": keys[:2]},
+                                  save_every=8, family=FAMILY, seed=9)
+    run = export_recon.open_run(out, torch.device("cpu"), str(tmp_path / "vec"), "synth")
+    assert [s.id for s in run.part("val")] == [s.id for s in run.part("all")] and len(run.part("all")) == 8
+    with pytest.raises(UsageError, match="not in the store"):
+        run.part("train")  # its training images are elsewhere
+    ev = tmp_path / "ev"
+    assert eval_recon.main(["--model_dir", str(out), "--vec_dir", str(tmp_path / "vec"), "--out_dir", str(ev),
+                            "--num_workers", "0"]) == 0
+    assert {(r["shard"], r["key"]) for r in _rows(ev / "per_sample.csv")} == {("00000", k) for k in keys} | {
+        ("00001", k) for k in keys[:2]}
+    own = export_recon.open_run(out, torch.device("cpu"))
+    assert {s.id for s in own.part("val")} == _val_ids(out)
+    wide = write_synthetic_store(tmp_path / "wide" / "synth", synthetic_connector("gelu", 6, 12, seed=3), "1:1", (4, 4), 6,
+                                 {"00000": keys}, save_every=8, family=FAMILY)
+    with pytest.raises(UsageError, match="another model"):
+        export_recon.open_run(out, torch.device("cpu"), str(wide.parent), "synth")
+
+
 def test_eval_no_reproj_leaves_reprojection_columns_empty(trained, tmp_path):
     _, out = trained
     ev = tmp_path / "ev"

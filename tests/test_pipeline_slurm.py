@@ -3,8 +3,8 @@
 Two DAGs are submitted side by side and followed to the end once, for every test of this module:
 
 - ``full``: the pipeline on its default models (the trained testbed), one family (llava), an image root of three shards
-  of two captioned images each, small settings. Every job must complete and every stage leave its
-  outputs. Its emb job gets ``scancel --signal=USR1 --batch`` (what ``--signal=B:USR1@120`` sends
+  of two captioned images each, and a TRAIN_ROOT of two shards of three other images for the reconstructor,
+  small settings. Every job must complete and every stage leave its outputs. Its emb job gets ``scancel --signal=USR1 --batch`` (what ``--signal=B:USR1@120`` sends
   before a time limit) while train_recon is mid-training: it must requeue itself, finish exactly where
   an uninterrupted emb run ends, and its dependants must run after it.
 - ``failing``: one shard, and ``METRIC=manhattan`` (cal.sh's own setting, read by no other stage):
@@ -41,7 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 PIPELINE, EMB = REPO / "scripts" / "pipeline.sh", REPO / "scripts" / "emb.sh"
 SAMPLE = REPO / "sample" / "images"
 SHARDS = {"00000": ["000010000", "000010001"], "00001": ["000010012", "000010013"], "photos": ["astronaut", "brick"]}
-STAGES = ["vec-llava", "clip", "cal-llava", "emb-llava", "export-llava", "eval-recon-llava", "train-llava",
+TRAIN_SHARDS = {"00000": ["000010002", "000010003", "000010004"], "00001": ["000010014", "000010015", "000010016"]}
+# vec-train-llava (TRAIN_ROOT) runs beside vec-llava: the stages are submitted in this order, each after the
+# previous one except that pair
+STAGES = ["vec-llava", "vec-train-llava", "clip", "cal-llava", "emb-llava", "export-llava", "eval-recon-llava", "train-llava",
           "caption-llava", "perturb-llava-mask", "score-perturb", "figures"]
 EMB_EPOCHS = 60  # ~6 s of training after ~6 s of imports: room to land USR1 mid-run
 EMB_ARGS = f"--epochs {EMB_EPOCHS} --batch_size 1 --patience 0 --num_workers 0"
@@ -154,7 +157,8 @@ def dags(slurm_cluster, tmp_path_factory):
     """(full, failing): both DAGs submitted and followed until every job of both has finished."""
     t0 = time.monotonic()
     tmp = tmp_path_factory.mktemp("pipeline")
-    full = _submit(slurm_cluster, tmp / "full", _image_root(tmp / "images", SHARDS))
+    full = _submit(slurm_cluster, tmp / "full", _image_root(tmp / "images", SHARDS),
+                   TRAIN_ROOT=str(_image_root(tmp / "train_images", TRAIN_SHARDS)))
     one_shard = _image_root(tmp / "images1", {"00000": SHARDS["00000"]})
     failing = _submit(slurm_cluster, tmp / "failing", one_shard, METRIC="manhattan")
     _follow(slurm_cluster, full, failing)
@@ -186,7 +190,10 @@ def test_each_stage_started_after_the_previous_one_ended(dags):
     """--dependency=afterok on the whole previous stage (every task of an array)."""
     full, _ = dags
     for prev, stage in itertools.pairwise(STAGES):
-        prev_end = max(r["EndTime"] for r in full.tasks(prev))
+        if stage == "vec-train-llava":
+            continue  # submitted in the same fan-out as vec-llava
+        before = ["vec-llava", prev] if prev == "vec-train-llava" else [prev]  # clip waits for both
+        prev_end = max(r["EndTime"] for p in before for r in full.tasks(p))
         assert all(r["StartTime"] >= prev_end for r in full.tasks(stage)), (prev, stage, full.tasks(stage))
 
 
@@ -197,14 +204,19 @@ def test_every_stage_left_its_outputs(dags):
         assert _manifest_complete(d / "vector" / "llava" / shard / "manifest.json"), shard
         assert _manifest_complete(d / "clip_ref" / shard / "manifest.json"), shard
         assert _manifest_complete(d / "vector" / "llava_conn_mlp" / shard / "manifest.json"), shard
+    for shard in TRAIN_SHARDS:  # the reconstructor learnt from TRAIN_ROOT's own store
+        assert _manifest_complete(d / "vector_train" / "llava" / shard / "manifest.json"), shard
+    assert json.loads((d / RECON / "config.json").read_text())["store"]["shard_dirs"][0]["pre"].startswith(
+        str(d / "vector_train"))
     assert list((out / "knn_out" / "llava").glob("overlap_*.json")), sorted((out / "knn_out").rglob("*"))
     assert (out / "knn_out" / "llava" / "per_image.csv").is_file()
     assert len(_csv_rows(d / RECON / "history.csv")) == EMB_EPOCHS and (d / RECON / "best_model.pt").is_file()
     assert list((d / "vector_recon" / "llava_recon").glob("*/pre_vectors_*.pt"))
-    assert json.loads((out / "recon_eval" / "llava" / "summary.json").read_text())["n"] >= 1
+    assert json.loads((out / "recon_eval" / "llava" / "summary.json").read_text())["n"] == 6  # every ROOT image
     assert (out / "connector" / "llava_mlp" / "best_model.pt").is_file()
     captions = _csv_rows(out / "captions" / "llava" / "captions_llava.csv")
-    assert captions and all(r["caption_post_direct"] and r["clipscore_drop"] for r in captions), captions
+    assert len(captions) == 6 and all(r["caption_post_direct"] and r["clipscore_drop"] for r in captions), captions
+    assert {r["split"] for r in captions} == {"val"}  # none of ROOT's images trained the reconstructor
     for level in ("0", "0.5"):
         rows = _csv_rows(out / "perturb_out" / f"perturb_llava_mask_{level}.csv")
         assert len(rows) == 6 and all(r["caption_perturbed"] and r["clipscore_drop"] for r in rows), rows[:1]
@@ -232,7 +244,7 @@ def _history(out: Path) -> list[tuple[str, ...]]:
 def _uninterrupted_emb(full: DagRun, out: Path) -> None:
     """emb.sh under plain bash, same settings and store as the DAG's emb job: the reference run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
-    env.update(VEC=str(full.data / "vector"), OUT=str(out), MODEL_TYPE="mlp", DEVICE="cpu", EPOCHS="1",
+    env.update(VEC=str(full.data / "vector_train"), OUT=str(out), MODEL_TYPE="mlp", DEVICE="cpu", EPOCHS="1",
                EXTRA_ARGS=EMB_ARGS, OMP_NUM_THREADS="1", VLMC_SLURM_ENV="/nonexistent")
     r = subprocess.run(["bash", str(EMB), "llava"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -210,25 +210,18 @@ def test_demo_perturbations_degrade_scene_captions_monotonically(mode):
             assert v[0] - v[-1] >= span, (model, col, v)
 
 
-# Families whose reconstructor follows a token correspondence (1:1, merge). Idefics2's perceiver has none:
-# its reconstructor must learn latents → patches from the demo's 32 training images and keeps only 0.25
-# of its accuracy (README, "What the demo shows").
-RECON_CALIBRATED = ("llava", "qwen2.5vl", "qwen3.5")
-
-
 def test_demo_reconstructed_captions_keep_most_of_the_accuracy():
-    """Stage 7: on the reconstructors' held-out half of the sample, captions from Ê_post =
-    connector(reconstructor(E_post)) keep ≥ 0.8 of the model's own accuracy."""
+    """Stage 7: the reconstructors learnt from testbed training scenes (the demo's TRAIN_ROOT), so every sample
+    image is held out from them; captions from Ê_post = connector(reconstructor(E_post)) keep ≥ 0.8 of the
+    model's own accuracy for every family (idefics2 through its transformer reconstructor)."""
     from vlmc.plot.data import read_captions
 
     df = _scene_rows(read_captions(SAMPLE / "captions"))
     assert set(TESTBED_FAMILIES) <= set(df["model"])
     for model, g in df.groupby("model"):
-        assert len(g) >= 20 and (g["split"] == "val").all(), (model, len(g))  # held-out scenes only
+        assert len(g) >= 40 and (g["split"] == "val").all(), (model, len(g))  # every sample scene, all held out
         own, recon = g["attr_acc_post_direct"].mean(), g["attr_acc_recon"].mean()
-        assert own >= 0.9, (model, own)
-        if model in RECON_CALIBRATED:
-            assert recon / own >= 0.8, (model, own, recon)
+        assert own >= 0.9 and recon / own >= 0.8, (model, own, recon)
 
 
 def test_demo_geometry_differs_between_families():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -90,6 +91,25 @@ def test_transformer_trains_on_merge_and_perceiver_stores(tmp_path, corr, kind, 
     model, spec, _ = load_reconstructor(out)
     assert spec.t_pre == 16 and spec.t_post == 4 and spec.kind == corr.split()[0]
     assert len(_history(out)) == 2 and math.isfinite(_val_loss(out))
+
+
+def test_history_seconds_count_each_epoch_once(tmp_path, monkeypatch):
+    """Each training step takes >= 20 ms here, so the epochs dominate the run: their ``seconds`` add up to
+    at least the steps' time and at most the wall time between config.json (written just before the first
+    epoch) and the last history.csv write. Training time counted twice would exceed that window."""
+    step = train_recon.Trainer._micro_step
+
+    def slow_step(self, batch):
+        time.sleep(0.02)
+        return step(self, batch)
+
+    monkeypatch.setattr(train_recon.Trainer, "_micro_step", slow_step)
+    out = _train(_store(tmp_path, "gelu", n=32), tmp_path / "o", "--model_type", "mlp", "--hidden_size", "16",
+                 "--no-init_linear", "--epochs", "3", "--batch_size", "1")
+    hist = _history(out)
+    n_steps = 3 * len(load_split(out / "split.json")["train"])  # batch 1: one step per image
+    window = ((out / "history.csv").stat().st_mtime_ns - (out / "config.json").stat().st_mtime_ns) / 1e9
+    assert 0.02 * n_steps <= sum(float(r["seconds"]) for r in hist) <= window, (hist, window)
 
 
 def test_best_checkpoint_is_the_best_epoch_not_the_last(tmp_path):

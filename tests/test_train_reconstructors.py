@@ -133,3 +133,12 @@ def test_real_scale_shapes_on_the_meta_device(corr, pre_grid, post_grid, d_pre, 
             spec = make_spec(model_type, corr, d_pre, d_post, pre_grid, post_grid)
             y = build_reconstructor(spec)(torch.empty(2, post_grid[0] * post_grid[1], d_post), pre_grid, post_grid)
         assert y.shape == (2, pre_grid[0] * pre_grid[1], d_pre)
+        if model_type == "transformer":
+            assert spec.hidden_size == 512  # real widths get the table's default
+
+
+@pytest.mark.parametrize(("d_pre", "d_post", "width"), [(96, 128, 128), (96, 64, 128), (200, 64, 256), (1152, 4096, 512)])
+def test_transformer_width_follows_narrow_data_up_to_the_default(d_pre, d_post, width):
+    spec = make_spec("transformer", Correspondence("none"), d_pre, d_post, (6, 6), (16, 1))
+    assert spec.hidden_size == width
+    assert make_spec("transformer", Correspondence("none"), d_pre, d_post, (6, 6), (16, 1), hidden_size=64).hidden_size == 64

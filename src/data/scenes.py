@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import multiprocessing
+import os
 import random
 import re
 import sys
@@ -454,8 +456,11 @@ def generate_scenes(
     size: int = 224,
     first_index: int = 0,
     progress: bool = False,
+    workers: int = 1,
 ) -> list[tuple[str, str]]:
     """Write ``n`` scenes under ``out`` in ``shards`` shards (``00000``...), keys from ``first_index``.
+
+    ``workers`` processes render side by side (at most one per 64 scenes).
 
     Returns:
         The ``(shard, key)`` pairs written, in order.
@@ -464,12 +469,22 @@ def generate_scenes(
         UsageError: Invalid counts or size.
     """
     _validate(n, shards, size, first_index)
-    written = []
-    for i in tqdm(range(n), desc="scenes", unit="img", disable=not progress):
-        shard, key = f"{shard_of(i, n, shards):05d}", scene_key(first_index + i)
-        write_scene(out, shard, key, seed, size)
-        written.append((shard, key))
+    written = [(f"{shard_of(i, n, shards):05d}", scene_key(first_index + i)) for i in range(n)]
+    jobs = [(out, shard, key, seed, size) for shard, key in written]
+    bar = dict(total=n, desc="scenes", unit="img", disable=not progress)
+    workers = min(workers, max(1, n // 64))
+    if workers == 1:
+        for job in tqdm(jobs, **bar):
+            write_scene(*job)
+    else:  # scenes are pure functions of (seed, key): the same files in any order
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for _ in tqdm(pool.imap_unordered(_write_job, jobs, chunksize=16), **bar):
+                pass
     return written
+
+
+def _write_job(job: tuple[str | Path, str, str, int, int]) -> Path:
+    return write_scene(*job)
 
 
 def _validate(n: int, shards: int, size: int, first_index: int) -> None:
@@ -503,12 +518,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--first-index", type=int, default=0, help="index of the first key (keys are 9-digit)"
     )
+    parser.add_argument("--workers", type=int, default=1, help="rendering processes (0: one per CPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     _validate(args.n, args.shards, args.size, args.first_index)
     ensure_writable_dir(args.out)
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
     written = generate_scenes(
-        args.out, args.n, args.shards, args.seed, args.size, args.first_index, progress=not args.no_progress
+        args.out, args.n, args.shards, args.seed, args.size, args.first_index, progress=not args.no_progress,
+        workers=args.workers or os.cpu_count() or 1,
     )
     print(f"wrote {len(written)} scenes in {args.shards} shard(s) under {args.out}")
     return 0

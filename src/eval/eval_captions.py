@@ -1,7 +1,8 @@
 """Stage 7: captions from the stored E_post and from reconstructed embeddings, per image.
 
-For every selected image of a stage-1 store (with ``--recon_dir``: by default only the reconstructor's
-HELD-OUT images from its split.json, ``--split all`` for every image):
+For every selected image of a stage-1 store (with ``--recon_dir``: by default only the images the
+reconstructor did NOT train on: its split.json val images, or every image of another store;
+``--split all`` for every image):
 
     caption_gt           the reference caption <key>.txt beside the image ("" if none)
     caption_post_direct  the stored E_post injected into the model (the reference condition; cached in
@@ -11,7 +12,7 @@ HELD-OUT images from its split.json, ``--split all`` for every image):
                          stats), mean over tokens × channels (as eval_recon.py)
     reproj_cosine        per-token cosine(connector(Ê_pre), E_post), mean over tokens (as eval_recon.py)
     caption_image        (--with_image_caption) the model's own caption from the pixels
-    split                (--recon_dir) train / val: which part of the reconstructor's split the image is in
+    split                (--recon_dir) train: the reconstructor trained on it; val: held out (never trained on)
 
 into ``<out_dir>/captions_<model>.csv`` (columns key, shard, image_path, caption_gt,
 caption_post_direct[, caption_recon, reproj_mse, reproj_cosine, split][, caption_image], plus score
@@ -70,7 +71,8 @@ def build_parser():
                    help="train_recon --out_dir (best_model.pt, normalization.safetensors, split.json); unset: no caption_recon")
     p.add_argument("--recon_stats_path", default=None, help="deprecated (the seed's stats file): its folder is taken as --recon_dir")
     p.add_argument("--split", default="val", choices=["val", "all"],
-                   help="with --recon_dir: val = only the reconstructor's held-out images; all = every image of the store")
+                   help="with --recon_dir: val = only images the reconstructor did not train on (its held-out "
+                   "images; every image of a store other than its training store); all = every image of the store")
     p.add_argument("--out_dir", default="data/output/captions", help="output folder of captions_<model>.csv")
     p.add_argument("--cache_dir", default=None, help="caption_post_direct cache folder (default <out_dir>/cache)")
     p.add_argument("--batch_size", type=int, default=8, help="images per generate call")
@@ -181,10 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     need = ["caption_post_direct"] + (list(RECON_COLUMNS) if run else []) + (["caption_image"] if args.with_image_caption else [])
     done = done_ids(path, need) if args.resume else set()
     todo = [s for s in samples if s.id not in done]
-    val_ids = {tuple(x) for x in run.split["val"]} if run else set()
     with StopFlag() as stop:
         n_new, n_skipped = generate(args, vlm, run, cache, images, todo, path, prompt, store.manifest.get("img_size"),
-                                    val_ids, stop)
+                                    stop)
         inject.reorder_rows(path, [s.id for s in samples])
         log.info("%s: %d new rows, %d kept, %d skipped (no image)%s", path, n_new, len(samples) - len(todo), n_skipped,
                  f"; caption_post_direct cache: {cache.hits} hits" if cache.hits else "")
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def generate(args, vlm, run, cache, images, todo, path, prompt, img_size, val_ids, stop) -> tuple[int, int]:
+def generate(args, vlm, run, cache, images, todo, path, prompt, img_size, stop) -> tuple[int, int]:
     """Generate and write the rows of ``todo``; returns ``(rows written, images skipped)``."""
     reader = inject.PostReader()
     rows: list[dict[str, str]] = []
@@ -229,7 +230,7 @@ def generate(args, vlm, run, cache, images, todo, path, prompt, img_size, val_id
                     for j, (row, s) in enumerate(zip(new, batch, strict=True)):
                         row.update(caption_recon=caps[j], reproj_mse=fmt(float(m["reproj_mse"][j])),
                                    reproj_cosine=fmt(float(m["reproj_cosine"][j])),
-                                   split="val" if s.id in val_ids else "train")
+                                   split="val" if run.held_out(s) else "train")
                 if args.with_image_caption:
                     own = inject.caption_from_images(vlm, ims, prompt, mnt, bs, img_size, [tuple(t.shape) for t in raw])
                     for row, c in zip(new, own, strict=True):

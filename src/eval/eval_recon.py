@@ -1,6 +1,7 @@
 """Stage 6: score a trained reconstructor on its HELD-OUT images, per sample.
 
-For every val image of the run's ``split.json`` (never a training image):
+For every image the reconstructor did not train on (the val images of its ``split.json``, or, with
+``--vec_dir`` naming another store, e.g. a held-out image set, every image of that store):
 
     mse_pre        MSE(Ê_pre, E_pre) in the standardised space (train-split stats), mean over tokens × channels
     cosine_pre     cosine(Ê_pre, E_pre) per token in the original space, mean over tokens
@@ -213,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     held_out = run.part("val")
     if args.limit:
         held_out = held_out[: args.limit]
-    train_ids = {tuple(x) for x in run.split["train"]}
-    if any(s.id in train_ids for s in held_out):
+    if {tuple(x) for x in run.split["train"]} & {tuple(x) for x in run.split["val"]}:
         raise UsageError("split.json lists an image in both train and val")
     vlm = None if args.no_reproj else load_connector_vlm(run, args.model_path, args.dtype, device)
     if vlm is None:

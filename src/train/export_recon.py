@@ -1,7 +1,8 @@
 """Stage 5: export reconstructed vectors in the stage-1 layout, so later stages read them as another model.
 
-For every image of the chosen split (``--split val``: held-out images only; ``all``: every image of
-the store) writes, per shard:
+For every image of the chosen split (``--split val``: the images the reconstructor did not train on,
+i.e. its validation images, or every image of a store other than its training one; ``all``: every
+image of the store) writes, per shard:
 
     <out_base>/<model>_recon/<shard>/pre_vectors_<NNNNN>.pt   Ê_pre = reconstructor(E_post), de-standardised
     <out_base>/<model>_recon/<shard>/post_vectors_<NNNNN>.pt  Ê_post = connector(Ê_pre), the model's REAL connector
@@ -25,6 +26,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +82,24 @@ class ReconRun:
     model_dir: Path
 
     def part(self, name: str) -> list[Sample]:
-        """``val`` (held-out), ``train`` or ``all`` samples, in store order."""
+        """``val`` (held out), ``train`` or ``all`` samples, in store order.
+
+        Held out means not trained on: the split's validation images and any image the split does not
+        list, such as every image of another store (train on one image set, evaluate on another).
+        """
         if name == "all":
             return list(self.samples)
-        return apply_split(self.samples, self.split, name)
+        if name == "train":
+            return apply_split(self.samples, self.split, "train")
+        return [s for s in self.samples if self.held_out(s)]
+
+    def held_out(self, sample: Sample) -> bool:
+        """Whether the reconstructor never trained on this image (images are (shard, key))."""
+        return sample.id not in self._train_ids
+
+    @cached_property
+    def _train_ids(self) -> frozenset[tuple[str, str]]:
+        return frozenset(tuple(x) for x in self.split["train"])
 
 
 def open_run(
@@ -107,6 +123,9 @@ def open_run(
         raise UsageError(f"{d / STATS_FILE} changed since the model was trained (sha256 mismatch)")
     std = Standardizer(load_stats(d / STATS_FILE), device, meta.get("normalize", True))
     store = _open_training_store(meta, vec_dir, embed_model, shards)
+    if (store.d_pre, store.d_post) != (spec.d_pre, spec.d_post):
+        raise UsageError(f"{d} maps E_post of {spec.d_post} to E_pre of {spec.d_pre} channels; the store "
+                         f"{store.model} has {store.d_post} and {store.d_pre} (a reconstructor of another model?)")
     return ReconRun(model, spec, meta, std, load_split(d / SPLIT_FILE), store, index_samples(store), d)
 
 
@@ -172,7 +191,7 @@ def build_parser():
     p.add_argument("--out_name", default=None, help="model folder name (default: <embed_model>_recon)")
     p.add_argument("--model-path", "--model_path", dest="model_path", default=None,
                    help="VLM source for the connector (HF id, folder, 'tiny'); default: the stage-1 manifest's source")
-    p.add_argument("--split", default="val", choices=["val", "all", "train"], help="which images to export")
+    p.add_argument("--split", default="val", choices=["val", "all", "train"], help="val: images the reconstructor did not train on; train; all")
     p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

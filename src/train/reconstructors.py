@@ -137,12 +137,23 @@ def make_spec(
     if corr.kind == "1:1" and tuple(pre_grid) != tuple(post_grid):
         raise UsageError(f"1:1 correspondence but pre grid {pre_grid} != post grid {post_grid}")
     values = {**DEFAULTS[(model_type, corr.kind)], **{k: v for k, v in overrides.items() if v is not None}}
+    if model_type == "transformer" and overrides.get("hidden_size") is None:
+        values["hidden_size"] = transformer_width(d_pre, d_post, values["hidden_size"])
     spec = ReconSpec(model_type, d_pre, d_post, tuple(pre_grid), tuple(post_grid), corr.kind, corr.merge, **values)
     if model_type == "transformer" and spec.hidden_size % spec.num_heads:
         raise UsageError(f"--hidden_size {spec.hidden_size} is not divisible by --num_heads {spec.num_heads}")
     if model_type == "mlp" and spec.num_layers < 1:
         raise UsageError("--num_layers must be >= 1 for mlp")
     return spec
+
+
+def transformer_width(d_pre: int, d_post: int, cap: int) -> int:
+    """Default transformer width: the data's widest side rounded up to 128, at most ``cap``.
+
+    Real connectors (1024-4096 channels) get ``cap``; a tiny model's 96-128 channels get 128, since a
+    wider model than its data buys nothing and costs 16x the compute of the 512-wide default.
+    """
+    return min(cap, 128 * -(-max(d_pre, d_post) // 128))
 
 
 # -- token geometry -------------------------------------------------------------------------------

@@ -863,8 +863,8 @@ class ConnectorTrainer:
     def _epoch(self) -> None:
         st, args = self.state, self.args
         epoch = st["epoch"] + 1
+        train_ce, train_geom = self._train_epoch(epoch)  # adds its own time to st["epoch_seconds"]
         t0 = time.time()
-        train_ce, train_geom = self._train_epoch(epoch)
         val_ce, val_geom = evaluate(self.ctx, self.connector, self.val_loader)
         seconds = st["epoch_seconds"] + time.time() - t0
         lr = self.opt.param_groups[0]["lr"]

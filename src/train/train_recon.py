@@ -120,7 +120,7 @@ def build_parser():
     g.add_argument("--num_workers", type=int, default=2, help="DataLoader workers gathering mmap'd batches")
     m = p.add_argument_group("model")
     m.add_argument("--model_type", default="mlp", choices=MODEL_TYPES, help="reconstructor")
-    m.add_argument("--hidden_size", type=int, default=None, help="hidden width (default per correspondence: mlp 2048, transformer 512)")
+    m.add_argument("--hidden_size", type=int, default=None, help="hidden width (default: mlp 2048; transformer 512, or its data's widest side rounded up to 128 when narrower)")
     m.add_argument("--num_layers", type=int, default=None, help="mlp linear layers / transformer blocks (default: mlp 2; transformer 2 for 1:1, 4 otherwise)")
     m.add_argument("--num_heads", type=int, default=None, help="attention heads (default 8)")
     m.add_argument("--dropout", type=float, default=None, help="dropout (default: mlp 0, transformer 0.1)")
@@ -442,8 +442,8 @@ class Trainer:
     def _epoch(self) -> None:
         st, args = self.state, self.args
         epoch = st["epoch"] + 1
+        train_loss = self._train_epoch(epoch)  # adds its own time to st["epoch_seconds"]
         t0 = time.time()
-        train_loss = self._train_epoch(epoch)
         val_loss = evaluate_loss(self.model, self.val, self.std, self.device, args.batch_size, self.amp(),
                                  loader=self.val_loader)
         seconds = st["epoch_seconds"] + time.time() - t0
