@@ -97,10 +97,11 @@ if [[ -n ${DEMO:-} ]]; then
   TRAIN_ROOT=${TRAIN_ROOT-$DATA/images_train}
   if [[ $TRAIN_ROOT == "$DATA/images_train" && ! -f $TRAIN_ROOT/00000/000001999.txt ]]; then
     log "== scenes: 2000 testbed training scenes -> $TRAIN_ROOT"
-    "$VLMC_PYTHON" "$VLMC_ROOT/src/data/scenes.py" --out "$TRAIN_ROOT" --n 2000 --seed 0 --no-progress
+    "$VLMC_PYTHON" "$VLMC_ROOT/src/data/scenes.py" --out "$TRAIN_ROOT" --n 2000 --seed 0 --workers 0 --no-progress
   fi
 fi
 TRAIN_ROOT=${TRAIN_ROOT:+$(abspath "$TRAIN_ROOT")}
+[[ $TRAIN_ROOT != "$ROOT" ]] || die "TRAIN_ROOT is ROOT ($ROOT): leave TRAIN_ROOT empty to train on a seeded split of ROOT"
 TRAIN_VEC=$DATA/vector${TRAIN_ROOT:+_train}  # the store the reconstructors train on
 cd "$VLMC_ROOT"
 mkdir -p logs  # the wrappers' #SBATCH --output=logs/... is relative to the submit directory: the repo

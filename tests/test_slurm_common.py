@@ -97,6 +97,25 @@ def test_env_file_env_wins(tmp_path):
     assert r.stdout.strip() == "proj1|mine|/scratch/a b|unset|gpu:2|1:00:00|x#y|q # r"
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"MODEL_TYPE": "mlp idefics2=resnet"}, "MODEL_TYPE: 'idefics2=resnet' is not TYPE or MODEL=TYPE"),
+        ({"TRAIN_ROOT": "{root}"}, "TRAIN_ROOT is ROOT"),
+        ({"TRAIN_ROOT": "{root}/missing"}, "no shards with images under TRAIN_ROOT"),
+    ],
+)
+def test_pipeline_refuses_bad_settings_before_any_stage(tmp_path, settings, message):
+    root = tmp_path / "images" / "00000"
+    root.mkdir(parents=True)
+    (root / "a.png").write_bytes(b"x")
+    env = {k: v.format(root=root.parent) for k, v in settings.items()}
+    env.update(ROOT=str(root.parent), DATA=str(tmp_path / "data"), VLMC_PYTHON="/nonexistent/python")
+    r = bash(f'bash "{REPO}/scripts/pipeline.sh" --local', env=env)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert "ERROR" in r.stderr.splitlines()[-1] and not (tmp_path / "data").exists()
+
+
 def test_env_file_example_parses(tmp_path):
     text = (REPO / "scripts" / "slurm.env.example").read_text()
     f = tmp_path / "slurm.env"

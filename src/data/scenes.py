@@ -522,9 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     _validate(args.n, args.shards, args.size, args.first_index)
-    ensure_writable_dir(args.out)
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    ensure_writable_dir(args.out)
     written = generate_scenes(
         args.out, args.n, args.shards, args.seed, args.size, args.first_index, progress=not args.no_progress,
         workers=args.workers or os.cpu_count() or 1,
