@@ -18,8 +18,12 @@ with ``--num_workers`` workers. Variants:
 Repeats are interleaved (``forward, encode, bare, ours, seed``, the order rotating every repeat) so
 load from other jobs hits every variant alike; the table gives the median images/s of each and the
 median over repeats of the paired ratios (throughput of ours / throughput of the other, both measured
-in the same repeat): ``ours/bare`` (goal ≥ 0.95), ``ours/seed`` (goal ≥ 3), ``encode/forward``, and
-the bytes on disk against the raw fp16 tensor bytes (goal ≤ 1.02).
+in the same repeat): ``ours/bare`` (goal ≥ 0.95; ``ours/bare range``: its lowest and highest repeat),
+``ours/seed`` (goal ≥ 3), ``encode/forward``, and the bytes on disk against the raw fp16 tensor bytes
+(goal ≤ 1.02). ``bare_workers_busy`` / ``ours_workers_busy``: the decoding workers' CPU seconds over
+the wall seconds of the run. With tiny models both loops wait on the workers (busy ≈ 1 per worker): the
+same value for both says ours keeps its decoders as busy as the bare loop, and that a lower ``ours/bare``
+in such a run came from the workers themselves running slower (a shared machine), not from ours.
 
 Steady state: ``run_shard`` has fixed costs per shard (worker start-up, shared with ``bare``; manifest
 writes, ~10-30 ms) and per chunk (two fsynced files, a manifest). On tiny models a batch costs ~1 ms, so
@@ -35,6 +39,7 @@ for a heavier vision forward than the tiny 64 px default.
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import statistics
 import sys
@@ -195,29 +200,42 @@ def bench_model(name: str, args: Any) -> dict[str, Any]:
         variants = [v for v in VARIANTS if v != "seed" or args.new_tokens > 0]
         b.warm_up(batches)
         times: dict[str, list[float]] = {v: [] for v in variants}
+        busy: dict[str, list[float]] = {v: [] for v in variants}
         for r in range(args.repeats):
             for v in variants[r % len(variants):] + variants[: r % len(variants)]:
                 if v == "ours":
                     b.clean()
-                t = time.perf_counter()
+                c, t = _workers_cpu(), time.perf_counter()
                 runs[v]()
                 times[v].append(time.perf_counter() - t)
+                busy[v].append((_workers_cpu() - c) / times[v][-1])
         row: dict[str, Any] = {"model": name, "images": args.n}
         counts = {v: b.seed_n if v == "seed" else args.n for v in times}
         row.update({f"{v}_img_s": counts[v] / statistics.median(ts) for v, ts in times.items()})
 
-        def ratio(a: str, b_: str) -> float:  # throughput a / throughput b, paired per repeat
-            return statistics.median(
-                (counts[a] / ta) / (counts[b_] / tb) for ta, tb in zip(times[a], times[b_], strict=True)
-            )
+        def ratios(a: str, b_: str) -> list[float]:  # throughput a / throughput b, paired per repeat
+            return [(counts[a] / ta) / (counts[b_] / tb) for ta, tb in zip(times[a], times[b_], strict=True)]
+
+        def ratio(a: str, b_: str) -> float:
+            return statistics.median(ratios(a, b_))
 
         row["encode/forward"] = ratio("encode", "forward")
         row["ours/bare"] = ratio("ours", "bare")
+        paired = ratios("ours", "bare")
+        row["ours/bare range"] = f"{min(paired):.2f}-{max(paired):.2f}"  # the run-to-run spread
+        if args.num_workers > 0:  # decoding workers' CPU time / wall time (their busy fraction, summed)
+            row.update({f"{v}_workers_busy": statistics.median(busy[v]) for v in ("bare", "ours")})
         row["ours/seed"] = ratio("ours", "seed") if "seed" in times else float("nan")
         row["disk/raw_fp16"] = b.disk_over_raw()
         return row
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _workers_cpu() -> float:
+    """CPU seconds of this process's finished children (the DataLoader workers, joined after each run)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _cell(key: str, value: Any) -> str:

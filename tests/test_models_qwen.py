@@ -158,6 +158,29 @@ def test_post_is_models_image_features_and_connector_round_trip(vlms, name):
         vlm.adapter.apply_connector(vlm, [cap.pre[0][:-4]], [cap.pre_grid[0]])
 
 
+@pytest.mark.parametrize("name", QWEN)
+def test_tower_grid_inputs_computed_once_per_batch_shape_and_exact(vlms, name, monkeypatch):
+    """encode hands the tower its grid-derived inputs (position ids, segments, windows, taps) from a cache
+    keyed on the batch's grids: the helpers run once per batch shape, and E_post stays bit-identical to
+    the model's own ``get_image_features`` (which computes them itself) batch after batch."""
+    from vlmc.models.families import qwen
+
+    vlm = vlms[name]
+    qwen._TOWER_INPUTS.pop(vlm.model.model.visual, None)
+    calls = []
+    own = qwen.get_vision_position_ids
+    monkeypatch.setattr(qwen, "get_vision_position_ids", lambda *a, **k: calls.append(1) or own(*a, **k))
+    images = [coded_image(h, w) for h, w in GRIDS]
+    for batch, expected_calls in ((images, 1), (images, 1), (images[::-1], 2), (images, 2)):
+        px = vlm.adapter.preprocess(vlm.processor, batch, None)
+        cap = vlm.adapter.encode(vlm, px)
+        assert len(calls) == expected_calls
+        with torch.no_grad():
+            theirs = vlm.model.model.get_image_features(px["pixel_values"], px["image_grid_thw"]).pooler_output
+        for mine, ref in zip(cap.post, theirs, strict=True):
+            assert torch.equal(mine, ref)
+
+
 def brute_force_window_index(grids, window_blocks):
     """Merge-block ids (global, processor order) sorted by (image, window row, window col, row, col)."""
     order, offset = [], 0

@@ -262,12 +262,13 @@ def _uniform_grid(grids: list, entry: dict[str, Any] | None) -> bool:
 
 def _chunk_batches(
     encoder: Encoder, records: Sequence[ImageRecord], chunks: Sequence[range], todo: Sequence[int], cfg: RunConfig
-) -> Iterator[tuple[int, Iterator]]:
+) -> Iterator[tuple[int, Iterator[tuple[list[ImageRecord], dict, list, list[dict[str, str]]]]]]:
     """Yield (chunk index, an iterator over its batches) for the chunks still to do; images load in workers.
 
-    The batches are yielded lazily (consume each chunk's iterator before asking for the next chunk): a
-    list would make the loop wait for a whole chunk to decode before encoding its first batch, so the
-    workers' decoding and the model's forward would not overlap (ours/bare 0.62-0.78 with 1 worker).
+    Each batch is ``(readable records, model inputs, images, skipped rows)``. The batches are yielded
+    lazily (consume each chunk's iterator before asking for the next chunk): a list would make the loop
+    wait for a whole chunk to decode before encoding its first batch, so the workers' decoding and the
+    model's forward would not overlap (ours/bare 0.62-0.78 with 1 worker).
     """
     plan = batch_plan([chunks[i] for i in todo], cfg.batch_size)
     if not plan:
@@ -276,13 +277,24 @@ def _chunk_batches(
         ImageDataset(records), batch_sampler=plan, num_workers=cfg.num_workers, collate_fn=_Collate(encoder)
     )
     owner = {i: ci for ci in todo for i in chunks[ci]}
-    batches = iter(loader)
+    batches = zip(plan, loader, strict=True)
     for ci, group in itertools.groupby(plan, key=lambda b: owner[b[0]]):
-        yield ci, (next(batches) for _ in group)
+        yield ci, (_with_records(records, *next(batches)) for _ in group)
+
+
+def _with_records(
+    records: Sequence[ImageRecord], indices: list[int], collated: tuple[dict, list, dict[int, str]]
+) -> tuple[list[ImageRecord], dict, list, list[dict[str, str]]]:
+    """A worker's batch with its records, looked up here (shipping them back from the worker costs more)."""
+    inputs, images, reasons = collated
+    recs = [records[i] for j, i in enumerate(indices) if j not in reasons]
+    bad = [{"key": records[indices[j]].key, "path": str(records[indices[j]].path), "reason": why}
+           for j, why in reasons.items()]
+    return recs, inputs, images, bad
 
 
 class _Collate:
-    """Dataset items → (readable records, model inputs, images, skipped rows); runs in workers.
+    """Dataset items → (model inputs, images, {position in the batch: why} of unreadable ones); runs in workers.
 
     With an encoder whose ``needs_images`` is false the images are replaced by ``None`` after
     preprocessing, so only the model inputs travel back from the worker.
@@ -292,9 +304,8 @@ class _Collate:
         self.encoder = encoder
         self.keep_images = bool(getattr(encoder, "needs_images", True))
 
-    def __call__(self, items: list) -> tuple[list[ImageRecord], dict, list, list[dict[str, str]]]:
-        good = [(rec, img) for rec, img, _ in items if img is not None]
-        bad = [{"key": rec.key, "path": str(rec.path), "reason": why} for rec, img, why in items if img is None]
-        images = [im for _, im in good]
+    def __call__(self, items: list) -> tuple[dict, list, dict[int, str]]:
+        images = [img for _, img, _ in items if img is not None]
+        reasons = {j: why for j, (_, img, why) in enumerate(items) if img is None}
         inputs = self.encoder.preprocess(images) if images else {}
-        return [r for r, _ in good], inputs, images if self.keep_images else [None] * len(images), bad
+        return inputs, images if self.keep_images else [None] * len(images), reasons

@@ -32,8 +32,10 @@ decoder layers. They are not a function of E_pre (they read intermediate layers)
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -59,7 +61,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+from transformers.utils.generic import get_max_seqlen
 from transformers.vision_utils import (
+    get_vision_attention_seqlens,
     get_vision_interpolation_indices_and_weights,
     get_vision_position_ids,
     get_vision_window_index,
@@ -173,6 +177,45 @@ def _is_word_level(path: str) -> bool:
         return False
     with open(file, encoding="utf-8") as f:
         return json.load(f).get("model", {}).get("type") == "WordLevel"
+
+
+# visual tower -> {(batch grid, device): its grid-derived kwargs}; a few entries per tower (one per distinct
+# batch shape: images of one size give one, plus the short last batch of each chunk)
+_TOWER_INPUTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[str, Any]]] = weakref.WeakKeyDictionary()
+_TOWER_INPUTS_MAX = 16
+
+
+@functools.lru_cache(maxsize=64)
+def canonical_orders(
+    grids: tuple[tuple[int, int], ...], window: tuple[int, int] | None
+) -> tuple[Tensor, Tensor | None]:
+    """``(pre_index, post_perm)`` of a batch of ``(h, w)`` patch grids under a 2x2 merger (cpu; never mutate).
+
+    ``merger_input[pre_index]`` is E_pre of all images, each row-major over its (h, w) patch grid;
+    ``merger_output[post_perm]`` is E_post row-major over each (h/2, w/2) grid (``None``: identity).
+    Built per image with reshapes, no per-token loop: the processor position of patch (r, c) is
+    ``block(r//2, c//2) * 4 + (r%2) * 2 + c%2``. With windows (``window = (window_size, patch_size)``,
+    Qwen2.5-VL), merge block ``b`` (processor order) sits at merger row ``argsort(window_index)[b]``, and
+    ``argsort(window_index)`` also restores the merger output's spatial order (what the tower itself does
+    for ``pooler_output``). Cached: a pure function of the grids, and one per batch shape in practice.
+    """
+    parts, offset = [], 0
+    for h, w in grids:
+        blocks = torch.arange(h * w).reshape(h // 2, w // 2, 2, 2)  # (bh, bw, ih, iw) in processor order
+        parts.append(blocks.permute(0, 2, 1, 3).reshape(h * w) + offset)  # (bh, ih, bw, iw) = (r, c)
+        offset += h * w
+    pre_index = torch.cat(parts)
+    if window is None:
+        return pre_index, None
+    grid_thw = torch.tensor([[1, h, w] for h, w in grids])
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=2, window_size=window[0], patch_size=window[1])
+    block_row = torch.argsort(window_index)  # processor block → merger row
+    return block_row[pre_index // 4] * 4 + pre_index % 4, block_row
+
+
+def _on(index: Tensor, device: torch.device) -> Tensor:
+    """``index`` on ``device`` (cached cpu indices: a no-op on cpu)."""
+    return index if index.device == device else index.to(device)
 
 
 class QwenMergerAdapter(FamilyAdapter):
@@ -335,43 +378,50 @@ class QwenMergerAdapter(FamilyAdapter):
             raise UsageError(f"patch grid not divisible by the 2x2 merge: {grid}")
         return [(h, w) for _, h, w in grid]
 
-    def _window_index(self, visual: nn.Module, grid_thw: Tensor) -> Tensor | None:
-        """Qwen2.5-VL: merge block ``window_index[j]`` (global, processor order) sits at row ``j`` of the merger."""
-        if not self.windowed:
-            return None
-        window_index, _ = get_vision_window_index(
-            grid_thw.cpu(),
-            spatial_merge_size=visual.spatial_merge_size,
-            window_size=visual.window_size,
-            patch_size=visual.patch_size,
-        )
-        return window_index
+    def _window(self, visual: nn.Module) -> tuple[int, int] | None:
+        """``(window_size, patch_size)`` of a windowed tower (Qwen2.5-VL), ``None`` otherwise."""
+        return (visual.window_size, visual.patch_size) if self.windowed else None
 
     def _orders(self, visual: nn.Module, grid_thw: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(pre_index, post_perm)`` for a batch of images (cpu tensors).
-
-        ``merger_input[pre_index]`` is E_pre of all images, each row-major over its (h, w) patch grid;
-        ``merger_output[post_perm]`` is E_post row-major over each (h/2, w/2) grid (``None``: identity).
-        Built per image with reshapes, no per-token loop: the processor position of patch (r, c) is
-        ``block(r//2, c//2) * 4 + (r%2) * 2 + c%2``; with windows, merge block ``b`` (processor order)
-        sits at merger row ``argsort(window_index)[b]``, and ``argsort(window_index)`` also restores
-        the merger output's spatial order (what ``visual`` does itself for ``pooler_output``).
-        """
+        """``(pre_index, post_perm)`` for a batch of images (cpu tensors; see ``canonical_orders``)."""
         if visual.spatial_merge_size != 2:
             raise ValueError(
                 f"expected a 2x2 patch merger, got spatial_merge_size={visual.spatial_merge_size}"
             )
-        parts, offset = [], 0
-        for h, w in self._grids(grid_thw):
-            blocks = torch.arange(h * w).reshape(h // 2, w // 2, 2, 2)  # (bh, bw, ih, iw) in processor order
-            parts.append(blocks.permute(0, 2, 1, 3).reshape(h * w) + offset)  # (bh, ih, bw, iw) = (r, c)
-            offset += h * w
-        pre_index = torch.cat(parts)
-        window_index = self._window_index(visual, grid_thw)
-        if window_index is None:
-            return pre_index, None
-        block_row = torch.argsort(window_index)  # processor block → merger row
-        return block_row[pre_index // 4] * 4 + pre_index % 4, block_row
+        return canonical_orders(tuple(self._grids(grid_thw)), self._window(visual))
+
+    def _tower_inputs(self, visual: nn.Module, grid_thw: Tensor) -> dict[str, Any]:
+        """The tower's grid-derived inputs (position ids, attention segments, windows, position-embedding
+        taps), computed with the model's own helpers on ``grid_thw``'s device, once per distinct batch grid.
+
+        The tower pops each of them from its kwargs instead of recomputing it: bit-identical, and the
+        per-image Python loops of those helpers run once per grid, not once per batch.
+        """
+        per_visual = _TOWER_INPUTS.setdefault(visual, {})
+        key = (tuple(map(tuple, grid_thw.tolist())), str(grid_thw.device))
+        if key not in per_visual:
+            if len(per_visual) >= _TOWER_INPUTS_MAX:
+                per_visual.pop(next(iter(per_visual)))  # oldest first
+            per_visual[key] = self._compute_tower_inputs(visual, grid_thw)
+        return per_visual[key]
+
+    def _compute_tower_inputs(self, visual: nn.Module, grid_thw: Tensor) -> dict[str, Any]:
+        out: dict[str, Any] = {"position_ids": get_vision_position_ids(grid_thw, visual.spatial_merge_size)}
+        out["cu_seqlens"], out["max_seqlen"] = get_vision_attention_seqlens(grid_thw, visual.config)
+        if hasattr(visual, "pos_embed"):  # Qwen3.x: learned position grid resampled per image
+            out["interp_indices"], out["interp_weights"] = get_vision_interpolation_indices_and_weights(
+                grid_thw,
+                num_grid_per_side=visual.num_grid_per_side,
+                mode=visual.interpolation_mode,
+                align_corners=visual.interpolation_align_corners,
+                spatial_merge_size=visual.config.spatial_merge_size,
+            )
+        if self.windowed:
+            out["window_index"], out["cu_window_seqlens"] = get_vision_window_index(
+                grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
+            )
+            out["max_window_seqlen"] = get_max_seqlen(out["cu_window_seqlens"], visual.config)
+        return out
 
     @staticmethod
     def _split(flat: Tensor, sizes: list[int]) -> list[Tensor]:
@@ -380,28 +430,24 @@ class QwenMergerAdapter(FamilyAdapter):
 
     def _visual_inputs(
         self, vlm: VLM, pixel_inputs: dict[str, Tensor]
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """``(pixel_values, grid_thw, extra visual kwargs)`` on the model's device.
+    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """``(pixel_values, grid_thw, the tower's grid-derived kwargs)`` on the model's device.
 
         On ``meta`` the grid must stay real (the tower calls ``.tolist()`` on it and on cu_seqlens), so
-        the grid-derived tensors that meet weights (rotary position ids, position-embedding
-        interpolation taps) are precomputed on cpu with the model's own helpers and moved to meta.
+        the grid-derived tensors are computed on cpu and those that meet weights (rotary position ids,
+        position-embedding taps) are moved to meta.
         """
         visual = vlm.model.model.visual
         pixel_values = pixel_inputs["pixel_values"].to(vlm.device, visual.dtype)
         if vlm.device.type != "meta":
-            return pixel_values, pixel_inputs["image_grid_thw"].to(vlm.device), {}
+            grid_thw = pixel_inputs["image_grid_thw"].to(vlm.device)
+            return pixel_values, grid_thw, self._tower_inputs(visual, grid_thw)
         grid_thw = pixel_inputs["image_grid_thw"].cpu()
-        extra = {"position_ids": get_vision_position_ids(grid_thw, visual.spatial_merge_size)}
-        if hasattr(visual, "pos_embed"):  # Qwen3.x: learned position grid resampled per image
-            extra["interp_indices"], extra["interp_weights"] = get_vision_interpolation_indices_and_weights(
-                grid_thw,
-                num_grid_per_side=visual.num_grid_per_side,
-                mode=visual.interpolation_mode,
-                align_corners=visual.interpolation_align_corners,
-                spatial_merge_size=visual.config.spatial_merge_size,
-            )
-        return pixel_values, grid_thw, {k: v.to(vlm.device) for k, v in extra.items()}
+        extra = self._compute_tower_inputs(visual, grid_thw)
+        for k in ("position_ids", "interp_indices", "interp_weights"):
+            if k in extra:
+                extra[k] = extra[k].to(vlm.device)
+        return pixel_values, grid_thw, extra
 
     def encode(self, vlm: VLM, pixel_inputs: dict[str, Tensor]) -> Captured:
         visual = vlm.model.model.visual
@@ -419,9 +465,8 @@ class QwenMergerAdapter(FamilyAdapter):
         finally:
             handle.remove()
         pre_flat = store["pre"]
-        index, _ = self._orders(visual, grid_thw.cpu())
-        index = index.to(pre_flat.device)
-        pre = self._split(pre_flat[index], [h * w for h, w in grids])
+        index, _ = self._orders(visual, grid_thw)
+        pre = self._split(pre_flat[_on(index, pre_flat.device)], [h * w for h, w in grids])
         post = self._split(out.pooler_output, [h * w // 4 for h, w in grids])
         captured = Captured(
             pre=pre,
@@ -449,10 +494,10 @@ class QwenMergerAdapter(FamilyAdapter):
         index, perm = self._orders(visual, grid_thw)
         flat = torch.cat([x.to(vlm.device, visual.dtype) for x in pre])
         model_order = torch.empty_like(flat)
-        model_order[index.to(flat.device)] = flat  # inverse of the gather in encode
+        model_order[_on(index, flat.device)] = flat  # inverse of the gather in encode
         merged = visual.merger(model_order)
         if perm is not None:
-            merged = merged[perm.to(merged.device)]
+            merged = merged[_on(perm, merged.device)]
         return self._split(merged, [h * w // 4 for h, w in grids])
 
     # -- language path ---------------------------------------------------------------------------
