@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
+from vlmc.store.verify import adoptable_chunks, check_file, check_finite, check_manifest, check_same_keys, load_chunk
 from vlmc.utils.cli import UsageError
 from vlmc.utils.io import atomic_open, atomic_write_json, read_json, safe_torch_load, sha256_file
 
@@ -154,16 +155,15 @@ class ShardWriter:
             self._adopt(read_json(old))
 
     def _adopt(self, old: dict[str, Any]) -> None:
-        for field in ("model", "source", "store_dtype", "save", "save_every", "prompt", "img_size", "pool"):
-            if field in self.meta and old.get(field) != self.meta[field]:
-                raise UsageError(
-                    f"{self.dir}: existing output has {field}={old.get(field)!r}, this run {self.meta[field]!r}; "
-                    "rerun without --skip_existing to overwrite, or choose another --out_dir"
-                )
-        for c in old.get("chunks", []):
-            if all((self.dir / f["name"]).exists() for f in c["files"].values()):
-                self.chunks[c["index"]] = c
-                self.skipped[c["index"]] = c.get("skipped", [])
+        fields = ("model", "source", "store_dtype", "save", "save_every", "prompt", "img_size", "pool")
+        differ = [f for f in fields if f in self.meta and old.get(f) != self.meta[f]]
+        if differ:
+            named = ", ".join(f"{f}={old.get(f)!r} (this run {self.meta[f]!r})" for f in differ)
+            raise UsageError(
+                f"{self.dir}: existing output has {named}; "
+                "rerun without --skip_existing to overwrite, or choose another --out_dir"
+            )
+        self.chunks, self.skipped = adoptable_chunks(self.dir, old)
         for k in self.meta.get("kinds", ["pre", "post"]):  # shapes discovered by the earlier run
             if k in old:
                 self.meta.setdefault(k, old[k])
@@ -224,6 +224,8 @@ class ShardWriter:
             "chunks": chunks,
             "complete": complete,
         }
+        if complete:
+            manifest["n_chunks"] = len(chunks)
         atomic_write_json(self.dir / MANIFEST, manifest)
         return manifest
 
@@ -281,6 +283,7 @@ class ShardReader:
             raise UsageError(f"{m}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
         if require_complete and not manifest.get("complete"):
             raise UsageError(f"{d}: extraction incomplete (manifest complete=false); rerun it with --skip_existing")
+        check_manifest(d, manifest)
         return cls(d, manifest)
 
     @property
@@ -292,11 +295,8 @@ class ShardReader:
         for c in self.manifest["chunks"]:
             if c["rows"] == 0:  # every input of the chunk was unreadable
                 continue
-            if kind not in c["files"]:
-                raise UsageError(f"{self.dir}: chunk {c['index']} has no {kind!r} vectors")
-            chunk = safe_torch_load(self.dir / c["files"][kind]["name"])
-            if len(chunk["keys"]) != c["rows"]:
-                raise UsageError(f"{self.dir}: chunk {c['index']} has {len(chunk['keys'])} rows, manifest says {c['rows']}")
+            chunk = verified_chunk(self.dir, c, kind)
+            check_finite(self.dir / c["files"][kind]["name"], chunk)
             yield chunk
 
     def keys(self, kind: str = "pre") -> list[str]:
@@ -327,6 +327,18 @@ class ShardReader:
             else:
                 raise UsageError(f"{self.dir}: only mean-pooled {kind} vectors are stored; --pool {pool} needs tokens")
         return keys, torch.cat(parts) if parts else torch.empty(0)
+
+
+def verified_chunk(shard_dir: Path, entry: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Load the ``kind`` file of a manifest chunk, verified (``vlmc.store.verify``) and key-checked
+    against another kind of the same chunk (pre and post hold the same keys in the same order)."""
+    chunk = load_chunk(shard_dir, entry, kind)
+    other = next((k for k in entry["files"] if k != kind), None)
+    if other is not None:
+        path = shard_dir / entry["files"][other]["name"]
+        check_file(path, entry["files"][other], "size")
+        check_same_keys(shard_dir / entry["files"][kind]["name"], chunk["keys"], path, safe_torch_load(path)["keys"])
+    return chunk
 
 
 def pool_tokens(x: Tensor, pool: str) -> Tensor:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from vlmc.utils.io import UnreadableFile
 from vlmc.utils.stop import EXIT_PREEMPTED, StopRequested
 
 log = logging.getLogger("vlmc")
@@ -26,8 +29,10 @@ class UsageError(Exception):
 def entry_point(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
     """Wrap a CLI ``main`` so user errors print one clear line and exit 2 instead of a traceback.
 
-    ``UsageError``, missing files and permission problems are user errors; anything else is a bug
-    and keeps its traceback. ``StopRequested`` (a checkpointed stop, see ``vlmc.utils.stop``) exits 75.
+    ``UsageError``, missing files, permission problems, unreadable files (``UnreadableFile``: corrupt,
+    truncated, refused by a safe load, invalid JSON) and other OS errors (a full disk: errno 28) are
+    user errors, printed as one line naming the file; anything else is a bug and keeps its traceback.
+    ``StopRequested`` (a checkpointed stop, see ``vlmc.utils.stop``) exits 75.
     """
 
     @functools.wraps(main)
@@ -35,9 +40,9 @@ def entry_point(main: Callable[[list[str] | None], int | None]) -> Callable[[lis
         setup_logging()
         try:
             return int(main(argv) or 0)
-        except (UsageError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        except (UsageError, UnreadableFile, OSError) as e:
             prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "vlmc"
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
             return 2
         except StopRequested as e:
             log.warning("%s", e)
@@ -47,6 +52,17 @@ def entry_point(main: Callable[[list[str] | None], int | None]) -> Callable[[lis
             return 130
 
     return wrapper
+
+
+def _one_line(e: BaseException) -> str:
+    """An error as one line; an ``OSError`` as ``<file>: <reason>`` (``[Errno 28] ...`` spelt out)."""
+    if isinstance(e, OSError) and not isinstance(e, UnreadableFile) and e.strerror:
+        names = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        text = f"{names}: {e.strerror}" if names else e.strerror
+        if e.errno == errno.ENOSPC:
+            text += " (free some space or choose another output folder, then rerun to resume)"
+        return text
+    return " ".join(str(e).split("\n")[0].split()) or type(e).__name__
 
 
 def setup_logging() -> None:
@@ -108,3 +124,61 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     if not os.access(p, os.W_OK):
         raise UsageError(f"output directory {p} is not writable")
     return p
+
+
+# -- argparse ``type=`` validators: a bad value is rejected at parse time (exit 2, one line) ---------
+
+
+def _number(kind: type, text: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type=``: an integer ``>= low``."""
+
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+positive_int = int_at_least(1)
+nonneg_int = int_at_least(0)
+
+
+def float_in(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type=``: a finite float in ``[low, high]`` (``low_open``/``high_open``: exclusive ends)."""
+    lo, hi = ("(" if low_open else "["), (")" if high_open or high == math.inf else "]")
+
+    def parse(text: str) -> float:
+        value = _number(float, text)
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            raise argparse.ArgumentTypeError(f"{value:g} is outside {lo}{low:g}, {high:g}{hi}")
+        return value
+
+    parse.__name__ = f"number in {lo}{low:g}, {high:g}{hi}"
+    return parse
+
+
+positive_float = float_in(0.0, low_open=True)
+nonneg_float = float_in(0.0)
+probability = float_in(0.0, 1.0)
+dropout_rate = float_in(0.0, 1.0, high_open=True)
+
+
+def device_name(text: str) -> str:
+    """An argparse ``type=``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    t = text.strip()
+    if t in ("auto", "cpu", "cuda", "mps") or (t.startswith("cuda:") and t[5:].isdigit()):
+        return t
+    raise argparse.ArgumentTypeError(f"{text!r}: choose auto, cpu, cuda, cuda:N or mps")

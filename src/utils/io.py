@@ -63,8 +63,35 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def safe_torch_load(path: str | os.PathLike, mmap: bool = True) -> Any:
-    """Load a ``.pt`` file without unpickling arbitrary objects (``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    """Load a ``.pt`` file without unpickling arbitrary objects (``weights_only=True``).
+
+    Raises:
+        UnreadableFile: the file is empty, truncated, not a torch file, or holds objects a safe load
+            refuses; the message names the file (and never suggests an unsafe load).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ValueError, ... here
+        raise UnreadableFile(f"{path}: {_load_failure(path, e)}") from None
+
+
+class UnreadableFile(ValueError):
+    """A file exists but cannot be read as what it should be (its message names the file)."""
+
+
+def _load_failure(path: str | os.PathLike, e: Exception) -> str:
+    """A one-line reason for a failed safe ``torch.load``, without torch's retry advice."""
+    import pickle
+
+    if os.path.getsize(path) == 0:
+        return "empty file (zero bytes)"
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return "refused: holds objects other than tensors and plain data (not written by vlmc, or tampered with)"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    return f"not a readable torch file (truncated or corrupted: {first[:160]})"
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
@@ -77,9 +104,12 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file."""
+    """Read a JSON file; ``UnreadableFile`` naming it when it is not valid JSON."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UnreadableFile(f"{path}: not valid JSON ({e})") from None
 
 
 @contextlib.contextmanager
