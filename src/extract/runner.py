@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vlmc.data.images import ImageDataset, ImageRecord
+from vlmc.store.lock import FolderLock
 from vlmc.store.vectors import ShardWriter, cast_checked_many, digest_keys, pack
 from vlmc.utils.cli import DTYPES, UsageError, parse_dtype
 from vlmc.utils.stop import StopFlag, StopRequested, stop_requested
@@ -216,12 +217,14 @@ def run_shards(encoder: Encoder, records: Sequence[ImageRecord], out_root: Path,
     """``run_shard`` for every shard of ``records`` into ``out_root/<shard>``, with one progress bar.
 
     A SIGUSR1/SIGTERM (Slurm's pre-emption warning) stops after the current chunk with
-    ``StopRequested`` (exit 75 through ``entry_point``); ``--skip_existing`` resumes.
+    ``StopRequested`` (exit 75 through ``entry_point``); ``--skip_existing`` resumes. Each shard folder
+    is written under its ``FolderLock``: a second run into it exits 2 naming this one.
     """
     results = []
     with StopFlag(), tqdm(total=len(records), desc=desc, unit="img", file=sys.stderr) as bar:
         for shard, recs in group_by_shard(records).items():
-            res = run_shard(encoder, shard, recs, out_root / shard, cfg, progress=bar)
+            with FolderLock(out_root / shard):  # one writer per shard folder; removes a killed run's temp files
+                res = run_shard(encoder, shard, recs, out_root / shard, cfg, progress=bar)
             log.info("%s %s: %d written, %d resumed, %d skipped", desc, shard, res.written, res.resumed, res.skipped)
             results.append(res)
     return results

@@ -30,7 +30,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vlmc.models.base import Correspondence
-from vlmc.store.vectors import ShardReader, ShardWriter, digest_keys, find_shard_dirs, pack, unpack
+from vlmc.store.verify import check_finite, check_same_keys
+from vlmc.store.vectors import ShardReader, ShardWriter, digest_keys, find_shard_dirs, pack, unpack, verified_chunk
 from vlmc.utils.cli import DTYPES, UsageError
 from vlmc.utils.io import atomic_open, atomic_write_json, read_json, safe_torch_load
 
@@ -212,9 +213,9 @@ def index_samples(store: Store, limit: int = 0) -> list[Sample]:
             if qc is None:
                 raise UsageError(f"{sp.post.dir}: no chunk {pc['index']} to match {sp.pre.dir}")
             pre_path, post_path = sp.pre.dir / pc["files"]["pre"]["name"], sp.post.dir / qc["files"]["post"]["name"]
-            pre, post = safe_torch_load(pre_path), safe_torch_load(post_path)
-            if list(pre["keys"]) != list(post["keys"]):
-                raise UsageError(f"{pre_path} and {post_path} hold different keys")
+            pre, post = verified_chunk(sp.pre.dir, pc, "pre"), verified_chunk(sp.post.dir, qc, "post")
+            check_same_keys(pre_path, pre["keys"], post_path, post["keys"])
+            check_finite(pre_path, pre), check_finite(post_path, post)
             n = len(pre["keys"])
             pg = _grids(pre, sp.pre.manifest.get("pre"), n, pre_path)
             qg = _grids(post, sp.post.manifest.get("post"), n, post_path)

@@ -80,7 +80,7 @@ from vlmc.extract.vectors import shape_meta
 from vlmc.models.base import VLM, Captured, get_adapter
 from vlmc.models.families.common import chat_texts, injected, left_padding, to_model
 from vlmc.models.load import load_vlm
-from vlmc.store.vectors import ShardWriter, pack, unpack
+from vlmc.store.vectors import ShardWriter, pack, unpack, verified_chunk
 from vlmc.train.connectors import (
     BEST,
     ConnectorSpec,
@@ -1069,7 +1069,7 @@ def export_vectors(args, ctx: Context, connector: ReplacementConnector, store, k
             for c in tqdm(chunks, desc=f"{name} {sp.shard}", unit="chunk", file=sys.stderr, disable=None):
                 if writer.is_done(c["index"], c["input_digest"]):
                     continue
-                chunk = safe_torch_load(sp.pre.dir / c["files"]["pre"]["name"])
+                chunk = verified_chunk(sp.pre.dir, c, "pre") if c["rows"] else {"keys": []}
                 keys = [str(k) for k in chunk["keys"]]
                 sel = [i for i, k in enumerate(keys) if keep is None or (sp.shard, k) in keep]
                 if keys and sel:
