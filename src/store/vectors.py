@@ -26,7 +26,14 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
-from vlmc.store.verify import adoptable_chunks, check_file, check_finite, check_manifest, check_same_keys, load_chunk
+from vlmc.store.verify import (
+    adoptable_chunks,
+    check_file,
+    check_finite,
+    check_manifest,
+    check_same_keys,
+    load_chunk,
+)
 from vlmc.utils.cli import UsageError
 from vlmc.utils.io import atomic_open, atomic_write_json, read_json, safe_torch_load, sha256_file
 

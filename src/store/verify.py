@@ -166,13 +166,10 @@ def adoptable_chunks(
     skipped: dict[int, list[dict[str, str]]] = {}
     for entry in manifest.get("chunks", []):
         try:
-            keys = None
+            seen: list[tuple[Path, list[str]]] = []
             for kind, f in entry["files"].items():
-                chunk = load_chunk(shard_dir, entry, kind, "hash")
-                if keys is not None:
-                    check_same_keys(shard_dir / first, keys, shard_dir / f["name"], chunk["keys"])
-                else:
-                    keys, first = chunk["keys"], f["name"]
+                seen.append((shard_dir / f["name"], load_chunk(shard_dir, entry, kind, "hash")["keys"]))
+                check_same_keys(*seen[0], *seen[-1])
         except (UsageError, KeyError, TypeError) as e:
             log.warning("redoing chunk %s: %s", entry.get("index"), e)
             continue

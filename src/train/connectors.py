@@ -63,6 +63,7 @@ from vlmc.models.base import Correspondence
 from vlmc.train.data import NormStats
 from vlmc.train.reconstructors import GridPos, merge_blocks, state_copy, unmerge_blocks
 from vlmc.utils.cli import UsageError
+from vlmc.utils.io import safe_torch_load
 
 Grid = tuple[int, int]
 BEST = "best_model.pt"
@@ -475,7 +476,7 @@ def load_connector(path: str | Path, device: torch.device | str = "cpu") -> tupl
         p = p / BEST
     if not p.exists():
         raise UsageError(f"{p}: no trained connector (run train_connector first)")
-    ck = torch.load(p, map_location="cpu", weights_only=True)
+    ck = safe_torch_load(p, mmap=False)
     spec = ConnectorSpec.from_dict(ck["meta"]["spec"])
     model = build_connector(spec)
     model.load_state_dict(ck["state_dict"])

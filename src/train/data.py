@@ -30,8 +30,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vlmc.models.base import Correspondence
+from vlmc.store.vectors import (
+    ShardReader,
+    ShardWriter,
+    digest_keys,
+    find_shard_dirs,
+    pack,
+    unpack,
+    verified_chunk,
+)
 from vlmc.store.verify import check_finite, check_same_keys
-from vlmc.store.vectors import ShardReader, ShardWriter, digest_keys, find_shard_dirs, pack, unpack, verified_chunk
 from vlmc.utils.cli import DTYPES, UsageError
 from vlmc.utils.io import atomic_open, atomic_write_json, read_json, safe_torch_load
 

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from vlmc.models.base import Correspondence
 from vlmc.utils.cli import UsageError
+from vlmc.utils.io import safe_torch_load
 
 Grid = tuple[int, int]
 MODEL_TYPES = ("linear", "mlp", "transformer")
@@ -548,7 +549,7 @@ def load_reconstructor(path: str | Path, device: torch.device | str = "cpu") -> 
         p = p / BEST
     if not p.exists():
         raise UsageError(f"{p}: no trained reconstructor (run train_recon first)")
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    ckpt = safe_torch_load(p, mmap=False)
     spec = ReconSpec.from_dict(ckpt["meta"]["spec"])
     model = build_reconstructor(spec)
     model.load_state_dict(ckpt["state_dict"])

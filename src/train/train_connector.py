@@ -112,6 +112,7 @@ from vlmc.train.data import (
     save_split,
     save_stats,
 )
+from vlmc.train.resume import repair_best
 from vlmc.train.train_recon import (
     amp_context,
     lr_factor,
@@ -803,7 +804,7 @@ class ConnectorTrainer:
         amp_dtype = parse_dtype(args.amp_dtype)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp and amp_dtype == torch.float16)
         self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_val": math.inf, "best_epoch": 0,
-                                      "bad_epochs": 0, "ce_sum": 0.0, "tokens": 0, "se_sum": 0.0, "elements": 0,
+                                      "best_train": math.nan, "best_geometry": math.nan, "bad_epochs": 0, "ce_sum": 0.0, "tokens": 0, "se_sum": 0.0, "elements": 0,
                                       "epoch_seconds": 0.0, "finished": False}
         self.history: list[dict[str, Any]] = []
         self.wandb = None
@@ -829,11 +830,9 @@ class ConnectorTrainer:
         self.scaler.load_state_dict(ck["scaler"])
         self.state.update(ck["state"])
         set_rng_state(ck["rng"])
-        best_path = self.out / BEST
-        if best_path.exists():  # a best saved after last.pt (killed in between) still counts
-            best = torch.load(best_path, map_location="cpu", weights_only=True)["meta"]
-            if best["val_loss"] < self.state["best_val"]:
-                self.state.update(best_val=best["val_loss"], best_epoch=best["epoch"])
+        st = self.state  # last.pt is the commit point; best_model.pt follows it (vlmc.train.resume)
+        repair_best(self.out / BEST, st, lambda: self.save_best(st["best_epoch"], st["best_train"], st["best_val"],
+                                                                st["best_geometry"]))
         self.history = [r for r in read_history(self.out / HISTORY) if int(r["epoch"]) <= self.state["epoch"]]
         log.info("resumed from %s: epoch %d, batch %d, step %d, best val %.5f", path, self.state["epoch"] + 1,
                  self.state["batch"], self.state["step"], self.state["best_val"])
@@ -870,8 +869,7 @@ class ConnectorTrainer:
         lr = self.opt.param_groups[0]["lr"]
         improved = val_ce < st["best_val"] - args.min_delta
         if improved:
-            st.update(best_val=val_ce, best_epoch=epoch, bad_epochs=0)
-            self.save_best(epoch, train_ce, val_ce, val_geom)
+            st.update(best_val=val_ce, best_epoch=epoch, bad_epochs=0, best_train=train_ce, best_geometry=val_geom)
         else:
             st["bad_epochs"] += 1
         self.history.append({"epoch": epoch, "train_loss": f"{train_ce:.6g}", "val_loss": f"{val_ce:.6g}",
@@ -881,7 +879,9 @@ class ConnectorTrainer:
         stop_early = bool(args.patience) and st["bad_epochs"] >= args.patience
         st.update(epoch=epoch, batch=0, ce_sum=0.0, tokens=0, se_sum=0.0, elements=0, epoch_seconds=0.0,
                   finished=stop_early or epoch >= args.epochs)
-        self.save_last()
+        self.save_last()  # first: the commit point, then the best copy (a kill between is repaired on resume)
+        if improved:
+            self.save_best(epoch, train_ce, val_ce, val_geom)
         log.info("epoch %d: train CE %.4f val CE %.4f (geometry %.4f) lr %.3g %.1fs%s", epoch, train_ce, val_ce,
                  val_geom, lr, seconds, " (best)" if improved else "")
         if self.wandb is not None:

@@ -72,6 +72,7 @@ from vlmc.train.reconstructors import (
     load_reconstructor,
     make_spec,
 )
+from vlmc.train.resume import repair_best
 from vlmc.utils.cli import (
     UsageError,
     ensure_writable_dir,
@@ -382,7 +383,7 @@ class Trainer:
             self.opt, lambda s: lr_factor(s, args.warmup_steps, self.total_steps))
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp and self.amp_dtype == torch.float16)
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0,
-                      "train_sse": 0.0, "train_n": 0, "epoch_seconds": 0.0, "finished": False}
+                      "best_train": math.nan, "train_sse": 0.0, "train_n": 0, "epoch_seconds": 0.0, "finished": False}
         self.history: list[dict[str, Any]] = []
         self.wandb = None
 
@@ -407,11 +408,8 @@ class Trainer:
         self.scaler.load_state_dict(ck["scaler"])
         self.state.update(ck["state"])
         set_rng_state(ck["rng"])
-        best_path = self.out / BEST
-        if best_path.exists():  # a best saved after last.pt (killed in between) still counts
-            best = torch.load(best_path, map_location="cpu", weights_only=True)["meta"]
-            if best["val_loss"] < self.state["best_val"]:
-                self.state.update(best_val=best["val_loss"], best_epoch=best["epoch"])
+        st = self.state  # last.pt is the commit point; best_model.pt follows it (vlmc.train.resume)
+        repair_best(self.out / BEST, st, lambda: self.save_best(st["best_epoch"], st["best_train"], st["best_val"]))
         self.history = [r for r in read_history(self.out / HISTORY) if int(r["epoch"]) <= self.state["epoch"]]
         log.info("resumed from %s: epoch %d, batch %d, step %d, best val %.5f", path, self.state["epoch"] + 1,
                  self.state["batch"], self.state["step"], self.state["best_val"])
@@ -450,8 +448,7 @@ class Trainer:
         lr = self.opt.param_groups[0]["lr"]
         improved = val_loss < st["best_val"] - args.min_delta
         if improved:
-            st.update(best_val=val_loss, best_epoch=epoch, bad_epochs=0)
-            self.save_best(epoch, train_loss, val_loss)
+            st.update(best_val=val_loss, best_epoch=epoch, bad_epochs=0, best_train=train_loss)
         else:
             st["bad_epochs"] += 1
         self.history.append({"epoch": epoch, "train_loss": f"{train_loss:.6g}", "val_loss": f"{val_loss:.6g}",
@@ -460,7 +457,9 @@ class Trainer:
         stop_early = bool(args.patience) and st["bad_epochs"] >= args.patience
         st.update(epoch=epoch, batch=0, train_sse=0.0, train_n=0, epoch_seconds=0.0,
                   finished=stop_early or epoch >= args.epochs)
-        self.save_last()
+        self.save_last()  # first: the commit point, then the best copy (a kill between is repaired on resume)
+        if improved:
+            self.save_best(epoch, train_loss, val_loss)
         log.info("epoch %d: train %.5f val %.5f lr %.3g %.1fs%s", epoch, train_loss, val_loss, lr, seconds,
                  " (best)" if improved else "")
         if self.wandb is not None:

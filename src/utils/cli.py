@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vlmc.utils.io import UnreadableFile
-from vlmc.utils.stop import EXIT_PREEMPTED, StopRequested
+from vlmc.utils.stop import EXIT_PREEMPTED, StoppedEarly, StopRequested, stop_at_once
 
 log = logging.getLogger("vlmc")
 
@@ -39,12 +39,13 @@ def entry_point(main: Callable[[list[str] | None], int | None]) -> Callable[[lis
     def wrapper(argv: list[str] | None = None) -> int:
         setup_logging()
         try:
-            return int(main(argv) or 0)
+            with stop_at_once():  # pre-emption while a model loads exits 75 too
+                return int(main(argv) or 0)
         except (UsageError, UnreadableFile, OSError) as e:
             prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "vlmc"
             print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
             return 2
-        except StopRequested as e:
+        except (StopRequested, StoppedEarly) as e:
             log.warning("%s", e)
             return EXIT_PREEMPTED
         except KeyboardInterrupt:
