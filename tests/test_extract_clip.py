@@ -289,7 +289,7 @@ def test_help_states_every_pooling_definition():
         (["--model_id", "open_clip:ViT-S-32-alt", "--pretrained", "/nonexistent/w.pt"], "does not exist"),
         (["--model_id", "./no/such/folder"], "does not exist"),
         (["--model_id", "tiny-clip", "--pretrained", "laion"], "open_clip models only"),
-        (["--batch_size", "0"], "--batch_size must be >= 1"),
+        (["--batch_size", "0"], "--batch_size: must be >= 1"),
     ],
 )
 def test_bad_arguments_one_line_exit_2(args, message, images, tmp_path, capsys):

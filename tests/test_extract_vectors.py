@@ -134,7 +134,7 @@ def test_modules_glob_and_list_modules(images, tmp_path):
     [
         (["--root", "/nonexistent/dir"], "does not exist"),
         (["--models", "nosuchmodel"], "unknown model"),
-        (["--batch_size", "0"], "--batch_size must be >= 1"),
+        (["--batch_size", "0"], "--batch_size: must be >= 1"),
         (["--store_dtype", "fp8"], "unknown dtype"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--models", ""], "cuda"),
     ],

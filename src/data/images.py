@@ -41,9 +41,11 @@ the header before any pixel is decoded. PIL's ``DecompressionBombWarning`` never
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -101,8 +103,13 @@ class ImageRecord:
 
 
 def is_image_file(path: Path) -> bool:
-    """True for a visible regular file whose suffix is in :data:`IMAGE_EXTENSIONS`."""
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    """True for a visible entry whose suffix is in :data:`IMAGE_EXTENSIONS` and that is not a folder.
+
+    Besides regular files this includes dangling symbolic links, link loops, FIFOs and other special
+    files named like images: they become records that :func:`load_image` skips with a reason, so they
+    are listed in the manifest instead of vanishing.
+    """
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir()
 
 
 def _list_dir(folder: Path) -> list[Path]:
@@ -234,21 +241,34 @@ def _strict_decoding() -> Iterator[None]:
 
 
 def _open_file(path: Path) -> BinaryIO:
-    """Open ``path`` for reading, mapping OS problems (and zero bytes) to :class:`ImageSkipped`."""
-    try:
-        f = open(path, "rb")
+    """Open ``path`` for reading, mapping OS problems, special files and zero bytes to :class:`ImageSkipped`."""
+    try:  # O_NONBLOCK: a FIFO named like an image must not block the loader (no effect on regular files)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise ImageSkipped("missing", "file not found") from None
+        raise ImageSkipped("missing", "dangling symbolic link" if path.is_symlink() else "file not found") from None
     except PermissionError:
         raise ImageSkipped("unreadable", "permission denied") from None
     except IsADirectoryError:
         raise ImageSkipped("unreadable", "is a directory") from None
     except OSError as e:
-        raise ImageSkipped("unreadable", e.strerror or str(e)) from None
-    if os.fstat(f.fileno()).st_size == 0:
-        f.close()
+        raise ImageSkipped("unreadable", "symbolic link loop" if e.errno == errno.ELOOP else e.strerror or str(e)) from None
+    mode, size = (st := os.fstat(fd)).st_mode, st.st_size
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ImageSkipped("unreadable", "is a directory" if stat.S_ISDIR(mode) else f"not a regular file ({_file_kind(mode)})")
+    if size == 0:
+        os.close(fd)
         raise ImageSkipped("empty_file", "zero bytes")
-    return f
+    return os.fdopen(fd, "rb")
+
+
+def _file_kind(mode: int) -> str:
+    """A word for a special file's type (``FIFO``, ``socket``, ``character device``, ...)."""
+    for test, word in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return word
+    return "special file"
 
 
 def _decode_error(e: Exception) -> ImageSkipped:

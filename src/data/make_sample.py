@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vlmc.utils import cli
 from vlmc.data.images import CAPTION_SUFFIX, IMAGE_EXTENSIONS
 from vlmc.data.photos import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE, available_photos, export_photos
 from vlmc.data.scenes import write_scenes
@@ -106,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: build the committed sample set."""
     parser = make_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="sample image root")
-    parser.add_argument("--n-per-shard", type=int, default=24, help="synthetic scenes per scene shard")
-    parser.add_argument("--overlap", type=int, default=12, help="keys shard 00001 shares with shard 00000")
-    parser.add_argument("--size", type=int, default=224, help="scene image side in pixels")
+    parser.add_argument("--n-per-shard", type=cli.positive_int, default=24, help="synthetic scenes per scene shard")
+    parser.add_argument("--overlap", type=cli.nonneg_int, default=12, help="keys shard 00001 shares with shard 00000")
+    parser.add_argument("--size", type=cli.positive_int, default=224, help="scene image side in pixels")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing sample set")
     args = parser.parse_args(argv)
     out: Path = args.out

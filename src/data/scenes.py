@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from vlmc.utils import cli
 from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser
 from vlmc.utils.io import atomic_open, atomic_write_text
 
@@ -511,14 +512,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", required=True, type=Path, default=argparse.SUPPRESS, help="output image root"
     )
-    parser.add_argument("--n", type=int, default=1000, help="number of scenes")
-    parser.add_argument("--shards", type=int, default=1, help="number of shard folders (00000, 00001, ...)")
+    parser.add_argument("--n", type=cli.positive_int, default=1000, help="number of scenes")
+    parser.add_argument("--shards", type=cli.positive_int, default=1, help="number of shard folders (00000, 00001, ...)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
-    parser.add_argument("--size", type=int, default=224, help="image side in pixels")
+    parser.add_argument("--size", type=cli.positive_int, default=224, help="image side in pixels")
     parser.add_argument(
         "--first-index", type=int, default=0, help="index of the first key (keys are 9-digit)"
     )
-    parser.add_argument("--workers", type=int, default=1, help="rendering processes (0: one per CPU)")
+    parser.add_argument("--workers", type=cli.nonneg_int, default=1, help="rendering processes (0: one per CPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     _validate(args.n, args.shards, args.size, args.first_index)

@@ -41,6 +41,7 @@ from vlmc.eval.captions_io import done_ids, upsert_rows
 from vlmc.eval.scoring import add_scoring_args, build_scorers
 from vlmc.models.load import load_vlm
 from vlmc.train.data import plan_batches
+from vlmc.utils import cli
 from vlmc.utils.cli import (
     UsageError,
     ensure_writable_dir,
@@ -75,13 +76,13 @@ def build_parser():
                    "images; every image of a store other than its training store); all = every image of the store")
     p.add_argument("--out_dir", default="data/output/captions", help="output folder of captions_<model>.csv")
     p.add_argument("--cache_dir", default=None, help="caption_post_direct cache folder (default <out_dir>/cache)")
-    p.add_argument("--batch_size", type=int, default=8, help="images per generate call")
+    p.add_argument("--batch_size", type=cli.positive_int, default=8, help="images per generate call")
     p.add_argument("--shards", default=None, help="comma list of shards (default: all)")
-    p.add_argument("--shard_limit", type=int, default=0, help="at most this many images per shard; 0 = all")
-    p.add_argument("--max_items", type=int, default=0, help="at most this many images in all (store order); 0 = all")
+    p.add_argument("--shard_limit", type=cli.nonneg_int, default=0, help="at most this many images per shard; 0 = all")
+    p.add_argument("--max_items", type=cli.nonneg_int, default=0, help="at most this many images in all (store order); 0 = all")
     p.add_argument("--caption_prompt", "--prompt", dest="prompt", default=None,
                    help="caption instruction (default: the store's recorded prompt, else the family's)")
-    p.add_argument("--caption_max_new_tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=32,
+    p.add_argument("--caption_max_new_tokens", "--max_new_tokens", dest="max_new_tokens", type=cli.positive_int, default=32,
                    help="caption length limit (tokens)")
     p.add_argument("--with_image_caption", action="store_true", help="also caption_image: the model's caption from the pixels")
     p.add_argument("--with_clipscore", action="store_true", help="score the CSV with CLIPScore when done (as score_captions.py)")
@@ -89,10 +90,10 @@ def build_parser():
     p.add_argument("--compare_post_vs_recon", action="store_true", help="the seed's flag; always on (ignored)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the reconstructor")
     p.add_argument("--dtype", default="auto", help="VLM compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--deepstack", default=None, choices=list(inject.DEEPSTACK_MODES),
                    help="Qwen3-VL only (default original; see above)")
-    p.add_argument("--save_every", type=int, default=256, help="rewrite the CSV after this many new rows")
+    p.add_argument("--save_every", type=cli.positive_int, default=256, help="rewrite the CSV after this many new rows")
     p.add_argument("--resume", action="store_true", help="keep rows an earlier run wrote; generate only the rest")
     add_scoring_args(p, standalone=False)
     return p

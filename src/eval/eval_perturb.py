@@ -38,6 +38,7 @@ from vlmc.eval.captions_io import done_ids, upsert_rows
 from vlmc.eval.perturb import LEVEL_HELP, MASK_FILLS, PERTURBATIONS, apply_batch, check_level, perturb_key
 from vlmc.models.load import load_vlm
 from vlmc.train.data import plan_batches
+from vlmc.utils import cli
 from vlmc.utils.cli import (
     UsageError,
     ensure_writable_dir,
@@ -73,13 +74,13 @@ def build_parser():
                    "point stage 7's --cache_dir here to share it")
     p.add_argument("--prompt", "--caption_prompt", dest="prompt", default=None,
                    help="caption instruction (default: the store's recorded prompt, else the family's)")
-    p.add_argument("--max_new_tokens", "--caption_max_new_tokens", dest="max_new_tokens", type=int, default=32,
+    p.add_argument("--max_new_tokens", "--caption_max_new_tokens", dest="max_new_tokens", type=cli.positive_int, default=32,
                    help="caption length limit (tokens)")
-    p.add_argument("--batch_size", type=int, default=8, help="images per generate call")
-    p.add_argument("--limit", type=int, default=0, help="at most this many images (store order); 0 = all")
+    p.add_argument("--batch_size", type=cli.positive_int, default=8, help="images per generate call")
+    p.add_argument("--limit", type=cli.nonneg_int, default=0, help="at most this many images (store order); 0 = all")
     p.add_argument("--shards", default=None, help="comma list of shards (default: all)")
-    p.add_argument("--save_every", type=int, default=256, help="rewrite the CSV after this many new rows")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--save_every", type=cli.positive_int, default=256, help="rewrite the CSV after this many new rows")
+    p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="model compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
     p.add_argument("--amp", action="store_true", help="the seed's flag: same as --dtype bf16")
     p.add_argument("--deepstack", default=None, choices=list(inject.DEEPSTACK_MODES),

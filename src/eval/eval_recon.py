@@ -45,6 +45,7 @@ from tqdm import tqdm
 from vlmc.models.base import VLM
 from vlmc.train.data import Sample, make_loader
 from vlmc.train.export_recon import ReconRun, load_connector_vlm, open_run, reconstruct, reproject
+from vlmc.utils import cli
 from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, resolve_device
 from vlmc.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
 from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
@@ -62,17 +63,17 @@ def build_parser():
     p.add_argument("--embed_model", default=None, help="model name (default: the checkpoint's)")
     p.add_argument("--vec_dir", default=None, help="stage-1 store (default: the shard folders recorded at training time)")
     p.add_argument("--out_dir", default=None, help="output folder (default data/output/recon_eval/<model>)")
-    p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--limit", type=int, default=0, help="score at most this many held-out images (store order); 0 = all")
+    p.add_argument("--batch_size", type=cli.positive_int, default=32, help="images per forward pass")
+    p.add_argument("--limit", type=cli.nonneg_int, default=0, help="score at most this many held-out images (store order); 0 = all")
     p.add_argument("--resume", action="store_true", help="keep rows an earlier run wrote; score only the rest")
-    p.add_argument("--save_every", type=int, default=256, help="rewrite a shard's outputs after this many new images")
+    p.add_argument("--save_every", type=cli.positive_int, default=256, help="rewrite a shard's outputs after this many new images")
     p.add_argument("--no_reproj", action="store_true", help="skip connector(Ê_pre) (no VLM needed)")
     p.add_argument("--model-path", "--model_path", dest="model_path", default=None,
                    help="VLM source for the connector (default: the stage-1 manifest's source)")
     p.add_argument("--dtype", default="auto", help="VLM compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the reconstructor")
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="DataLoader workers")
+    p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     return p
 
 

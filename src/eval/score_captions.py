@@ -42,6 +42,7 @@ from vlmc.eval.scoring import (
     gt_caption_for,
     score_table,
 )
+from vlmc.utils import cli
 from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, parse_csv_list
 from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
 
@@ -144,7 +145,7 @@ def build_parser():
         "--caption_cols", default=None, help="comma list of caption columns (default: caption_* but gt)"
     )
     p.add_argument("--skip_existing", action="store_true", help="score only rows/cells not scored yet")
-    p.add_argument("--save_every", type=int, default=1000, help="rows per atomic checkpoint write")
+    p.add_argument("--save_every", type=cli.positive_int, default=1000, help="rows per atomic checkpoint write")
     add_scoring_args(p)
     return p
 

@@ -41,6 +41,7 @@ from vlmc.eval.scoring import (
     gt_caption_for,
     score_table,
 )
+from vlmc.utils import cli
 from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser
 from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
 
@@ -117,7 +118,7 @@ def build_parser():
     )
     p.add_argument("--out_dir", default=None, help="where scored CSVs go; unset: rewrite the inputs in place")
     p.add_argument("--skip_existing", action="store_true", help="score only rows/cells not scored yet")
-    p.add_argument("--save_every", type=int, default=1000, help="rows per atomic checkpoint write")
+    p.add_argument("--save_every", type=cli.positive_int, default=1000, help="rows per atomic checkpoint write")
     add_scoring_args(p)
     return p
 

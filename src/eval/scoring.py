@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from vlmc.utils import cli
 from vlmc.utils.cli import UsageError, parse_csv_list, resolve_device
 from vlmc.utils.stop import StopRequested, stop_requested
 
@@ -477,8 +478,8 @@ def add_scoring_args(parser, standalone: bool = True) -> None:
     )
     g.add_argument("--baseline_path", default=None, help="local bert-score baseline CSV to rescale with")
     if standalone:
-        g.add_argument("--batch_size", type=int, default=32, help="images / sentences per forward")
-        g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+        g.add_argument("--batch_size", type=cli.positive_int, default=32, help="images / sentences per forward")
+        g.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda, cuda:N")
     else:
         g.add_argument(
             "--score_batch_size", type=int, default=32, help="images / sentences per scoring forward"

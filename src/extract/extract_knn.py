@@ -81,6 +81,7 @@ from vlmc.extract.geometry import (
 )
 from vlmc.metrics.knn import resolve_backend
 from vlmc.store.vectors import find_shard_dirs
+from vlmc.utils import cli
 from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, resolve_device
 from vlmc.utils.io import atomic_write_json
 
@@ -99,10 +100,10 @@ def build_parser():
     p.add_argument("--metric", default="l2", choices=["l2", "cosine"], help="distance for kNN and distance correlations")
     p.add_argument("--pool", default="mean", choices=["mean", "cls", "max"], help="pooling of pre/post tokens")
     p.add_argument("--per_shard", action="store_true", help="neighbours only within each shard (seed protocol)")
-    p.add_argument("--pairs_sample", type=int, default=100_000, help="max pairs for distance correlations")
+    p.add_argument("--pairs_sample", type=cli.positive_int, default=100_000, help="max pairs for distance correlations")
     p.add_argument("--svd_per_image_csv", action="store_true", help="per-image token spectra in per_image.csv + spectra.json")
     p.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch", "hybrid"], help="kNN backend")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu or cuda[:i]")
     p.add_argument("--seed", type=int, default=0, help="seed of the distance-correlation pair sample")
     return p
 

@@ -26,6 +26,7 @@ from vlmc.extract.runner import RunConfig, add_run_args, check_run_args, run_sha
 from vlmc.extract.vectors import VLMEncoder
 from vlmc.models.base import families, get_adapter, list_modules
 from vlmc.models.load import load_vlm
+from vlmc.utils import cli
 from vlmc.utils.cli import (
     UsageError,
     ensure_writable_dir,
@@ -55,11 +56,11 @@ def build_parser():
         "Default: each family's published HF id",
     )
     add_run_args(p, batch_size=8)
-    p.add_argument("--img_size", type=int, default=None, help="resize images to this square size (default: the model processor's own size)")
+    p.add_argument("--img_size", type=cli.positive_int, default=None, help="resize images to this square size (default: the model processor's own size)")
     p.add_argument("--prompt", default=None, help="caption instruction used with --caption (default: the family's)")
     p.add_argument("--save", default="both", choices=["tokens", "pooled", "both"], help="store token matrices, their mean, or both")
     p.add_argument("--caption", action="store_true", help="also generate a caption per image (runs the LM; stored in post chunks)")
-    p.add_argument("--max_new_tokens", type=int, default=32, help="caption length limit with --caption")
+    p.add_argument("--max_new_tokens", type=cli.positive_int, default=32, help="caption length limit with --caption")
     p.add_argument("--modules", nargs="+", default=[], metavar="GLOB", help="also store outputs of modules matching these Unix globs")
     p.add_argument("--list-modules", "--list_modules", dest="list_modules", action="store_true", help="print every module name of each model and exit")
     return p

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from vlmc.data.images import ImageDataset, ImageRecord
 from vlmc.store.lock import FolderLock
 from vlmc.store.vectors import ShardWriter, cast_checked_many, digest_keys, pack
+from vlmc.utils import cli
 from vlmc.utils.cli import DTYPES, UsageError, parse_dtype
 from vlmc.utils.stop import StopFlag, StopRequested, stop_requested
 
@@ -90,14 +91,14 @@ class ShardResult:
 def add_run_args(p, batch_size: int) -> None:
     """The flags every image-folder → vector-store CLI shares (shards, batching, chunking, dtypes, device)."""
     p.add_argument("--shards", default=None, help="comma list of shard names to process (default: all)")
-    p.add_argument("--batch_size", type=int, default=batch_size, help="images per forward pass")
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers decoding and preprocessing images")
-    p.add_argument("--max_items", type=int, default=0, help="process at most this many images (in shard, key order); 0 = all")
-    p.add_argument("--save_every", type=int, default=256, help="images per chunk file (the resume granularity)")
+    p.add_argument("--batch_size", type=cli.positive_int, default=batch_size, help="images per forward pass")
+    p.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="DataLoader workers decoding and preprocessing images")
+    p.add_argument("--max_items", type=cli.nonneg_int, default=0, help="process at most this many images (in shard, key order); 0 = all")
+    p.add_argument("--save_every", type=cli.positive_int, default=256, help="images per chunk file (the resume granularity)")
     p.add_argument("--skip_existing", action="store_true", help="keep chunks an earlier run committed; redo the rest")
     p.add_argument("--dtype", default="auto", help="model compute dtype: auto (bf16 on cuda, fp32 on cpu), bf16, fp16, fp32")
     p.add_argument("--store_dtype", default="fp16", help="dtype of the stored vectors: fp16, bf16 or fp32")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def check_run_args(args) -> None:

@@ -50,6 +50,7 @@ from vlmc.train.data import (
     open_store,
 )
 from vlmc.train.reconstructors import ReconSpec, load_reconstructor
+from vlmc.utils import cli
 from vlmc.utils.cli import (
     DTYPES,
     UsageError,
@@ -192,9 +193,9 @@ def build_parser():
     p.add_argument("--model-path", "--model_path", dest="model_path", default=None,
                    help="VLM source for the connector (HF id, folder, 'tiny'); default: the stage-1 manifest's source")
     p.add_argument("--split", default="val", choices=["val", "all", "train"], help="val: images the reconstructor did not train on; train; all")
-    p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch_size", type=cli.positive_int, default=32, help="images per forward pass")
+    p.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="DataLoader workers")
+    p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="VLM compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the reconstructor")
     p.add_argument("--store_dtype", default=None, help="dtype of the stored vectors (default: the source store's)")

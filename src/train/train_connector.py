@@ -124,6 +124,7 @@ from vlmc.train.train_recon import (
     start_wandb,
     steps_per_epoch,
 )
+from vlmc.utils import cli
 from vlmc.utils.cli import (
     DTYPES,
     UsageError,
@@ -175,54 +176,54 @@ def build_parser():
                    help="optional stage-1 store (base folder + --embed_model, or the model folder): read E_pre and the "
                    "original E_post from it instead of running the vision tower")
     g.add_argument("--shards", default=None, help="comma list of shards to use (default: all)")
-    g.add_argument("--limit", type=int, default=None, help="use at most this many captioned images; 0 = all")
-    g.add_argument("--val_split", type=float, default=0.1,
+    g.add_argument("--limit", type=cli.nonneg_int, default=None, help="use at most this many captioned images; 0 = all")
+    g.add_argument("--val_split", type=cli.split_fraction, default=0.1,
                    help="fraction of images held out for validation (seeded, by image); must leave >= 1 val image")
     g.add_argument("--prompt", default=None, help="instruction in the chat prompt (default: the family's)")
-    g.add_argument("--img_size", type=int, default=None,
+    g.add_argument("--img_size", type=cli.positive_int, default=None,
                    help="square image size (default: the store manifest's with --vec_dir, else the processor's)")
     g.add_argument("--padding_side", default="right", choices=["right", "left"], help="padding of training batches")
-    g.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (image decoding + processor)")
-    g.add_argument("--stats_images", type=int, default=1000,
+    g.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="DataLoader workers (image decoding + processor)")
+    g.add_argument("--stats_images", type=cli.positive_int, default=1000,
                    help="without --vec_dir: train images encoded for the normalisation statistics; 0 = all")
     m = p.add_argument_group("connector")
     m.add_argument("--connector", default="mlp", choices=connector_types(), help="replacement connector type")
-    m.add_argument("--hidden_size", type=int, default=None, help="hidden / attention width (default per type)")
-    m.add_argument("--num_layers", type=int, default=None, help="crossattn blocks / invertible coupling layers")
-    m.add_argument("--num_heads", type=int, default=None, help="crossattn attention heads")
-    m.add_argument("--dropout", type=float, default=None, help="dropout (default 0)")
+    m.add_argument("--hidden_size", type=cli.positive_int, default=None, help="hidden / attention width (default per type)")
+    m.add_argument("--num_layers", type=cli.positive_int, default=None, help="crossattn blocks / invertible coupling layers")
+    m.add_argument("--num_heads", type=cli.positive_int, default=None, help="crossattn attention heads")
+    m.add_argument("--dropout", type=cli.dropout_rate, default=None, help="dropout (default 0)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=5, help="maximum epochs")
-    o.add_argument("--batch_size", type=int, default=8, help="images per micro-batch")
-    o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the new connector (AdamW)")
-    o.add_argument("--lr_connector", type=float, default=None, help="learning rate of the new connector [--lr]")
+    o.add_argument("--epochs", type=cli.positive_int, default=5, help="maximum epochs")
+    o.add_argument("--batch_size", type=cli.positive_int, default=8, help="images per micro-batch")
+    o.add_argument("--lr", type=cli.positive_float, default=1e-3, help="peak learning rate of the new connector (AdamW)")
+    o.add_argument("--lr_connector", type=cli.positive_float, default=None, help="learning rate of the new connector [--lr]")
     o.add_argument("--freeze_lm", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the language model frozen [frozen unless --train_lm_lr or --no-freeze_lm]")
-    o.add_argument("--train_lm_lr", "--lm_lr", dest="train_lm_lr", type=float, default=None,
+    o.add_argument("--train_lm_lr", "--lm_lr", dest="train_lm_lr", type=cli.positive_float, default=None,
                    help=f"fine-tune the LM (+ embeddings, LM head) at this learning rate (implies --no-freeze_lm; "
                    f"--no-freeze_lm alone: {FINETUNE_LR:g})")
     o.add_argument("--freeze_vision", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the vision tower frozen [frozen unless --train_vision_lr or --no-freeze_vision]")
-    o.add_argument("--train_vision_lr", "--vision_lr", dest="train_vision_lr", type=float, default=None,
+    o.add_argument("--train_vision_lr", "--vision_lr", dest="train_vision_lr", type=cli.positive_float, default=None,
                    help=f"fine-tune the vision tower at this learning rate (implies --no-freeze_vision; not with "
                    f"--vec_dir; --no-freeze_vision alone: {FINETUNE_LR:g})")
-    o.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
-    o.add_argument("--warmup_steps", type=int, default=50, help="linear warmup, in optimizer steps")
-    o.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    o.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm over all trained weights; 0 = off")
-    o.add_argument("--geometry_weight", type=float, default=0.0,
+    o.add_argument("--weight_decay", type=cli.nonneg_float, default=0.01, help="AdamW weight decay (matrices only)")
+    o.add_argument("--warmup_steps", type=cli.nonneg_int, default=50, help="linear warmup, in optimizer steps")
+    o.add_argument("--accumulation_steps", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
+    o.add_argument("--grad_clip", type=cli.nonneg_float, default=1.0, help="max gradient norm over all trained weights; 0 = off")
+    o.add_argument("--geometry_weight", type=cli.nonneg_float, default=0.0,
                    help="weight of the MSE to the original connector's E_post (standardised); 0 = off")
-    o.add_argument("--patience", type=int, default=0, help="stop after this many epochs without val improvement; 0 = never")
-    o.add_argument("--min_delta", type=float, default=0.0, help="an improvement must lower val CE by more than this")
+    o.add_argument("--patience", type=cli.nonneg_int, default=0, help="stop after this many epochs without val improvement; 0 = never")
+    o.add_argument("--min_delta", type=cli.nonneg_float, default=0.0, help="an improvement must lower val CE by more than this")
     o.add_argument("--amp", action="store_true", help="autocast connector + LM (--amp_dtype)")
     o.add_argument("--amp_dtype", default="bf16", choices=["bf16", "fp16"], help="autocast dtype (fp16 uses a GradScaler)")
     o.add_argument("--seed", type=int, default=0, help="seed of the split, init and data order")
-    o.add_argument("--save_every_steps", type=int, default=0, help="also save last.pt every N optimizer steps; 0 = per epoch")
+    o.add_argument("--save_every_steps", type=cli.nonneg_int, default=0, help="also save last.pt every N optimizer steps; 0 = per epoch")
     r = p.add_argument_group("run")
     r.add_argument("--out_dir", default=None, help="run folder (default data/output/connector/<model>_<connector>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out_dir from last.pt (or start it)")
     r.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in --out_dir and start afresh")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--dtype", default=None, help="VLM weights dtype: auto (bf16 on cuda, fp32 on cpu), bf16, fp16, fp32")
     r.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works offline)")
     r.add_argument("--wandb_project", default="vlm-connectors", help="W&B project")
@@ -232,12 +233,12 @@ def build_parser():
     i.add_argument("--predict_split", default="val", choices=["val", "train", "all"], help="images --predict captions")
     i.add_argument("--predict_csv", default=None, help=f"output CSV (default <out_dir>/{CAPTIONS})")
     i.add_argument("--with_original", action="store_true", help="--predict: also caption with the original connector")
-    i.add_argument("--max_new_tokens", type=int, default=32, help="caption length limit")
+    i.add_argument("--max_new_tokens", type=cli.positive_int, default=32, help="caption length limit")
     i.add_argument("--export_post_vectors", action="store_true", help="write the connector's E_post in the stage-1 layout")
     i.add_argument("--export_dir", default="data/vector", help="base folder of the export")
     i.add_argument("--export_name", default=None, help="model name of the export (default <model>_conn_<connector>)")
     i.add_argument("--export_split", default="all", choices=["all", "val"], help="images to export")
-    i.add_argument("--save_every", type=int, default=256, help="export: images per chunk file")
+    i.add_argument("--save_every", type=cli.positive_int, default=256, help="export: images per chunk file")
     i.add_argument("--store_dtype", default="fp16", help="export: dtype of stored vectors (fp16, bf16, fp32)")
     return p
 

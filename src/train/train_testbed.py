@@ -46,6 +46,7 @@ from vlmc.train.testbed import (
     train_vlm,
     true_vs_shuffled,
 )
+from vlmc.utils import cli
 from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, parse_csv_list
 from vlmc.utils.io import atomic_dir, atomic_write_json, read_json
 
@@ -168,16 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     # These default to None (= the model's recipe); "%(default).0s" prints nothing and stops argparse's
     # formatter from appending "(default: None)".
     recipes = "; ".join(f"{n}: {', '.join(f'{k} {v:g}' for k, v in r.items())}" for n, r in RECIPES.items())
-    parser.add_argument("--n_train", type=int, default=d.n_train, help="training scenes (keys 0..n-1)")
-    parser.add_argument("--steps", type=int, default=None, help=f"optimiser steps per model (default: {d.steps}%(default).0s)")
-    parser.add_argument("--batch_size", type=int, default=None, help=f"scenes per step (default: {d.batch_size}%(default).0s)")
+    parser.add_argument("--n_train", type=cli.positive_int, default=d.n_train, help="training scenes (keys 0..n-1)")
+    parser.add_argument("--steps", type=cli.positive_int, default=None, help=f"optimiser steps per model (default: {d.steps}%(default).0s)")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=None, help=f"scenes per step (default: {d.batch_size}%(default).0s)")
     parser.add_argument(
         "--lr", type=float, default=None, help=f"peak AdamW learning rate (default: {d.lr:g}; per-model recipes: {recipes}%(default).0s)"
     )
-    parser.add_argument("--clip_steps", type=int, default=None, help="steps for the CLIP (default: --steps)")
-    parser.add_argument("--n_eval", type=int, default=200, help="held-out scenes scored after training")
+    parser.add_argument("--clip_steps", type=cli.positive_int, default=None, help="steps for the CLIP (default: --steps)")
+    parser.add_argument("--n_eval", type=cli.positive_int, default=200, help="held-out scenes scored after training")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
         "--continue", dest="cont", action="store_true",
         help="continue from the models already in --out (a second schedule of --steps) instead of a fresh init",

@@ -81,9 +81,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows every default in ``--help`` and keeps the description's line breaks."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose parse errors are ``UsageError``: one line and exit 2 via ``entry_point``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Raise instead of printing the usage block and exiting."""
+        raise UsageError(f"{message} (see --help)")
+
+
 def make_parser(description: str) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` whose ``--help`` shows defaults."""
-    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    """An ``ArgumentParser`` whose ``--help`` shows defaults and whose errors are one line (exit 2)."""
+    return OneLineErrorParser(description=description, formatter_class=HelpFormatter)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,7 +154,7 @@ def int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = _number(int, text)
         if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
 
     parse.__name__ = f"integer >= {low}"
@@ -164,7 +172,7 @@ def float_in(low: float, high: float = math.inf, low_open: bool = False, high_op
     def parse(text: str) -> float:
         value = _number(float, text)
         if value < low or value > high or (low_open and value == low) or (high_open and value == high):
-            raise argparse.ArgumentTypeError(f"{value:g} is outside {lo}{low:g}, {high:g}{hi}")
+            raise argparse.ArgumentTypeError(f"must be in {lo}{low:g}, {high:g}{hi}, got {value:g}")
         return value
 
     parse.__name__ = f"number in {lo}{low:g}, {high:g}{hi}"
@@ -183,3 +191,6 @@ def device_name(text: str) -> str:
     if t in ("auto", "cpu", "cuda", "mps") or (t.startswith("cuda:") and t[5:].isdigit()):
         return t
     raise argparse.ArgumentTypeError(f"{text!r}: choose auto, cpu, cuda, cuda:N or mps")
+
+
+split_fraction = float_in(0.0, 1.0, low_open=True, high_open=True)
