@@ -204,7 +204,7 @@ def test_permission_error_is_unreadable_even_as_root(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     path = solid(tmp_path / "ok.png")
-    monkeypatch.setattr(images, "open", denied, raising=False)
+    monkeypatch.setattr(images.os, "open", denied)  # the loader opens with os.open (O_NONBLOCK)
     assert skip_code(path) == "unreadable"
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from vlmc.utils.cli import UsageError
-from vlmc.utils.io import safe_torch_load, sha256_file
+from vlmc.utils.io import UnreadableFile, safe_torch_load, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def adoptable_chunks(
             for kind, f in entry["files"].items():
                 seen.append((shard_dir / f["name"], load_chunk(shard_dir, entry, kind, "hash")["keys"]))
                 check_same_keys(*seen[0], *seen[-1])
-        except (UsageError, KeyError, TypeError) as e:
+        except (UsageError, UnreadableFile, KeyError, TypeError) as e:
             log.warning("redoing chunk %s: %s", entry.get("index"), e)
             continue
         chunks[entry["index"]] = entry
@@ -188,7 +188,7 @@ def iter_problems(shard_dir: Path, level: str = "hash", finite: bool = True) -> 
     try:
         manifest = read_json(shard_dir / "manifest.json")
         check_manifest(shard_dir, manifest)
-    except (UsageError, OSError) as e:
+    except (UsageError, UnreadableFile, OSError) as e:
         yield str(e)
         return
     if not manifest.get("complete"):
@@ -201,7 +201,7 @@ def iter_problems(shard_dir: Path, level: str = "hash", finite: bool = True) -> 
                 if finite:
                     check_finite(shard_dir / entry["files"][kind]["name"], chunk)
                 keys[kind] = (shard_dir / entry["files"][kind]["name"], chunk["keys"])
-            except UsageError as e:
+            except (UsageError, UnreadableFile) as e:
                 yield str(e)
         ref = next(iter(keys.values()), None)
         for other in list(keys.values())[1:]:
