@@ -263,7 +263,7 @@ STORE_FAULTS = {
     "bitflip": (lambda v: flip_bytes(chunk(v, "post", 1)), "post_vectors_00001.pt: sha256"),
     "truncated": (lambda v: RAW_FAULTS["truncated"](chunk(v, "post", 1)), "post_vectors_00001.pt: "),
     "zero_byte": (lambda v: RAW_FAULTS["zero_byte"](chunk(v, "pre", 0)), "pre_vectors_00000.pt: 0 bytes"),
-    "reversed_keys": (lambda v: tamper(v, "post", 1, lambda d: d["keys"].reverse()), "post_vectors_00001.pt: keys"),
+    "reversed_keys": (lambda v: tamper(v, "post", 1, lambda d: d["keys"].reverse()), "post_vectors_00001.pt"),
     "swapped_rows": (lambda v: tamper(v, "post", 0, lambda d: d["keys"].__setitem__(slice(1, 3), d["keys"][2:0:-1])),
                      "hold different keys (first difference at row 1)"),
     "malicious": (lambda v: tamper(v, "pre", 1, lambda d: d.update(obj=Evil())), "pre_vectors_00001.pt: refused"),
@@ -272,7 +272,8 @@ STORE_FAULTS = {
     "chunk_entry_removed": (lambda v: edit_manifest(v, lambda m: (m["chunks"].pop(1), m.update(n_images=6))),
                             "manifest.json: complete manifest lacks chunk(s) [1]"),
     "n_images_edited": (lambda v: edit_manifest(v, lambda m: m.update(n_images=9)), "manifest.json: n_images=9"),
-    "rows_edited": (lambda v: edit_manifest(v, lambda m: m["chunks"][0].update(rows=3)), "4 rows, the manifest says 3"),
+    "rows_edited": (lambda v: edit_manifest(v, lambda m: (m["chunks"][0].update(rows=3), m.update(n_images=9))),
+                    "_vectors_00000.pt: 4 rows, the manifest says 3"),
     "bad_json": (lambda v: (v / SHARD / "manifest.json").write_text('{"format": '), "manifest.json: not valid JSON"),
 }
 
