@@ -22,7 +22,7 @@ set -euo pipefail
 # Find scripts/common.sh (under sbatch this file runs from a copy in slurmd's spool): $VLMC_ROOT, this file's
 # folder, the submit dir or its parent, else the script path Slurm recorded for the job.
 for _d in "${VLMC_ROOT:-}" "$(dirname "${BASH_SOURCE[0]}")/.." "${SLURM_SUBMIT_DIR:-.}" "${SLURM_SUBMIT_DIR:-.}/.." \
-  "${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's|^ *Command=\(.*\)/scripts/[^/]*$|\1|p')}"; do
+  "${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's|^ *Command=\(.*\)/scripts/[^/]*$|\1|p' | head -n1)}"; do
   [[ -f $_d/scripts/common.sh ]] && break; done
 # shellcheck source=scripts/common.sh
 source "$_d/scripts/common.sh" || { echo "${0##*/}: scripts/common.sh not found; export VLMC_ROOT=<repo>" >&2; exit 1; }
@@ -32,7 +32,7 @@ setting MODEL llava "the family (or the first argument)"
 setting -p VEC data/vector "stage-1 store root: VEC/<MODEL>"
 setting -e REF "clip:<VLMC_ROOT>/data/clip_ref" "reference spaces, space-separated LABEL:PATH (clip.sh OUT); empty = none"
 setting -p OUT "data/output/knn_out/<MODEL>" "output folder"
-setting POOL mean "pooling of token matrices for kNN: mean, max, ..."
+setting POOL mean "pooling of the token matrices for kNN: mean (the stored mean), cls, max"
 setting METRIC l2 "kNN metric: l2 or cosine"
 setting K "" "comma list of k (empty: the CLI's default)"
 setting PER_SHARD 0 "1 = neighbours within each shard only (--per_shard)"

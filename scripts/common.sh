@@ -167,9 +167,11 @@ end_settings() {
 wrapper_help() {
   local n w=${0##*/}
   if [[ ${VLMC_HELP_FORMAT:-} == md ]]; then
+    local doc
     for n in "${_vlmc_names[@]}"; do
-      printf '| %s | `%s` | %s | %s | %s |\n' "$w" "$n" "$(_vlmc_show "${_vlmc_def[$n]}")" \
-        "$(_vlmc_show "${_vlmc_tdef[$n]}")" "${_vlmc_doc[$n]}"
+      doc=$(sed 's/</\&lt;/g; s/>/\&gt;/g' <<< "${_vlmc_doc[$n]}")
+      printf '| %s | `%s` | `%s` | `%s` | %s |\n' "$w" "$n" "$(_vlmc_show "${_vlmc_def[$n]}")" \
+        "$(_vlmc_show "${_vlmc_tdef[$n]}")" "$doc"
     done
     return 0
   fi
@@ -190,7 +192,7 @@ Slurm: $(slurm_asks "$0")
   Job logs go to logs/ of the submit directory (plain sbatch needs it to exist). Without Slurm: bash $w.
 HELP
 }
-_vlmc_show() { local s=${1#"$VLMC_ROOT/"}; echo "${s:-empty}"; }
+_vlmc_show() { local s=${1#"$VLMC_ROOT/"}; s=${s//<VLMC_ROOT>\//}; echo "${s:-empty}"; }
 
 # slurm_asks SCRIPT: one line: what SCRIPT's #SBATCH header asks for, and the size submit.sh wants.
 slurm_asks() {
