@@ -47,7 +47,7 @@ setting BATCH_SIZE "" "batch size (empty: the CLI's default)"
 setting MAX_NEW_TOKENS "" "caption length (empty: the CLI's default)"
 setting SHARDS "" "comma list of shards (empty: all)"
 setting SCORES "" "comma list of clipscore, bertscore (= --with_*)"
-setting CLIP_MODEL "${VLMC_CLIP_MODEL:-}" "CLIPScore backbone (empty: the CLI's default; VLMC_CLIP_MODEL sets it for every wrapper)"
+setting CLIP_MODEL "" "CLIPScore backbone (empty: the CLI's default, which reads VLMC_CLIP_MODEL)"
 end_settings "$@"
 need_path VEC "$VEC" "run scripts/vec.sh first, or set VEC to the stage-1 store root"
 if [[ -z $recon_given && ! -f $RECON_DIR/best_model.pt ]]; then

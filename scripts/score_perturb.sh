@@ -33,7 +33,7 @@ source "$_d/scripts/common.sh" || { echo "${0##*/}: scripts/common.sh not found;
 if [[ $# -gt 0 && $1 != -* ]]; then PERTURB_DIR=$1; shift; fi
 setting -p PERTURB_DIR data/output/perturb_out "folder of perturbation CSVs (perturb.sh OUT; or the first argument)"
 setting OUT_DIR "" "where scored CSVs go; empty = rewrite them in place"
-setting CLIP_MODEL "${VLMC_CLIP_MODEL:-}" "CLIPScore backbone (empty: the CLI's default; VLMC_CLIP_MODEL sets it for every wrapper)"
+setting CLIP_MODEL "" "CLIPScore backbone (empty: the CLI's default, which reads VLMC_CLIP_MODEL)"
 setting BERTSCORE_MODEL "" "BERTScore backbone (empty: the CLI's default)"
 setting DEVICE auto "auto, cpu, cuda, cuda:N"
 setting BATCH_SIZE "" "batch size (empty: the CLI's default)"

@@ -207,6 +207,62 @@ def test_pipeline_resolves_every_family_by_default(stub):
     assert {"llava", "idefics2", "qwen2.5vl", "qwen3.5"} <= set(r.stdout.split())
 
 
+# A stub interpreter for a whole pipeline run: records argv, and leaves what the next stage checks for.
+PIPE_STUB = f"""#!{sys.executable}
+import json, os, sys
+from pathlib import Path
+a = sys.argv[1:]
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write(json.dumps(a) + "\\n")
+get = lambda k: a[a.index(k) + 1] if k in a else None
+script = Path(a[0]).name if a else ""
+if script == "scenes.py":
+    d = Path(get("--out")) / "00000"; d.mkdir(parents=True); (d / "000001999.png").write_bytes(b""); (d / "000001999.txt").write_text("x")
+elif script == "extract_vectors.py":
+    for m in get("--models").split(","): (Path(get("--out_dir")) / m).mkdir(parents=True, exist_ok=True)
+elif script == "train_recon.py":
+    Path(get("--out_dir")).mkdir(parents=True, exist_ok=True); (Path(get("--out_dir")) / "best_model.pt").write_bytes(b"")
+elif get("--out_dir"):
+    Path(get("--out_dir")).mkdir(parents=True, exist_ok=True)
+"""
+
+
+def _pipeline_calls(tmp_path: Path, *args: str, **env: str) -> dict[str, list[list[str]]]:
+    exe = tmp_path / "python"
+    exe.write_text(PIPE_STUB)
+    exe.chmod(0o755)
+    e = plain_env(VLMC_PYTHON=str(exe), STUB_LOG=str(tmp_path / "calls.jsonl"), DATA=str(tmp_path / "data"),
+                  FIGURES=str(tmp_path / "fig"), RESULTS=str(tmp_path / "res"), **env)
+    r = bash([SCRIPTS / "pipeline.sh", "--local", *args], env=e, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    by: dict[str, list[list[str]]] = {}
+    for argv in calls(tmp_path):
+        by.setdefault(Path(argv[0]).name if argv[0].endswith(".py") else argv[1], []).append(argv)
+    return by
+
+
+def test_pipeline_cluster_profile_runs_every_stage_on_published_checkpoints(tmp_path):
+    (tmp_path / "img" / "s0").mkdir(parents=True)
+    (tmp_path / "img" / "s0" / "a.png").write_bytes(b"")
+    by = _pipeline_calls(tmp_path, ROOT=str(tmp_path / "img"), MODELS="llava qwen3.5", PERTURB="mask")
+    assert [flag(a, "--models") for a in by["extract_vectors.py"]] == ["llava", "qwen3.5"]
+    assert all("--model-path" not in a and flag(a, "--root") == str(tmp_path / "img") for a in by["extract_vectors.py"])
+    (clip,) = by["extract_clip.py"]
+    assert flag(clip, "--model_id") == "openai/clip-vit-large-patch14" and flag(clip, "--model_type") == "auto"
+    assert [flag(a, "--model_type") for a in by["train_recon.py"]] == ["mlp", "mlp"]
+    assert all(flag(a, "--image_dir") == str(tmp_path / "img") for a in by["eval_captions.py"] + by["eval_perturb.py"])
+    assert len(by["extract_knn.py"]) == 2 and len(by["eval_recon.py"]) == 2 and "vlmc.plot.make_figures" in by
+
+
+def test_pipeline_demo_keeps_the_testbed_profile(tmp_path):
+    by = _pipeline_calls(tmp_path, "--demo", MODELS="idefics2", PERTURB="mask", MODEL_TYPE="linear idefics2=transformer")
+    (vec_eval, vec_train) = by["extract_vectors.py"]
+    assert flag(vec_eval, "--root") == str(REPO / "sample" / "images") and flag(vec_eval, "--model-path") == "testbed"
+    assert flag(vec_train, "--root") == str(tmp_path / "data" / "images_train")
+    assert flag(by["extract_clip.py"][0], "--model_id") == "testbed-clip"
+    assert [flag(a, "--model_type") for a in by["train_recon.py"]] == ["transformer"]  # MODEL_TYPE, deprecated
+
+
 # ---------------------------------------------------------------- sizing: stub sinfo / scontrol
 FAKE_SINFO = textwrap.dedent("""\
     #!/bin/bash
