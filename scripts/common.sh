@@ -2,8 +2,10 @@
 # Shared layer of the wrappers in scripts/: each is a valid sbatch script AND runs under plain bash.
 # Sourced, never run. A wrapper finds this file with the prelude in scripts/vec.sh (under sbatch the
 # wrapper itself runs from a copy in slurmd's spool, so its own path says nothing about the repo).
-# Provides: VLMC_ROOT, VLMC_PYTHON (exported), log, die, load_env_file, list_shards, task_shards,
-# run_requeueable. Safe under `set -euo pipefail` and bash >= 4.2.
+# Provides: VLMC_ROOT, VLMC_PYTHON, PROFILE (exported), log, die, load_env_file, list_shards, task_shards,
+# run_requeueable; for the wrappers' own code: setting, renamed, end_settings (--help), need_images, need_path,
+# cmd_opt, cmd_extra, run_stage; for submitting: slurm_fit, slurm_partition_size (scripts/submit.sh,
+# scripts/pipeline.sh). Safe under `set -euo pipefail` and bash >= 4.2.
 
 VLMC_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export VLMC_ROOT
@@ -150,7 +152,7 @@ setting() {
 # renamed OLD NEW: OLD is the deprecated name of setting NEW; used (with a log line) when NEW is not set.
 renamed() {
   if [[ -n ${!1+x} && -z ${!2+x} ]]; then
-    log "$1 is deprecated (it collided with another wrapper's $1 under --export=ALL): use $2"
+    log "$1 is deprecated: use $2 (same meaning; the old name clashed between wrappers under --export=ALL)"
     printf -v "$2" '%s' "${!1}"
   fi
 }
