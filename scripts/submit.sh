@@ -26,6 +26,7 @@ while (($#)); do
 done
 [[ -n $script ]] || die "no wrapper script given: bash scripts/submit.sh [sbatch options] scripts/<stage>.sh [args] (see --help)"
 [[ -f $script ]] || die "wrapper $script not found"
+[[ ${script##*/} != pipeline.sh ]] || die "pipeline.sh submits (and sizes) its own jobs: run bash scripts/pipeline.sh"
 command -v sbatch >/dev/null || die "sbatch not found: no Slurm here; run the wrapper with bash instead (bash $script)"
 slurm_fit "$script" "your sbatch options / SLURM_ARGS" ${opts[@]+"${opts[@]}"}
 mkdir -p logs
