@@ -4,60 +4,48 @@
 #
 #   sbatch scripts/export_recon.sh llava                     # held-out (val) images of the llava mlp run
 #   SPLIT=all sbatch scripts/export_recon.sh qwen2.5vl       # every image of the store
-#   MODEL_TYPE=linear bash scripts/export_recon.sh llava     # no Slurm: runs inline, in this shell
+#   RECON_TYPE=linear bash scripts/export_recon.sh llava     # no Slurm: runs inline, in this shell
 #
-# Settings (environment, defaults in brackets): MODEL [first argument, else llava], MODEL_TYPE [mlp],
-# MODEL_DIR [data/output/recon/<MODEL>_<MODEL_TYPE>, the emb.sh OUT], VEC [empty: the store it trained on;
-# another stage-1 store, e.g. of a held-out image set: its images count as held out], OUT_BASE [data/vector_recon],
-# SPLIT [val], MODEL_PATH [empty = the source recorded by stage 1; 'tiny', a folder or an HF id],
-# DEVICE [auto], BATCH_SIZE [CLI default], EXTRA_ARGS (more CLI flags); arguments after the model name
-# go to export_recon.py too. Relative paths are relative to the directory you submit from.
-# Account/partition: not set here. sbatch reads SBATCH_ACCOUNT / SBATCH_PARTITION / SBATCH_GRES ... from
-# your shell: `set -a; . scripts/slurm.env; set +a` before sbatch (see scripts/slurm.env.example).
-# logs/ must exist in the submit directory (Slurm does not create it; without it the job fails silently).
-# A USR1 120 s before the time limit stops after the current chunk and requeues; the rerun keeps every
-# committed chunk (--skip_existing, always passed).
+# The first argument is the model; the rest go to export_recon.py. RECON_TYPE was MODEL_TYPE (still read,
+# with a deprecation line). A USR1 120 s before the time limit stops after the current chunk and requeues;
+# the rerun keeps every committed chunk (--skip_existing, always passed).
 #
 #SBATCH --job-name=vlmc-export-recon
 #SBATCH --time=02:00:00
-#SBATCH --cpus-per-task=4
+#SBATCH --cpus-per-task=2
 #SBATCH --gres=gpu:1
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@120
 #SBATCH --output=logs/%x-%j.out
+#VLMC --cpus-per-task=4
 set -euo pipefail
-
-# Find the repo: $VLMC_ROOT, this file's folder (plain bash), the submit dir or its parent, else the
-# script path Slurm recorded for the job.
-_d=${VLMC_ROOT:-$(dirname "${BASH_SOURCE[0]}")/..}
-[[ -f $_d/scripts/common.sh ]] || _d=${SLURM_SUBMIT_DIR:-.}
-[[ -f $_d/scripts/common.sh ]] || _d=$_d/..
-[[ -f $_d/scripts/common.sh ]] || _d=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null |
-  sed -n 's|^ *Command=\(.*\)/scripts/[^/]*$|\1|p' | head -n1) || true
+# Find scripts/common.sh (under sbatch this file runs from a copy in slurmd's spool): $VLMC_ROOT, this file's
+# folder, the submit dir or its parent, else the script path Slurm recorded for the job.
+for _d in "${VLMC_ROOT:-}" "$(dirname "${BASH_SOURCE[0]}")/.." "${SLURM_SUBMIT_DIR:-.}" "${SLURM_SUBMIT_DIR:-.}/.." \
+  "${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's|^ *Command=\(.*\)/scripts/[^/]*$|\1|p' | head -n1)}"; do
+  [[ -f $_d/scripts/common.sh ]] && break; done
 # shellcheck source=scripts/common.sh
-source "$_d/scripts/common.sh" || { echo "export_recon.sh: scripts/common.sh not found; export VLMC_ROOT=<repo>" >&2; exit 1; }
+source "$_d/scripts/common.sh" || { echo "${0##*/}: scripts/common.sh not found; export VLMC_ROOT=<repo>" >&2; exit 1; }
 
 if [[ $# -gt 0 && $1 != -* ]]; then MODEL=$1; shift; fi
-MODEL=${MODEL:-llava}
-MODEL_TYPE=${MODEL_TYPE:-mlp}
-MODEL_DIR=${MODEL_DIR:-$VLMC_ROOT/data/output/recon/${MODEL}_${MODEL_TYPE}}
-OUT_BASE=${OUT_BASE:-$VLMC_ROOT/data/vector_recon}
-SPLIT=${SPLIT:-val}
-VEC=${VEC:-}
-MODEL_PATH=${MODEL_PATH:-}
-DEVICE=${DEVICE:-auto}
-[[ -f $MODEL_DIR/best_model.pt ]] || die "no trained reconstructor in $MODEL_DIR (run scripts/emb.sh $MODEL first)"
+renamed MODEL_TYPE RECON_TYPE
+setting MODEL llava "the family (or the first argument)"
+setting RECON_TYPE mlp "reconstructor type: names the default MODEL_DIR"
+setting -p MODEL_DIR "data/output/recon/<MODEL>_<RECON_TYPE>" "the trained reconstructor (emb.sh OUT)"
+setting VEC "" "stage-1 store root; empty = the store it trained on (another store: all its images are held out)"
+setting -p OUT_BASE data/vector_recon "output root: OUT_BASE/<MODEL>_recon/<shard>/"
+setting SPLIT val "val (held-out images) or all"
+setting MODEL_PATH "" "VLM weights for the re-projection; empty = the source recorded by stage 1"
+setting DEVICE auto "auto, cpu, cuda, cuda:N"
+setting BATCH_SIZE "" "batch size (empty: the CLI's default)"
+end_settings "$@"
+need_path MODEL_DIR "$MODEL_DIR/best_model.pt" "run scripts/emb.sh $MODEL first, or set MODEL_DIR"
 
 cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/train/export_recon.py" --model_dir "$MODEL_DIR" --embed_model "$MODEL"
   --out_base "$OUT_BASE" --split "$SPLIT" --device "$DEVICE" --skip_existing)
-if [[ -n $VEC ]]; then cmd+=(--vec_dir "$VEC"); fi
-if [[ -n $MODEL_PATH ]]; then cmd+=(--model-path "$MODEL_PATH"); fi
-if [[ -n ${BATCH_SIZE:-} ]]; then cmd+=(--batch_size "$BATCH_SIZE"); fi
-read -r -a extra <<< "${EXTRA_ARGS:-}"
-cmd+=(${extra[@]+"${extra[@]}"} "$@")
-
-log "export_recon: $MODEL ($MODEL_DIR, $SPLIT) on $(hostname -s)${CUDA_VISIBLE_DEVICES:+ GPU $CUDA_VISIBLE_DEVICES}"
-log "export_recon: ${cmd[*]}"
-run_requeueable "${cmd[@]}"
-log "export_recon: done -> $OUT_BASE/${MODEL}_recon"
+cmd_opt --vec_dir "$VEC"
+cmd_opt --model-path "$MODEL_PATH"
+cmd_opt --batch_size "$BATCH_SIZE"
+cmd_extra "$@"
+run_stage export_recon "$MODEL ($MODEL_DIR, $SPLIT) -> $OUT_BASE/${MODEL}_recon"

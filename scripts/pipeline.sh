@@ -5,23 +5,30 @@
 #   bash scripts/pipeline.sh                 # Slurm present: submit every stage with --dependency=afterok,
 #                                            # arrays over shards, print the job ids; else run inline
 #   bash scripts/pipeline.sh --local         # run every stage inline, in order, in this shell
-#   bash scripts/pipeline.sh --demo          # `make demo`: inline, trained testbed models, sample/images, CPU
-#   MODELS="llava qwen2.5vl" ROOT=data/images MODEL_PATH= REF_MODEL=openai/clip-vit-large-patch14 \
-#     VLMC_CLIP_MODEL=/models/clip-vit-large-patch14 bash scripts/pipeline.sh   # real checkpoints
+#   bash scripts/pipeline.sh --demo          # `make demo`: inline, PROFILE=testbed (trained testbed models,
+#                                            # sample/images), CPU
+#   MODELS="llava qwen2.5vl" ROOT=/scratch/images VLMC_CLIP_MODEL=/models/clip-vit-large-patch14 \
+#     bash scripts/pipeline.sh               # real checkpoints (the default: PROFILE=cluster)
 #
-# Settings (environment, defaults in brackets): MODELS [llava idefics2 qwen2.5vl qwen3.5: the trained testbed], ROOT [sample/images],
-# DATA [data: every stage writes under it], MODEL_PATH [testbed: the models trained on synthetic scenes,
-# sample/models; tiny: random tiny models; empty: each family's HF checkpoint], REF_MODEL [stage-2 reference:
+# Settings (environment, defaults in brackets): PROFILE [cluster; testbed with --demo: the defaults marked
+# "testbed:"], MODELS [all: every registered family; testbed: llava idefics2 qwen2.5vl qwen3.5], ROOT
+# [data/images; testbed: sample/images], DATA [data: every stage writes under it], MODEL_PATH [empty: each
+# family's published HF checkpoint; testbed: the models trained on synthetic scenes, sample/models; tiny:
+# random tiny models; an HF id or folder], REF_MODEL [stage-2 reference:
 # testbed-clip with MODEL_PATH=testbed, tiny-clip with tiny, else openai/clip-vit-large-patch14],
 # VLMC_CLIP_MODEL [CLIPScore backbone: testbed / tiny with those MODEL_PATHs; set a local CLIP folder otherwise],
 # CONNECTOR_MODEL [the first of MODELS: which model gets a replacement connector trained; empty: none],
-# DEVICE [auto], MODEL_TYPE [mlp idefics2=transformer: the reconstructor, a default type plus MODEL=TYPE
+# DEVICE [auto], RECON_TYPE [mlp idefics2=transformer: the reconstructor, a default type plus MODEL=TYPE
 # exceptions; Idefics2's perceiver latents have no token correspondence to its patches, and only attention
 # learns that map], TRAIN_ROOT [empty: each reconstructor trains on a seeded 90 % of ROOT and stages 5-7 use
 # the rest; set: it trains on TRAIN_ROOT (extracted to DATA/vector_train) and stages 5-7 evaluate it on every
 # image of ROOT; the demo generates 2000 testbed training scenes into DATA/images_train], EPOCHS [CLI default;
 # demo 15; the demo also sets EMB_ARGS to --lr 1e-3 --num_layers 2], PERTURB [mask lowrank],
 # MASK_LEVELS [0,0.25,0.5,0.75], LOWRANK_LEVELS [1,0.5,0.25,0.05], ORTHOGONAL_LEVELS, NOISE_LEVELS, SLURM_ARGS (extra sbatch flags for every job, e.g. "--gres=none -c 2").
+# Job sizes: before submitting anything, each wrapper's wanted -c (its #VLMC line) is clamped to the partition's
+# largest node and its GPU dropped (--gres=none) where the partition has none, with a log line; a -c or
+# --gres in SLURM_ARGS (or SBATCH_GRES) that no node of the partition can satisfy stops here with one line.
+# RECON_TYPE was MODEL_TYPE (still read, with a deprecation line).
 # <WRAPPER>_ARGS: extra CLI flags for one stage only, passed as that wrapper's EXTRA_ARGS: VEC_ARGS, CLIP_ARGS,
 # CAL_ARGS, EMB_ARGS, EXPORT_RECON_ARGS, EVAL_RECON_ARGS, TRAIN_ARGS, CAPTION_ARGS, PERTURB_ARGS,
 # SCORE_PERTURB_ARGS (e.g. EMB_ARGS="--batch_size 16 --patience 0"). Any other wrapper setting (CLIP_MODEL,
@@ -37,7 +44,7 @@ mode=auto
 for a in "$@"; do
   case $a in
     --local) mode=local ;;
-    --demo) mode=local; DEMO=1 ;;
+    --demo) mode=local; DEMO=1; export PROFILE=testbed ;;
     -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     *) die "unknown argument $a (see --help)" ;;
   esac
@@ -48,20 +55,20 @@ fi
 
 # Relative paths you give are relative to where you run this; the defaults live in the repository.
 abspath() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
-ROOT=$(abspath "${ROOT:-$VLMC_ROOT/sample/images}")
+if [[ $PROFILE == testbed ]]; then root_default=$VLMC_ROOT/sample/images; else root_default=$VLMC_ROOT/data/images; fi
+ROOT=$(abspath "${ROOT:-$root_default}")
 DATA=$(abspath "${DATA:-$VLMC_ROOT/data}")
 FIGURES=$(abspath "${FIGURES:-$VLMC_ROOT/figures}")
 RESULTS=$(abspath "${RESULTS:-$VLMC_ROOT/results}")
 export ROOT DEVICE=${DEVICE:-auto}
-export MODEL_PATH=${MODEL_PATH-testbed}
+if [[ $PROFILE == testbed ]]; then export MODEL_PATH=${MODEL_PATH-testbed}; else export MODEL_PATH=${MODEL_PATH-}; fi
 case $MODEL_PATH in
   testbed) ref_default=testbed-clip; export VLMC_CLIP_MODEL=${VLMC_CLIP_MODEL:-testbed} ;;
   tiny) ref_default=tiny-clip; export VLMC_CLIP_MODEL=${VLMC_CLIP_MODEL:-tiny} ;;
   *) ref_default=openai/clip-vit-large-patch14 ;;
 esac
 REF_MODEL=${REF_MODEL:-$ref_default}
-read -r -a models <<< "${MODELS:-llava idefics2 qwen2.5vl qwen3.5}"
-CONNECTOR_MODEL=${CONNECTOR_MODEL-${models[0]}}
+if [[ $PROFILE == testbed ]]; then MODELS=${MODELS:-llava idefics2 qwen2.5vl qwen3.5}; fi
 PERTURB=${PERTURB:-mask lowrank}
 # levels per perturbation (each mode's own scale; see eval_perturb.py --help)
 levels_for() {
@@ -73,14 +80,16 @@ levels_for() {
     *) die "unknown perturbation $1" ;;
   esac
 }
-MODEL_TYPE=${MODEL_TYPE:-mlp idefics2=transformer}
-for w in $MODEL_TYPE; do
-  [[ ${w#*=} =~ ^(linear|mlp|transformer)$ ]] || die "MODEL_TYPE: '$w' is not TYPE or MODEL=TYPE (linear, mlp, transformer)"
+renamed MODEL_TYPE RECON_TYPE
+unset MODEL_TYPE  # the wrappers get RECON_TYPE / REF_TYPE explicitly; an exported MODEL_TYPE only confuses them
+RECON_TYPE=${RECON_TYPE:-mlp idefics2=transformer}
+for w in $RECON_TYPE; do
+  [[ ${w#*=} =~ ^(linear|mlp|transformer)$ ]] || die "RECON_TYPE: '$w' is not TYPE or MODEL=TYPE (linear, mlp, transformer)"
 done
-# recon_type MODEL: its reconstructor type under MODEL_TYPE
+# recon_type MODEL: its reconstructor type under RECON_TYPE
 recon_type() {
   local w t=mlp
-  for w in $MODEL_TYPE; do
+  for w in $RECON_TYPE; do
     case $w in
       "$1"=*) echo "${w#*=}"; return ;;
       *=*) ;;
@@ -122,16 +131,28 @@ stage() {
     env "${envs[@]}" bash "scripts/$script" "${args[@]}"
     return
   fi
-  local -a dep=() extra=()
+  local -a dep=() fit=()
   [[ -n $last ]] && dep=(--dependency="afterok:$last" --kill-on-invalid-dep=yes)
-  read -r -a extra <<< "${SLURM_ARGS:-}"
+  read -r -a fit <<< "${fits[$script]}"
   local id
-  id=$(env "${envs[@]}" sbatch --parsable --export=ALL "${dep[@]}" "${extra[@]}" ${ARRAY:+--array="$ARRAY"} \
+  id=$(env "${envs[@]}" sbatch --parsable --export=ALL "${dep[@]}" "${fit[@]}" ${slurm_args[@]+"${slurm_args[@]}"} \
+       ${ARRAY:+--array="$ARRAY"} \
        --job-name="vlmc-$name" "scripts/$script" "${args[@]}")
   id=${id%%;*}
   echo "$name $id"
   stage_ids+=("$id")
 }
+
+need_images ROOT
+# Size every wrapper's job to the partition before submitting any (a refusal leaves nothing half-submitted).
+declare -A fits=()
+if [[ $mode == slurm ]]; then
+  read -r -a slurm_args <<< "${SLURM_ARGS:-}"
+  for w in vec clip cal emb export_recon eval_recon train caption perturb score_perturb figures; do
+    slurm_fit "scripts/$w.sh" SLURM_ARGS ${slurm_args[@]+"${slurm_args[@]}"}
+    fits[$w.sh]=${VLMC_FIT[*]}
+  done
+fi
 
 mapfile -t shards < <(list_shards "$ROOT")
 nsh=${#shards[@]}
@@ -140,6 +161,12 @@ if [[ -n $TRAIN_ROOT ]]; then
   mapfile -t train_shards < <(list_shards "$TRAIN_ROOT")
   ((${#train_shards[@]})) || die "no shards with images under TRAIN_ROOT $TRAIN_ROOT"
 fi
+if [[ ${MODELS:-all} == all ]]; then  # every registered family
+  MODELS=$("$VLMC_PYTHON" -c 'from vlmc.models.base import families; print(*families())') ||
+    die "cannot list the model families with $VLMC_PYTHON: set MODELS"
+fi
+read -r -a models <<< "$MODELS"
+CONNECTOR_MODEL=${CONNECTOR_MODEL-${models[0]}}
 
 # Stages that fan out over models run side by side; the next stage waits for all of them.
 fan_out() {
@@ -159,8 +186,7 @@ vec_stage() {
     fi
   done
 }
-# MODEL_TYPE here is the reconstructor's; clip.sh reads the same name as its backend (CLIP_ARGS="--model_type ...")
-clip_stage() { ARRAY=0-$((nsh - 1)) stage clip clip.sh MODEL_ID="$REF_MODEL" MODEL_TYPE=auto OUT="$DATA/clip_ref"; }
+clip_stage() { ARRAY=0-$((nsh - 1)) stage clip clip.sh REF_MODEL="$REF_MODEL" REF_TYPE=auto OUT="$DATA/clip_ref"; }
 cal_stage() {
   local m
   for m in "${models[@]}"; do
@@ -173,7 +199,7 @@ recon_dir() { echo "$DATA/output/recon/${1}_$(recon_type "$1")"; }
 emb_stage() {
   local m
   for m in "${models[@]}"; do
-    stage "emb-$m" emb.sh MODEL="$m" VEC="$TRAIN_VEC" MODEL_TYPE="$(recon_type "$m")" OUT="$(recon_dir "$m")" -- "$m"
+    stage "emb-$m" emb.sh MODEL="$m" VEC="$TRAIN_VEC" RECON_TYPE="$(recon_type "$m")" OUT="$(recon_dir "$m")" -- "$m"
   done
 }
 export_stage() {

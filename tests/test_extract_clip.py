@@ -318,7 +318,7 @@ def script_env(**kw: str) -> dict[str, str]:
 
 def test_clip_sh_plain_bash_runs_every_shard_inline(images, tmp_path):
     out = tmp_path / "out"
-    env = script_env(ROOT=str(images), OUT=str(out), MODEL_ID="tiny-dino", POOL="mean",
+    env = script_env(ROOT=str(images), OUT=str(out), REF_MODEL="tiny-dino", POOL="mean",
                      EXTRA_ARGS="--num_workers 0 --save_every 4")
     r = subprocess.run(["bash", str(CLIP_SH), "--batch_size", "2"], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
@@ -334,7 +334,7 @@ def test_clip_sh_plain_bash_runs_every_shard_inline(images, tmp_path):
 def test_clip_sh_sbatch_array_end_to_end(slurm_cluster, images, tmp_path):
     """`sbatch --wait --array=0-1 scripts/clip.sh` from outside the repo: task N -> N-th shard, real CLI."""
     (tmp_path / "logs").mkdir()
-    env = script_env(ROOT=str(images), OUT=str(tmp_path / "out"), MODEL_ID="tiny-clip")
+    env = script_env(ROOT=str(images), OUT=str(tmp_path / "out"), REF_MODEL="tiny-clip")
     r = slurm_cluster.run(["sbatch", "--wait", "-c", "1", "--array=0-1", "--gres=none", str(CLIP_SH),
                            "--num_workers", "0"], env=env, cwd=tmp_path, check=False, timeout=600)
     logs = {p.name: p.read_text() for p in (tmp_path / "logs").iterdir()}

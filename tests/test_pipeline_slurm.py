@@ -106,14 +106,14 @@ def _settings(base: Path, root: Path) -> dict[str, str]:
     return {
         "MODELS": "llava", "ROOT": str(root), "DATA": str(base / "data"), "FIGURES": str(base / "figures"),
         "RESULTS": str(base / "results"), "EPOCHS": "1", "PERTURB": "mask", "MASK_LEVELS": "0,0.5",
-        "DEVICE": "cpu", "OMP_NUM_THREADS": "1", "EMB_ARGS": EMB_ARGS,
+        "DEVICE": "cpu", "OMP_NUM_THREADS": "1", "EMB_ARGS": EMB_ARGS, "PROFILE": "testbed",
     }
 
 
-def _submit(cluster, base: Path, root: Path, **extra: str) -> DagRun:
+def _submit(cluster, base: Path, root: Path, resources: str = "--gres=none -c 1", **extra: str) -> DagRun:
     """Run pipeline.sh (Slurm auto-detected), every job's log in base/logs; parse its `<stage> <id>` lines."""
     (base / "logs").mkdir(parents=True)
-    env = {**_settings(base, root), "SLURM_ARGS": f"--gres=none -c 1 --output={base}/logs/%x-%j.out", **extra}
+    env = {**_settings(base, root), "SLURM_ARGS": f"{resources} --output={base}/logs/%x-%j.out", **extra}
     r = cluster.run(["bash", str(PIPELINE)], env=env, cwd=base, check=False, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "submitted; follow with: squeue -u" in r.stderr, r.stderr
@@ -160,7 +160,8 @@ def dags(slurm_cluster, tmp_path_factory):
     full = _submit(slurm_cluster, tmp / "full", _image_root(tmp / "images", SHARDS),
                    TRAIN_ROOT=str(_image_root(tmp / "train_images", TRAIN_SHARDS)))
     one_shard = _image_root(tmp / "images1", {"00000": SHARDS["00000"]})
-    failing = _submit(slurm_cluster, tmp / "failing", one_shard, METRIC="manhattan")
+    # no resource settings: pipeline.sh sizes each job to the node (wanted -c clamped, the fake GPUs kept)
+    failing = _submit(slurm_cluster, tmp / "failing", one_shard, resources="", METRIC="manhattan")
     _follow(slurm_cluster, full, failing)
     print(f"\nboth DAGs finished in {time.monotonic() - t0:.0f}s")
     return full, failing
@@ -280,6 +281,9 @@ def test_requeued_job_dependants_waited_for_its_rerun(dags):
 def test_failing_stage_is_visible_and_its_dependants_never_start(dags):
     _, failing = dags
     assert [failing.state(s) for s in ("vec-llava", "clip")] == ["COMPLETED", "COMPLETED"], failing.summary()
+    # submitted with no resource settings: each job asked for what the wrapper wants, clamped to the node
+    cpus = max(int(r["NumCPUs"]) for s in ("vec-llava", "clip", "cal-llava") for r in failing.tasks(s))
+    assert cpus == min(4, len(os.sched_getaffinity(0))), failing.summary()
     (cal,) = failing.tasks("cal-llava")
     assert cal["JobState"] == "FAILED" and cal["ExitCode"] == "2:0", cal
     assert "argument --metric: invalid choice: 'manhattan'" in failing.log(cal), failing.log(cal)

@@ -100,7 +100,8 @@ def test_env_file_env_wins(tmp_path):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"MODEL_TYPE": "mlp idefics2=resnet"}, "MODEL_TYPE: 'idefics2=resnet' is not TYPE or MODEL=TYPE"),
+        ({"RECON_TYPE": "mlp idefics2=resnet"}, "RECON_TYPE: 'idefics2=resnet' is not TYPE or MODEL=TYPE"),
+        ({"MODEL_TYPE": "resnet"}, "RECON_TYPE: 'resnet' is not TYPE"),  # the deprecated name still reaches it
         ({"TRAIN_ROOT": "{root}"}, "TRAIN_ROOT is ROOT"),
         ({"TRAIN_ROOT": "{root}/missing"}, "no shards with images under TRAIN_ROOT"),
     ],

@@ -39,7 +39,7 @@ def _epochs(out: Path) -> list[str]:
 def test_emb_then_export_under_plain_bash(tmp_path):
     vec = _store(tmp_path, 24)
     out = tmp_path / "recon"
-    env = _plain_env(VEC=str(vec), OUT=str(out), MODEL_TYPE="linear", DEVICE="cpu", EXTRA_ARGS="--num_workers 0")
+    env = _plain_env(VEC=str(vec), OUT=str(out), RECON_TYPE="linear", DEVICE="cpu", EXTRA_ARGS="--num_workers 0")
     r = subprocess.run(["bash", str(EMB), "synth"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (out / "best_model.pt").exists() and "--resume" in r.stderr and "--embed_model synth" in r.stderr
@@ -51,7 +51,7 @@ def test_emb_then_export_under_plain_bash(tmp_path):
     assert keys and pre[0].shape == (16, 8)
     r = subprocess.run(["bash", str(EXPORT), "nosuchmodel"], env=env | {"MODEL_DIR": str(tmp_path / "none")},
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "no trained reconstructor" in r.stderr
+    assert r.returncode != 0 and "best_model.pt does not exist (MODEL_DIR): run scripts/emb.sh" in r.stderr
 
 
 @pytest.mark.slurm
@@ -62,7 +62,7 @@ def test_emb_sh_usr1_requeues_and_resumes_from_last_pt(slurm_cluster, tmp_path):
     vec = _store(tmp_path, 160)
     out = tmp_path / "recon"
     (tmp_path / "logs").mkdir()
-    env = {"VEC": str(vec), "OUT": str(out), "MODEL_TYPE": "transformer", "DEVICE": "cpu", "OMP_NUM_THREADS": "1",
+    env = {"VEC": str(vec), "OUT": str(out), "RECON_TYPE": "transformer", "DEVICE": "cpu", "OMP_NUM_THREADS": "1",
            "VLMC_LOGLEVEL": "INFO",
            "EXTRA_ARGS": "--hidden_size 32 --num_heads 2 --epochs 6 --batch_size 2 --num_workers 0 --patience 0"}
     job = slurm_cluster.run(["sbatch", "--parsable", "-c", "1", "--open-mode=append", str(EMB), "synth"],
