@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vlmc.data.images import ImageDataset, ImageRecord
+from vlmc.store.host import HostCopy, to_host
 from vlmc.store.lock import FolderLock
-from vlmc.store.vectors import ShardWriter, cast_checked_many, digest_keys, pack
+from vlmc.store.vectors import ShardWriter, digest_keys, pack
 from vlmc.utils import cli
 from vlmc.utils.cli import DTYPES, UsageError, parse_dtype
 from vlmc.utils.stop import StopFlag, StopRequested, stop_requested
@@ -64,6 +65,15 @@ class Encoder(Protocol):
 
     def encode(self, inputs: dict[str, Any], images: list[Image.Image | None]) -> Encoded:
         """Per-image outputs for a preprocessed batch."""
+
+
+@dataclass
+class _HostBatch:
+    """One encoded batch on its way to a chunk file: ``Encoded`` with its vectors in flight to the host."""
+
+    vectors: dict[str, HostCopy]
+    extras: dict[str, dict[str, list]]
+    shapes: dict[str, dict[str, Any]]
 
 
 @dataclass
@@ -174,15 +184,17 @@ def run_shard(
         pending: Future | None = None
         for ci, batches in _chunk_batches(encoder, records, chunks, todo, cfg):
             keys: list[str] = []
-            parts: list[Encoded] = []
+            parts: list[_HostBatch] = []
             skipped: list[dict[str, str]] = []
             for recs, inputs, images, bad in batches:
                 skipped += bad
                 if recs:
                     with torch.inference_mode():
                         enc = encoder.encode(inputs, images)
-                    enc.vectors = {k: cast_checked_many([v.detach() for v in vs], dtype) for k, vs in enc.vectors.items()}
-                    parts.append(enc)
+                    # to the host in the storage dtype; on a GPU the copy runs on while the next batch
+                    # is encoded, and the commit thread waits for it (HostCopy.wait)
+                    hosts = {k: to_host([v.detach() for v in vs], dtype) for k, vs in enc.vectors.items()}
+                    parts.append(_HostBatch(hosts, enc.extras, enc.shapes))
                     keys += [r.key for r in recs]
                 if progress is not None:
                     progress.update(len(recs) + len(bad))
@@ -236,7 +248,7 @@ def _commit(
     index: int,
     digest: str,
     keys: list[str],
-    parts: list[Encoded],
+    parts: list[_HostBatch],
     skipped: list[dict[str, str]],
     cfg: RunConfig,
     manifest: bool = True,
@@ -247,7 +259,7 @@ def _commit(
     if parts:
         writer.meta.update(parts[0].shapes)
         for kind in parts[0].vectors:
-            vecs = [v for p in parts for v in p.vectors[kind]]  # already in the storage dtype, on the host
+            vecs = [v for p in parts for v in p.vectors[kind].wait()]  # in the storage dtype, on the host
             save = cfg.save if vecs[0].dim() == 2 else "tokens"
             data[kind] = pack(vecs, keys, dtype, save)
             for name in parts[0].extras.get(kind, {}):

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,8 +34,9 @@ from vlmc.store.verify import (
     check_same_keys,
     load_chunk,
 )
+from vlmc.store.writer import save_hashed_many
 from vlmc.utils.cli import UsageError
-from vlmc.utils.io import atomic_open, atomic_write_json, read_json, safe_torch_load, sha256_file
+from vlmc.utils.io import atomic_write_json, read_json, safe_torch_load
 
 FORMAT = "vlmc.vectors/1"
 MANIFEST = "manifest.json"
@@ -200,11 +201,10 @@ class ShardWriter:
             manifest: rewrite the manifest now (``False``: the caller's next ``write_manifest``
                 commits the chunk, e.g. the final ``complete`` one right after the last chunk).
         """
-        files = {}
-        for kind, chunk in data.items():
-            name = chunk_name(kind, index)
-            size, digest = _save_hashed(chunk, self.dir / name)
-            files[kind] = {"name": name, "bytes": size, "sha256": digest}
+        names = {kind: chunk_name(kind, index) for kind in data}
+        saved = save_hashed_many([(chunk, self.dir / names[kind]) for kind, chunk in data.items()])
+        files = {kind: {"name": names[kind], "bytes": size, "sha256": digest}
+                 for kind, (size, digest) in zip(data, saved, strict=True)}
         self.chunks[index] = {
             "index": index,
             "rows": len(keys),
@@ -235,37 +235,6 @@ class ShardWriter:
             manifest["n_chunks"] = len(chunks)
         atomic_write_json(self.dir / MANIFEST, manifest)
         return manifest
-
-
-class _HashingWriter:
-    """A binary file wrapper hashing every byte written through it (so a saved file is never re-read)."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.sequential = True  # False once anything seeks: the hash is then recomputed from the file
-
-    def write(self, b: Any) -> int:
-        self.sha.update(b)
-        return self.f.write(b)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self.sequential = False
-        return self.f.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-
-def _save_hashed(obj: Any, path: Path) -> tuple[int, str]:
-    """``atomic_torch_save`` (same bytes) that also returns the file's size and sha256, hashed while writing."""
-    with atomic_open(path, "wb") as f:
-        w = _HashingWriter(f)
-        torch.save(obj, w)
-    return path.stat().st_size, (w.sha.hexdigest() if w.sequential else sha256_file(path))
 
 
 # -- reading ---------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from vlmc.train.data import (
     save_split,
     save_stats,
 )
+from vlmc.train.loader import LOADERS, make_fast_loader, resolve_loader
 from vlmc.train.reconstructors import (
     BEST,
     MODEL_TYPES,
@@ -119,7 +120,12 @@ def build_parser():
     g.add_argument("--train_shards", default=None, help="comma list: train on these shards (overrides --train_split)")
     g.add_argument("--val_shards", default=None, help="comma list: validate on these shards (default: the others)")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True, help="standardise E_pre/E_post with train-split stats")
-    g.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="DataLoader workers gathering mmap'd batches")
+    g.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="DataLoader workers gathering mmap'd batches (--loader workers)")
+    g.add_argument("--loader", default="auto", choices=LOADERS,
+                   help="training/validation batches: device (the split held in device memory), prefetch (a "
+                   "background thread gathers the next batches into pinned memory), workers (DataLoader with "
+                   "--num_workers); auto: device on a GPU when the split fits in half its free memory, else "
+                   "prefetch; workers on the CPU (default: auto)")
     m = p.add_argument_group("model")
     m.add_argument("--model_type", default="mlp", choices=MODEL_TYPES, help="reconstructor")
     m.add_argument("--hidden_size", type=cli.positive_int, default=None, help="hidden width (default: mlp 2048; transformer 512, or its data's widest side rounded up to 128 when narrower)")
@@ -374,9 +380,14 @@ class Trainer:
         self.std, self.out, self.device, self.meta, self.stop = std, out, device, meta, stop
         self.amp_dtype = parse_dtype(args.amp_dtype)
         self.amp = lambda: amp_context(device, args.amp, self.amp_dtype)
-        self.loader, self.sampler = make_loader(train, args.batch_size, True, args.seed, args.num_workers,
-                                                pin=device.type == "cuda")
-        self.val_loader, _ = make_loader(val, args.batch_size, False, 0, args.num_workers, pin=device.type == "cuda")
+        mode = resolve_loader(args.loader, [*train, *val], device)
+        if mode == "workers":
+            self.loader, self.sampler = make_loader(train, args.batch_size, True, args.seed, args.num_workers,
+                                                    pin=device.type == "cuda")
+            self.val_loader, _ = make_loader(val, args.batch_size, False, 0, args.num_workers, pin=device.type == "cuda")
+        else:  # same batches, same order (vlmc.train.loader)
+            self.loader, self.sampler = make_fast_loader(mode, train, args.batch_size, True, args.seed, device)
+            self.val_loader, _ = make_fast_loader(mode, val, args.batch_size, False, 0, device)
         self.n_batches = len(plan_batches(train, args.batch_size))
         self.total_steps = steps_per_epoch(self.n_batches, args.accumulation_steps) * args.epochs
         self.opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
