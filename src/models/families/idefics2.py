@@ -135,6 +135,7 @@ class Idefics2Adapter(HFAdapter):
     correspondence = Correspondence("none")
     real_configs = {"idefics2-8b": idefics2_8b}
     model_cls = Idefics2ForConditionalGeneration
+    vision_prefixes = ("model.vision_model", "model.connector")
     pixel_keys = ("pixel_values", "pixel_attention_mask")
     tiny_version = 2  # v2: left-padding tokenizer
 
@@ -191,7 +192,7 @@ class Idefics2Adapter(HFAdapter):
             setattr(config.text_config, key, getattr(tok, key))
         return _processor(tok, REAL_IMAGE, config.perceiver_config.resampler_n_latents)
 
-    def _after_load(self, model: nn.Module, processor: Any) -> None:
+    def _after_load(self, model: nn.Module | None, processor: Any) -> None:
         # The hub processor splits every image into 4 crops + the whole; the project never does.
         processor.image_processor.do_image_splitting = False
 

@@ -120,6 +120,7 @@ class LlavaAdapter(HFAdapter):
     correspondence = Correspondence("1:1")
     real_configs = {"llava-1.5-7b": llava_15_7b}
     model_cls = LlavaForConditionalGeneration
+    vision_prefixes = ("model.vision_tower", "model.multi_modal_projector")
     pixel_keys = ("pixel_values", "image_sizes")
     tiny_version = 2  # v2: 'USER: <image>' (space restored), left-padding tokenizer
 
