@@ -26,7 +26,7 @@ import torch
 
 from vlmc.data.images import discover_images
 from vlmc.extract.runner import RunConfig, add_run_args, check_run_args, run_shards
-from vlmc.extract.vectors import VLMEncoder
+from vlmc.extract.vectors import VLMEncoder, resolve_preprocess_on
 from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.base import VLM, families, get_adapter, list_modules, match_modules
 from vlmc.models.load import load_vlm
@@ -73,6 +73,13 @@ def build_parser():
         "from a local folder or config:, unless --caption or --modules name language-model modules)",
     )
     add_attn_arg(p)
+    p.add_argument(
+        "--preprocess",
+        default="auto",
+        choices=["auto", "workers", "device"],
+        help="where the model's image processor runs: workers (DataLoader workers, CPU), device (workers only "
+        "decode to uint8; the processor runs batched on --device, bit-identical), auto (device on cuda, workers on cpu)",
+    )
     p.add_argument("--list-modules", "--list_modules", dest="list_modules", action="store_true", help="print every module name of each model and exit")
     return p
 
@@ -142,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for m in models:
         vlm = load_for_extraction(m, sources[m], dtype, device, args)
-        encoder = VLMEncoder(vlm, args.img_size, args.modules, args.caption, args.prompt, args.max_new_tokens)
+        encoder = VLMEncoder(vlm, args.img_size, args.modules, args.caption, args.prompt, args.max_new_tokens,
+                             preprocess_on=resolve_preprocess_on(args.preprocess, device))  # fmt: skip
         if args.modules and not encoder.module_names:
             raise UsageError(f"{m}: no module matches {' '.join(args.modules)} (see --list-modules)")
         run_shards(encoder, records, out_dir / m, cfg, desc=m)

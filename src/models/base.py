@@ -199,6 +199,23 @@ class FamilyAdapter:
         """Pixel inputs for ``images`` only (no text): what ``encode`` needs."""
         raise NotImplementedError
 
+    def image_tensors(self, images: Sequence[Image.Image], img_size: int | None) -> list[Tensor]:
+        """Worker side of device preprocessing: decoded images → uint8 ``[3, H, W]`` tensors.
+
+        Only what ``preprocess`` does with PIL before the model's image processor (RGB conversion,
+        a family's own PIL resize) happens here; the processor itself runs in ``preprocess_tensors``.
+        """
+        raise NotImplementedError
+
+    def preprocess_tensors(
+        self, processor: Any, images: Sequence[Tensor], img_size: int | None, device: torch.device
+    ) -> dict[str, Tensor]:
+        """The model's own image processor over ``image_tensors`` output, batched on ``device``.
+
+        Bit-identical to ``preprocess`` on the same images (tests); the results stay on ``device``.
+        """
+        raise NotImplementedError
+
     def encode(self, vlm: VLM, pixel_inputs: dict[str, Tensor]) -> Captured:
         """Run vision tower + connector only (never the LM); E_pre/E_post per image, canonical order."""
         raise NotImplementedError

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -293,6 +294,9 @@ class HFAdapter(FamilyAdapter):
     def _after_load(self, model: nn.Module | None, processor: Any) -> None:
         return None
 
+    def image_tensors(self, images: Sequence[Image.Image], img_size: int | None) -> list[Tensor]:
+        return uint8_chw(images)
+
     # -- language path ---------------------------------------------------------------------------
     def _generation_inputs(self, vlm: VLM, images: Sequence[Image.Image], texts: list[str], img_size: int | None) -> Any:
         raise NotImplementedError
@@ -349,6 +353,11 @@ class HFAdapter(FamilyAdapter):
         return decode_new(vlm.processor, seq, prompt_len)
 
 
+def uint8_chw(images: Sequence[Image.Image]) -> list[Tensor]:
+    """RGB PIL images → uint8 ``[3, H, W]`` tensors (what the torchvision image processors convert them to)."""
+    return [torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous() for im in rgb(images)]
+
+
 def rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
     """Images converted to RGB (palette / grey / RGBA inputs are common in folders)."""
     return [im if im.mode == "RGB" else im.convert("RGB") for im in images]
@@ -373,4 +382,5 @@ __all__ = [
     "set_generation_defaults",
     "stack_or_pad",
     "to_model",
+    "uint8_chw",
 ]

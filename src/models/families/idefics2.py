@@ -201,6 +201,12 @@ class Idefics2Adapter(HFAdapter):
         out = processor.image_processor([[im] for im in rgb(images)], return_tensors="pt", **_image_kwargs(img_size))
         return {"pixel_values": out["pixel_values"], "pixel_attention_mask": out["pixel_attention_mask"]}
 
+    def preprocess_tensors(
+        self, processor: Any, images: Sequence[Tensor], img_size: int | None, device: torch.device
+    ) -> dict[str, Tensor]:
+        out = processor.image_processor([[t] for t in images], return_tensors="pt", device=device, **_image_kwargs(img_size))
+        return {"pixel_values": out["pixel_values"], "pixel_attention_mask": out["pixel_attention_mask"]}
+
     def connector_module(self, model: nn.Module) -> nn.Module:
         return model.model.connector
 

@@ -177,6 +177,12 @@ class LlavaAdapter(HFAdapter):
         out = processor.image_processor(rgb(images), return_tensors="pt", **_image_kwargs(img_size))
         return {"pixel_values": out["pixel_values"]}
 
+    def preprocess_tensors(
+        self, processor: Any, images: Sequence[Tensor], img_size: int | None, device: torch.device
+    ) -> dict[str, Tensor]:
+        out = processor.image_processor(list(images), return_tensors="pt", device=device, **_image_kwargs(img_size))
+        return {"pixel_values": out["pixel_values"]}
+
     def connector_module(self, model: nn.Module) -> nn.Module:
         return model.model.multi_modal_projector
 

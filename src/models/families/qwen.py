@@ -79,7 +79,7 @@ from vlmc.models.base import (
     TinyDims,
     register,
 )
-from vlmc.models.families.common import build_random, set_generation_defaults
+from vlmc.models.families.common import build_random, set_generation_defaults, uint8_chw
 from vlmc.models.tiny import seed_everything, train_word_tokenizer
 from vlmc.utils.cli import UsageError
 
@@ -372,6 +372,17 @@ class QwenMergerAdapter(FamilyAdapter):
             images=self._resize(images, img_size),
             return_tensors="pt",
             **self._size_kwargs(processor, img_size),
+        )
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def image_tensors(self, images: Sequence[Image.Image], img_size: int | None) -> list[Tensor]:
+        return uint8_chw(self._resize(images, img_size))  # the project's PIL resize stays in the workers
+
+    def preprocess_tensors(
+        self, processor: Any, images: Sequence[Tensor], img_size: int | None, device: torch.device
+    ) -> dict[str, Tensor]:
+        out = processor.image_processor(
+            images=list(images), return_tensors="pt", device=device, **self._size_kwargs(processor, img_size)
         )
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
