@@ -366,6 +366,8 @@ def build_parser():
     p.add_argument("--full_model", action="store_true", help="load the whole VLM (default: vision tower + connector only)")
     p.add_argument("--variants", default="", help=f"comma list of variants to run (default: all of {', '.join(VARIANTS)})")
     p.add_argument("--disk_mb", type=int, default=256, help="MB written for the raw write+fsync probe (0: skip)")
+    p.add_argument("--image_root", default=None,
+                   help="benchmark these images (first --n of one shard) instead of generating --n scenes")
     p.add_argument("--tmp_dir", default=None, help="scratch folder for images and stores (default: the system's temp)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file (rewritten after each model)")
     return p
@@ -384,8 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     sources = model_sources(names, args.model_path)
     tmp = Path(tempfile.mkdtemp(prefix="vlmc-bench-img-", dir=args.tmp_dir))
     try:
-        write_scenes(tmp / "00000", n=args.n, seed=0, size=args.img_size or 224)
-        records = discover_images(tmp)
+        if args.image_root:
+            records = discover_images(args.image_root, max_items=args.n)
+        else:
+            write_scenes(tmp / "00000", n=args.n, seed=0, size=args.img_size or 224)
+            records = discover_images(tmp)
+        if len({r.shard for r in records}) != 1:
+            raise UsageError(f"--image_root {args.image_root}: benchmark one shard (got several)")
         rows = []
         for m in names:
             rows.append(bench_model(m, sources[m], records, args))
