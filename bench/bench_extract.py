@@ -33,12 +33,28 @@ a shared machine more threads than free cores makes every parallel region wait f
 thread, which swamps the comparison. ``--img_size`` (Qwen families, Idefics2) raises the token count
 for a heavier vision forward than the tiny 64 px default.
 
+GPU (and real dimensions): ``--device cuda --dtype bf16 --model-path config:<name>`` (one name per
+model: ``llava=config:llava-1.5-7b,...``) reads the clock after ``torch.cuda.synchronize()`` and
+reports each variant's peak device memory (``*_peak_gb``, ``torch.cuda.max_memory_allocated`` reset
+before every variant) and the weights resident on the device (``weights_gb``). The model is loaded
+vision-only (``vlmc.models.partial``) unless ``--full_model``; the seed-style loop, which runs the
+LM, then loads the whole model separately (skip it with ``--new_tokens 0``). ``--preprocess``: where
+``ours`` runs the image processor (auto: on the device for cuda, in the workers on cpu);
+``ours_workers`` adds ``ours`` with the processor in the workers whenever ``ours`` uses the device.
+
+``disk``: raw sequential write + fsync MB/s of the output folder (``--disk_mb`` MB in 8 MB blocks,
+measured in the same run), divided by the fp16 bytes one image's E_pre + E_post take: the images/s
+the disk allows. ``ours/min(forward,disk)`` is the issue's end-to-end goal (>= 0.9 on a GPU).
+
     python bench/bench_extract.py --models llava --n 512 --repeats 3
+    python bench/bench_extract.py --models llava --model-path config:llava-1.5-7b --device cuda --dtype bf16 \
+        --img_size 336 --batch_size 32 --num_workers 12 --new_tokens 0
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -55,13 +71,14 @@ from torch.utils.data import DataLoader
 from vlmc.data.images import ImageDataset, ImageRecord, discover_images
 from vlmc.data.scenes import write_scenes
 from vlmc.extract.runner import RunConfig, batch_plan, chunk_slices, run_shard
-from vlmc.extract.vectors import VLMEncoder
+from vlmc.extract.vectors import VLMEncoder, resolve_preprocess_on
+from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.base import VLM, families
 from vlmc.models.load import load_vlm
 from vlmc.store.vectors import ShardReader
-from vlmc.utils.cli import make_parser, parse_csv_list
+from vlmc.utils.cli import UsageError, entry_point, make_parser, parse_csv_list, resolve_device, resolve_dtype
 
-VARIANTS = ("forward", "encode", "bare", "ours", "seed")
+VARIANTS = ("forward", "encode", "bare", "ours", "ours_workers", "seed")
 
 
 class _Preprocess:
@@ -100,11 +117,15 @@ class Bench:
         img_size: int | None,
         new_tokens: int,
         seed_n: int = 0,
+        preprocess_on: str = "workers",
+        seed_vlm: VLM | None = None,
     ) -> None:
         self.vlm, self.records, self.out, self.cfg = vlm, records, out, cfg
         self.img_size, self.new_tokens = img_size, new_tokens
         self.plan = batch_plan(chunk_slices(len(records), cfg.save_every), cfg.batch_size)
         self.seed_n = min(seed_n or len(records), len(records))
+        self.preprocess_on = preprocess_on
+        self.seed_vlm = seed_vlm or vlm  # generate needs the LM: the whole model when vlm is vision-only
 
     def _loader(self, collate: Callable[[list], Any], n: int | None = None) -> DataLoader:
         records = self.records[:n] if n else self.records
@@ -144,9 +165,10 @@ class Bench:
         """Remove the previous ``ours`` output (untimed: a real run writes into a new folder)."""
         shutil.rmtree(self.out, ignore_errors=True)
 
-    def ours(self) -> None:
+    def ours(self, preprocess_on: str | None = None) -> None:
         """``run_shard`` into ``out``, as stage 1 does (``clean`` first)."""
-        run_shard(VLMEncoder(self.vlm, self.img_size), "bench", self.records, self.out, self.cfg)
+        encoder = VLMEncoder(self.vlm, self.img_size, preprocess_on=preprocess_on or self.preprocess_on)
+        run_shard(encoder, "bench", self.records, self.out, self.cfg)
 
     def warm_up(self, batches: list[dict[str, Any]]) -> None:
         """One untimed pass of each path (first-call allocations, lazy inits, chat template)."""
@@ -156,11 +178,12 @@ class Bench:
         self.ours()
         if self.new_tokens > 0:
             images = [ImageDataset(self.records)[i].image for i in range(min(self.cfg.batch_size, len(self.records)))]
-            self.vlm.adapter.generate(self.vlm, images, None, self.new_tokens, img_size=self.img_size)
+            self.seed_vlm.adapter.generate(self.seed_vlm, images, None, self.new_tokens, img_size=self.img_size)
 
     def seed(self) -> None:
         """``generate`` per batch with hooks copying the connector's input and output to the host."""
-        connector = self.vlm.adapter.connector_module(self.vlm.model)
+        vlm = self.seed_vlm
+        connector = vlm.adapter.connector_module(vlm.model)
         captured: list = []
 
         def hook(_m: torch.nn.Module, args: tuple, out: Any) -> None:
@@ -170,63 +193,129 @@ class Bench:
         handle = connector.register_forward_hook(hook)
         try:
             for images in self._loader(_images, self.seed_n):
-                self.vlm.adapter.generate(self.vlm, images, None, self.new_tokens, img_size=self.img_size)
+                vlm.adapter.generate(vlm, images, None, self.new_tokens, img_size=self.img_size)
                 captured.clear()
         finally:
             handle.remove()
 
+    def raw_fp16_bytes(self) -> int:
+        """Bytes of the token tensors ``ours`` stored, in fp16."""
+        r = ShardReader.open(self.out)
+        return sum(v.numel() * 2 for kind in ("pre", "post") for v in r.tokens(kind)[1])
+
     def disk_over_raw(self) -> float:
         """Bytes of ``ours``'s chunk files over the bytes of the token tensors they hold, in fp16."""
         disk = sum(f.stat().st_size for f in self.out.glob("*_vectors_*.pt"))
-        r = ShardReader.open(self.out)
-        return disk / sum(v.numel() * 2 for kind in ("pre", "post") for v in r.tokens(kind)[1])
+        return disk / self.raw_fp16_bytes()
 
 
-def bench_model(name: str, args: Any) -> dict[str, Any]:
+def disk_write_mb_s(folder: Path, total_mb: int, block_mb: int = 8) -> float:
+    """Raw sequential write + fsync throughput of ``folder`` (MB/s, 10^6 bytes), file removed after."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".disk_probe"
+    block = os.urandom(block_mb * 10**6)
+    n = max(1, total_mb // block_mb)
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(n):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    secs = time.perf_counter() - t
+    path.unlink()
+    return n * block_mb / secs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resident_gb(vlm: VLM) -> float:
+    """GB (10^9 bytes) of parameters and buffers with real storage (meta ones excluded)."""
+    tensors = [*vlm.model.parameters(), *vlm.model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type != "meta") / 1e9
+
+
+def load_models(name: str, source: str | None, args: Any) -> tuple[VLM, VLM | None]:
+    """The benchmarked model (vision-only unless ``--full_model``) and, for ``seed``, the whole model."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    attn = check_attn_implementation(args.attn_implementation)
+    vlm = load_vlm(name, source, dtype, device, vision_only=not args.full_model, attn_implementation=attn)
+    seed_vlm = None
+    if args.new_tokens > 0 and vlm.vision_only:
+        seed_vlm = load_vlm(name, source, dtype, device, attn_implementation=attn)
+    return vlm, seed_vlm
+
+
+def bench_model(name: str, source: str | None, records: list[ImageRecord], args: Any) -> dict[str, Any]:
     """All measurements for one model: median images/s per variant and median paired ratios."""
-    tmp = Path(tempfile.mkdtemp(prefix="vlmc-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="vlmc-bench-", dir=args.tmp_dir))
     try:
-        write_scenes(tmp / "img" / "00000", n=args.n, seed=0, size=args.img_size or 224)
-        records = discover_images(tmp / "img")
-        vlm = load_vlm(name, args.model_path)
+        vlm, seed_vlm = load_models(name, source, args)
+        device = vlm.device
         cfg = RunConfig(batch_size=args.batch_size, num_workers=args.num_workers, save_every=args.save_every,
                         save="tokens", store_dtype="fp16")
-        b = Bench(vlm, records, tmp / "out", cfg, args.img_size, args.new_tokens, args.seed_n)
+        where = resolve_preprocess_on(args.preprocess, device)
+        b = Bench(vlm, records, tmp / "out", cfg, args.img_size, args.new_tokens, args.seed_n, where, seed_vlm)
         batches = b.preprocessed()
         runs: dict[str, Callable[[], None]] = {
             "forward": lambda: b.forward(batches), "encode": lambda: b.encode(batches),
-            "bare": b.bare, "ours": b.ours, "seed": b.seed,
+            "bare": b.bare, "ours": b.ours, "ours_workers": lambda: b.ours("workers"), "seed": b.seed,
         }
-        variants = [v for v in VARIANTS if v != "seed" or args.new_tokens > 0]
+        skip = {"seed"} if args.new_tokens <= 0 else set()
+        if where == "workers":
+            skip.add("ours_workers")  # the same as ours
+        wanted = parse_csv_list(args.variants) or list(VARIANTS)
+        variants = [v for v in VARIANTS if v not in skip and v in wanted]
         b.warm_up(batches)
         times: dict[str, list[float]] = {v: [] for v in variants}
         busy: dict[str, list[float]] = {v: [] for v in variants}
+        peak: dict[str, float] = {}
         for r in range(args.repeats):
             for v in variants[r % len(variants):] + variants[: r % len(variants)]:
-                if v == "ours":
+                if v.startswith("ours"):
                     b.clean()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                _sync(device)
                 c, t = _workers_cpu(), time.perf_counter()
                 runs[v]()
+                _sync(device)
                 times[v].append(time.perf_counter() - t)
                 busy[v].append((_workers_cpu() - c) / times[v][-1])
-        row: dict[str, Any] = {"model": name, "images": args.n}
-        counts = {v: b.seed_n if v == "seed" else args.n for v in times}
+                if device.type == "cuda":
+                    peak[v] = max(peak.get(v, 0.0), torch.cuda.max_memory_allocated(device) / 1e9)
+        row: dict[str, Any] = {"model": name, "images": len(records), "device": str(device),
+                               "dtype": str(vlm.dtype).replace("torch.", ""), "preprocess": where,
+                               "vision_only": vlm.vision_only, "weights_gb": resident_gb(vlm)}
+        counts = {v: b.seed_n if v == "seed" else len(records) for v in times}
         row.update({f"{v}_img_s": counts[v] / statistics.median(ts) for v, ts in times.items()})
 
         def ratios(a: str, b_: str) -> list[float]:  # throughput a / throughput b, paired per repeat
             return [(counts[a] / ta) / (counts[b_] / tb) for ta, tb in zip(times[a], times[b_], strict=True)]
 
         def ratio(a: str, b_: str) -> float:
-            return statistics.median(ratios(a, b_))
+            return statistics.median(ratios(a, b_)) if a in times and b_ in times else float("nan")
 
         row["encode/forward"] = ratio("encode", "forward")
         row["ours/bare"] = ratio("ours", "bare")
-        paired = ratios("ours", "bare")
-        row["ours/bare range"] = f"{min(paired):.2f}-{max(paired):.2f}"  # the run-to-run spread
+        if "ours" in times and "bare" in times:
+            paired = ratios("ours", "bare")
+            row["ours/bare range"] = f"{min(paired):.2f}-{max(paired):.2f}"  # the run-to-run spread
         if args.num_workers > 0:  # decoding workers' CPU time / wall time (their busy fraction, summed)
-            row.update({f"{v}_workers_busy": statistics.median(busy[v]) for v in ("bare", "ours")})
-        row["ours/seed"] = ratio("ours", "seed") if "seed" in times else float("nan")
+            row.update({f"{v}_workers_busy": statistics.median(busy[v]) for v in ("bare", "ours") if v in busy})
+        row["ours/seed"] = ratio("ours", "seed")
+        b.clean()
+        b.ours()  # one more (untimed) store for the disk figures
         row["disk/raw_fp16"] = b.disk_over_raw()
+        bytes_per_image = b.raw_fp16_bytes() / len(records)
+        row["disk_mb_s"] = disk_write_mb_s(tmp, args.disk_mb) if args.disk_mb > 0 else float("nan")
+        row["disk_img_s"] = row["disk_mb_s"] * 1e6 / bytes_per_image
+        if "ours" in times and "forward" in times:
+            row["ours/min(forward,disk)"] = row["ours_img_s"] / min(row["forward_img_s"], row["disk_img_s"])
+        row.update({f"{v}_peak_gb": g for v, g in peak.items()})
         return row
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -241,13 +330,25 @@ def _workers_cpu() -> float:
 def _cell(key: str, value: Any) -> str:
     if not isinstance(value, float):
         return str(value)
-    return f"{value:.0f}" if key.endswith("_img_s") else f"{value:.3f}"
+    if key.endswith("_img_s"):
+        return f"{value:.0f}" if value >= 10 else f"{value:.2f}"
+    return f"{value:.2f}" if key.endswith(("_gb", "_mb_s")) else f"{value:.3f}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def model_sources(names: list[str], text: str | None) -> dict[str, str | None]:
+    """``--model-path``: one source for every model, or ``name=source`` pairs."""
+    if not text or "=" not in text:
+        return dict.fromkeys(names, text)
+    pairs = dict(item.split("=", 1) for item in parse_csv_list(text))
+    return {n: pairs.get(n, "tiny") for n in names}
+
+
+def build_parser():
+    """CLI arguments; ``--help`` shows defaults."""
     p = make_parser(__doc__)
     p.add_argument("--models", default="all", help="'all' or a comma list of families")
-    p.add_argument("--model-path", dest="model_path", default="tiny", help="source for every model")
+    p.add_argument("--model-path", dest="model_path", default="tiny",
+                   help="source for every model, or per model: 'llava=config:llava-1.5-7b,qwen3.5=tiny'")
     p.add_argument("--n", type=int, default=512, help="images (enough to amortize per-shard fixed costs)")
     p.add_argument("--batch_size", type=int, default=16, help="images per forward pass, every variant")
     p.add_argument("--save_every", type=int, default=256, help="images per chunk file of 'ours' (batches never cross)")
@@ -257,25 +358,57 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new_tokens", type=int, default=32, help="generate length of the seed-style loop (0: skip it)")
     p.add_argument("--seed_n", type=int, default=128, help="images the seed-style loop runs on (the first ones; 0: all)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; medians are reported")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    args = p.parse_args(argv)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 on cuda, fp32 on cpu), bf16, fp16, fp32")
+    add_attn_arg(p)
+    p.add_argument("--preprocess", default="auto", choices=["auto", "workers", "device"],
+                   help="where 'ours' runs the image processor (auto: device on cuda, workers on cpu)")
+    p.add_argument("--full_model", action="store_true", help="load the whole VLM (default: vision tower + connector only)")
+    p.add_argument("--variants", default="", help=f"comma list of variants to run (default: all of {', '.join(VARIANTS)})")
+    p.add_argument("--disk_mb", type=int, default=256, help="MB written for the raw write+fsync probe (0: skip)")
+    p.add_argument("--image_root", default=None,
+                   help="benchmark these images (first --n of one shard) instead of generating --n scenes")
+    p.add_argument("--tmp_dir", default=None, help="scratch folder for images and stores (default: the system's temp)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file (rewritten after each model)")
+    return p
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    resolve_device(args.device)  # --device cuda without a GPU: one line, exit 2
+    check_attn_implementation(args.attn_implementation)
+    if args.n < 1 or args.repeats < 1 or args.batch_size < 1:
+        raise UsageError("--n, --repeats and --batch_size must be >= 1")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     names = families() if args.models == "all" else parse_csv_list(args.models)
-    rows = []
-    for m in names:
-        rows.append(bench_model(m, args))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    cols = list(rows[0])
+    sources = model_sources(names, args.model_path)
+    tmp = Path(tempfile.mkdtemp(prefix="vlmc-bench-img-", dir=args.tmp_dir))
+    try:
+        if args.image_root:
+            records = discover_images(args.image_root, max_items=args.n)
+        else:
+            write_scenes(tmp / "00000", n=args.n, seed=0, size=args.img_size or 224)
+            records = discover_images(tmp)
+        if len({r.shard for r in records}) != 1:
+            raise UsageError(f"--image_root {args.image_root}: benchmark one shard (got several)")
+        rows = []
+        for m in names:
+            rows.append(bench_model(m, sources[m], records, args))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            if args.json:  # as we go: a run cut short keeps its figures
+                Path(args.json).write_text(json.dumps(rows, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
     print(f"threads={torch.get_num_threads()} workers={args.num_workers} batch={args.batch_size} "
           f"save_every={args.save_every} n={args.n} seed_n={min(args.seed_n or args.n, args.n)} "
           f"repeats={args.repeats} (medians)")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(_cell(k, v) for k, v in r.items()) + " |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print("| " + " | ".join(_cell(k, r.get(k, "")) for k in cols) + " |")
     return 0
 
 

@@ -7,7 +7,14 @@ Timed (each ``--repeats`` times, round-robin so machine load hits all alike; the
 * ``torch``   the pure-torch backend;
 * ``faiss``   the faiss IndexFlat backend;
 * ``sklearn`` ``NearestNeighbors(algorithm="brute")`` asking k+1;
-* ``naive``   chunked (1024 rows) torch ``matmul`` + ``topk(k+1)`` on full distance rows.
+* ``naive``   chunked (1024 rows) torch ``matmul`` + ``topk(k+1)`` on full distance rows;
+* ``torch256`` the torch backend with fixed 256 MiB tiles (the CPU default), against ``torch``'s
+  automatic budget (on CUDA: from free device memory, ``auto_block_mb``).
+
+``--device cuda`` runs X, the GEMM floor and the torch backends on the GPU (default methods there:
+floor, default, torch, torch256, naive; faiss / sklearn are not needed), reads the clock after
+``torch.cuda.synchronize()`` and reports each method's peak device memory. ``--block-mb 0`` (default)
+is the automatic budget of ``vlmc.metrics.knn.auto_block_mb`` for the device.
 
 ``--peak-mem`` instead measures the peak RSS of a fresh subprocess that builds an
 [``--peak-n``, ``--d``] float32 matrix and runs one backend on ``--peak-queries`` query rows against
@@ -27,18 +34,19 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from vlmc.metrics.knn import _faiss, block_rows, knn, resolve_backend
-from vlmc.utils.cli import make_parser
+from vlmc.metrics.knn import _faiss, auto_block_mb, block_rows, knn, resolve_backend
+from vlmc.utils.cli import UsageError, entry_point, make_parser, resolve_device
 from vlmc.utils.io import atomic_write_json
 
 METHODS = ("floor", "default", "torch", "faiss", "sklearn", "naive")
+CUDA_METHODS = ("floor", "default", "torch", "torch256", "naive")
 
 
 def gemm_floor(X: torch.Tensor, block_mb: float) -> None:
     """One blocked float32 ``X @ X.T`` (all N^2 entries, query blocks of ``block_mb`` MiB of output)."""
     n = X.shape[0]
     B = block_rows(n, block_mb)
-    buf = torch.empty(min(B, n), n)
+    buf = torch.empty(min(B, n), n, device=X.device)
     for s in range(0, n, B):
         q = X[s : s + B]
         torch.mm(q, X.T, out=buf[: q.shape[0]])
@@ -53,7 +61,7 @@ def naive_knn(X: torch.Tensor, k: int, metric: str, chunk: int = 1024) -> np.nda
         q = Xw[s : s + chunk]
         d = sq[s : s + chunk, None] + sq[None, :] - 2 * (q @ Xw.T)
         out.append(d.topk(k + 1, dim=1, largest=False).indices[:, 1:])
-    return torch.cat(out).numpy()
+    return torch.cat(out).cpu().numpy()
 
 
 def sklearn_knn(X: np.ndarray, k: int, metric: str, threads: int) -> np.ndarray:
@@ -65,10 +73,15 @@ def sklearn_knn(X: np.ndarray, k: int, metric: str, threads: int) -> np.ndarray:
     return nn.kneighbors(X, return_distance=False)[:, 1:]
 
 
-def time_once(fn: Callable[[], object]) -> tuple[float, float, object]:
-    """Wall seconds, process CPU seconds (all threads) of one call, and its result."""
+def time_once(fn: Callable[[], object], device: torch.device | None = None) -> tuple[float, float, object]:
+    """Wall seconds, process CPU seconds (all threads) of one call, and its result (CUDA: synchronised)."""
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
     t, c = time.perf_counter(), time.process_time()
     out = fn()
+    if cuda:
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t, time.process_time() - c, out
 
 
@@ -83,23 +96,38 @@ def run_timings(args) -> dict:
     faiss = _faiss()
     if faiss is not None:
         faiss.omp_set_num_threads(args.threads)
-    X = torch.randn(args.n, args.d, generator=torch.Generator().manual_seed(args.seed))
-    Xnp = X.numpy()
+    dev = resolve_device(args.device)
+    X = torch.randn(args.n, args.d, generator=torch.Generator().manual_seed(args.seed)).to(dev)
+    Xnp = X.cpu().numpy() if dev.type == "cpu" else None
+    block = args.block_mb or auto_block_mb(dev)
+    auto = args.block_mb or None  # 0 → let knn() pick (the default path under test)
+
+    def run(backend: str, mb: float | None) -> np.ndarray:
+        return knn(X, args.k, metric=args.metric, backend=backend, device=dev, block_mb=mb).indices
+
     fns = {
-        "floor": lambda: gemm_floor(X, args.block_mb),
-        "default": lambda: knn(X, args.k, metric=args.metric, block_mb=args.block_mb).indices,
-        "torch": lambda: knn(X, args.k, metric=args.metric, backend="torch", block_mb=args.block_mb).indices,
-        "faiss": lambda: knn(X, args.k, metric=args.metric, backend="faiss", block_mb=args.block_mb).indices,
+        "floor": lambda: gemm_floor(X, block),
+        "default": lambda: run("auto", auto),
+        "torch": lambda: run("torch", auto),
+        "torch256": lambda: run("torch", 256.0),
+        "faiss": lambda: run("faiss", auto),
         "sklearn": lambda: sklearn_knn(Xnp, args.k, args.metric, args.threads),
         "naive": lambda: naive_knn(X, args.k, args.metric),
     }
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in (args.methods or ",".join(CUDA_METHODS if dev.type == "cuda" else METHODS)).split(",") if m]
+    if dev.type == "cuda" and "sklearn" in methods:
+        raise UsageError("sklearn runs on the CPU only: drop it from --methods with --device cuda")
     times: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[float]] = {m: [] for m in methods}
+    peak: dict[str, float] = {}
     results: dict[str, object] = {}
     for r in range(args.repeats):
         for m in methods:
-            dt, ct, out = time_once(fns[m])
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            dt, ct, out = time_once(fns[m], dev)
+            if dev.type == "cuda":
+                peak[m] = max(peak.get(m, 0.0), torch.cuda.max_memory_allocated(dev) / 2**30)
             times[m].append(dt)
             cpu[m].append(ct)
             results[m] = out
@@ -107,8 +135,9 @@ def run_timings(args) -> dict:
                   file=sys.stderr, flush=True)
     agree = {m: row_agreement(results["default"], results[m])
              for m in methods if m not in ("floor", "default") and "default" in results}
-    return {"config": vars(args), "torch_threads": torch.get_num_threads(),
-            "default_backend": resolve_backend("auto", torch.device("cpu")),
+    return {"config": vars(args), "torch_threads": torch.get_num_threads(), "device": str(dev),
+            "block_mb": block, "peak_device_gib": peak,
+            "default_backend": resolve_backend("auto", dev),
             "seconds_min": {m: min(v) for m, v in times.items()},
             "cpu_seconds_min": {m: min(v) for m, v in cpu.items()},
             "seconds_all": times, "cpu_seconds_all": cpu, "rows_identical_to_default": agree}
@@ -123,12 +152,16 @@ def print_table(res: dict) -> None:
     wall, cpu = res["seconds_min"], res["cpu_seconds_min"]
     c = res["config"]
     print(f"N={c['n']} D={c['d']} k={c['k']} metric={c['metric']} threads={res['torch_threads']} "
+          f"device={res['device']} block={res['block_mb']:.0f} MiB "
           f"repeats={c['repeats']} default backend={res['default_backend']} (min over repeats)")
-    print(f"{'method':10s} {'wall s':>8s} {'x floor':>8s} {'cpu s':>8s} {'x floor':>8s} {'rows = default':>15s}")
+    print(f"{'method':10s} {'wall s':>8s} {'x floor':>8s} {'cpu s':>8s} {'x floor':>8s} {'rows = default':>15s}"
+          f" {'peak GiB':>9s}")
     for m in wall:
         agree = res["rows_identical_to_default"].get(m)
+        pk = res["peak_device_gib"].get(m)
         print(f"{m:10s} {wall[m]:8.2f} {_ratio(wall[m], wall.get('floor'))} {cpu[m]:8.2f} "
-              f"{_ratio(cpu[m], cpu.get('floor'))} {'' if agree is None else f'{agree:15.4f}'}")
+              f"{_ratio(cpu[m], cpu.get('floor'))} {'' if agree is None else f'{agree:15.4f}'}"
+              f"{'' if pk is None else f' {pk:9.2f}'}")
     if "sklearn" in wall and "default" in wall:
         print(f"sklearn / default = {wall['sklearn'] / wall['default']:.2f}x wall, "
               f"{cpu['sklearn'] / cpu['default']:.2f}x cpu")
@@ -143,7 +176,7 @@ def peak_child(args) -> None:
         X[s : s + 8192] = torch.randn(min(8192, args.peak_n - s), args.d, generator=gen)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     t = time.perf_counter()
-    knn(X, args.k, metric=args.metric, backend=args._peak_child, block_mb=args.block_mb,
+    knn(X, args.k, metric=args.metric, backend=args._peak_child, block_mb=args.block_mb or None,
         query_idx=np.arange(args.peak_queries) if args.peak_queries > 0 else None)
     secs = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -179,8 +212,11 @@ def build_parser():
     p.add_argument("--metric", choices=("l2", "cosine"), default="l2")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per method (min reported)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch/faiss threads")
-    p.add_argument("--block-mb", type=float, default=256.0, help="score block size (MiB)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ",".join(METHODS))
+    p.add_argument("--block-mb", type=float, default=0.0,
+                   help="score block size (MiB); 0: automatic (256 on CPU, from free memory on CUDA)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (X and the torch backends there)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma list of {','.join(METHODS)},torch256 (default: all on cpu; {','.join(CUDA_METHODS)} on cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     p.add_argument("--peak-mem", action="store_true", help="measure peak RSS instead of timing")
@@ -199,6 +235,7 @@ def argparse_suppress() -> str:
     return argparse.SUPPRESS
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)

@@ -261,3 +261,17 @@ def test_distance_correlation_pairs():
     r1 = K.distance_correlation(big, big ** 3, pairs_sample=5000, seed=3, metric="cosine")
     r2 = K.distance_correlation(big, big ** 3, pairs_sample=5000, seed=3, metric="cosine")
     assert r1 == r2 and 0 < r1["spearman"] < 1
+
+
+def test_auto_block_mb_from_free_device_memory():
+    from vlmc.metrics.knn import CPU_BLOCK_MB, auto_block_mb
+
+    assert auto_block_mb(torch.device("cpu")) == CPU_BLOCK_MB
+    cuda = torch.device("cuda")
+    assert auto_block_mb(cuda, free_bytes=100 * 2**30) == 2048.0  # a big free device: the 2 GiB cap
+    assert auto_block_mb(cuda, free_bytes=4 * 2**30) == 1024.0  # a quarter of the free memory
+    assert auto_block_mb(cuda, free_bytes=2**28) == 256.0  # nearly full: never below 256 MiB
+    X = torch.randn(300, 8)
+    a = K.knn(X, 5, backend="torch")  # block_mb=None → auto
+    b = K.knn(X, 5, backend="torch", block_mb=CPU_BLOCK_MB)
+    assert np.array_equal(a.indices, b.indices)

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from vlmc.eval import inject
 from vlmc.eval.captions_io import done_ids, upsert_rows
 from vlmc.eval.scoring import add_scoring_args, build_scorers
+from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.load import load_vlm
 from vlmc.train.data import plan_batches
 from vlmc.utils import cli
@@ -91,6 +92,7 @@ def build_parser():
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the reconstructor")
     p.add_argument("--dtype", default="auto", help="VLM compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
     p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    add_attn_arg(p)
     p.add_argument("--deepstack", default=None, choices=list(inject.DEEPSTACK_MODES),
                    help="Qwen3-VL only (default original; see above)")
     p.add_argument("--save_every", type=cli.positive_int, default=256, help="rewrite the CSV after this many new rows")
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         settings["recon"] = {"dir": str(run.model_dir.resolve()), "stats_sha256": run.meta.get("stats_sha256"),
                              "epoch": run.meta.get("epoch"), "amp": args.amp}
     inject.start_output(path, settings, args.resume)
-    vlm = load_vlm(store.family, source, dtype, device)
+    vlm = load_vlm(store.family, source, dtype, device, attn_implementation=check_attn_implementation(args.attn_implementation))
     cache = inject.CaptionCache(Path(args.cache_dir or out_dir / "cache") / f"original_{store.model}.csv", gen,
                                 inject.chunk_digests(store))
     need = ["caption_post_direct"] + (list(RECON_COLUMNS) if run else []) + (["caption_image"] if args.with_image_caption else [])

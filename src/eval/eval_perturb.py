@@ -36,6 +36,7 @@ from tqdm import tqdm
 from vlmc.eval import inject
 from vlmc.eval.captions_io import done_ids, upsert_rows
 from vlmc.eval.perturb import LEVEL_HELP, MASK_FILLS, PERTURBATIONS, apply_batch, check_level, perturb_key
+from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.load import load_vlm
 from vlmc.train.data import plan_batches
 from vlmc.utils import cli
@@ -81,6 +82,7 @@ def build_parser():
     p.add_argument("--shards", default=None, help="comma list of shards (default: all)")
     p.add_argument("--save_every", type=cli.positive_int, default=256, help="rewrite the CSV after this many new rows")
     p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    add_attn_arg(p)
     p.add_argument("--dtype", default="auto", help="model compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
     p.add_argument("--amp", action="store_true", help="the seed's flag: same as --dtype bf16")
     p.add_argument("--deepstack", default=None, choices=list(inject.DEEPSTACK_MODES),
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     "options": opts, "vec_dir": str(Path(args.vec_dir).resolve())}
         inject.start_output(path, settings, args.resume)
         plans.append((path, name, value))
-    vlm = load_vlm(store.family, source, dtype, device)
+    vlm = load_vlm(store.family, source, dtype, device, attn_implementation=check_attn_implementation(args.attn_implementation))
     cache = inject.CaptionCache(Path(args.cache_dir or out_dir / "cache") / f"original_{store.model}.csv", gen,
                                 inject.chunk_digests(store))
     reader = inject.PostReader()

@@ -18,14 +18,19 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
+import torch
+
 from vlmc.data.images import discover_images
 from vlmc.extract.runner import RunConfig, add_run_args, check_run_args, run_shards
-from vlmc.extract.vectors import VLMEncoder
-from vlmc.models.base import families, get_adapter, list_modules
+from vlmc.extract.vectors import VLMEncoder, resolve_preprocess_on
+from vlmc.models.attention import add_attn_arg, check_attn_implementation
+from vlmc.models.base import VLM, families, get_adapter, list_modules, match_modules
 from vlmc.models.load import load_vlm
+from vlmc.models.partial import on_vision_side
 from vlmc.utils import cli
 from vlmc.utils.cli import (
     UsageError,
@@ -62,6 +67,20 @@ def build_parser():
     p.add_argument("--caption", action="store_true", help="also generate a caption per image (runs the LM; stored in post chunks)")
     p.add_argument("--max_new_tokens", type=cli.positive_int, default=32, help="caption length limit with --caption")
     p.add_argument("--modules", nargs="+", default=[], metavar="GLOB", help="also store outputs of modules matching these Unix globs")
+    p.add_argument(
+        "--full_model",
+        action="store_true",
+        help="load the whole VLM even when only its vision tower + connector run (default: vision-only loading "
+        "from a local folder or config:, unless --caption or --modules name language-model modules)",
+    )
+    add_attn_arg(p)
+    p.add_argument(
+        "--preprocess",
+        default="auto",
+        choices=["auto", "workers", "device"],
+        help="where the model's image processor runs: workers (DataLoader workers, CPU), device (workers only "
+        "decode to uint8; the processor runs batched on --device, bit-identical), auto (device on cuda, workers on cpu)",
+    )
     p.add_argument("--list-modules", "--list_modules", dest="list_modules", action="store_true", help="print every module name of each model and exit")
     return p
 
@@ -89,6 +108,21 @@ def select_models(text: str) -> list[str]:
     return names
 
 
+def load_for_extraction(
+    family: str, source: str | None, dtype: torch.dtype, device: torch.device, args: argparse.Namespace
+) -> VLM:
+    """The model stage 1 needs: vision tower + connector only, unless captions or LM ``--modules`` need the LM."""
+    attn = check_attn_implementation(args.attn_implementation)
+    vision_only = not (args.caption or args.full_model)
+    vlm = load_vlm(family, source, dtype, device, vision_only=vision_only, attn_implementation=attn)
+    if vlm.vision_only and args.modules:
+        names = match_modules(vlm.model, args.modules)
+        if any(not on_vision_side(n, vlm.adapter.vision_prefixes) for n in names):
+            log.info("%s: --modules capture language-model modules; loading the whole model", family)
+            vlm = load_vlm(family, source, dtype, device, attn_implementation=attn)
+    return vlm
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -97,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     sources = parse_model_paths(args.model_path, models)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    check_attn_implementation(args.attn_implementation)
     if args.list_modules:
         for m in models:
             vlm = load_vlm(m, sources[m], dtype, "meta" if (sources[m] or "").startswith("config:") else device)
@@ -114,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         save=args.save,
     )
     for m in models:
-        vlm = load_vlm(m, sources[m], dtype, device)
-        encoder = VLMEncoder(vlm, args.img_size, args.modules, args.caption, args.prompt, args.max_new_tokens)
+        vlm = load_for_extraction(m, sources[m], dtype, device, args)
+        encoder = VLMEncoder(vlm, args.img_size, args.modules, args.caption, args.prompt, args.max_new_tokens,
+                             preprocess_on=resolve_preprocess_on(args.preprocess, device))  # fmt: skip
         if args.modules and not encoder.module_names:
             raise UsageError(f"{m}: no module matches {' '.join(args.modules)} (see --list-modules)")
         run_shards(encoder, records, out_dir / m, cfg, desc=m)

@@ -340,6 +340,30 @@ def tile_size(block_mb: float) -> int:
     return max(64, int(math.sqrt(block_mb * 2**20 / 8)) // 64 * 64)
 
 
+# Working-memory budget of the score tiles. CPU: 256 MiB (larger tiles gained nothing on 2 cores). CUDA:
+# a quarter of the device memory free once X and its float32 copy are resident, between 256 MiB and
+# 2 GiB: on an H200, N=200k D=4096 took 5.5 s with 256 MiB tiles and 4.5 s with 2 GiB (N=500k, D=1024:
+# 16.4 vs 10.7 s; /work/shared/GPU.md); beyond 2 GiB the tiles no longer shorten the GEMM.
+CPU_BLOCK_MB = 256.0
+CUDA_BLOCK_MB_RANGE = (256.0, 2048.0)
+CUDA_FREE_FRACTION = 0.25
+
+
+def auto_block_mb(device: torch.device, free_bytes: int | None = None) -> float:
+    """The tile budget (MiB) for ``device``: fixed on CPU, from free device memory on CUDA.
+
+    Args:
+        device: where the tiles are computed.
+        free_bytes: free device memory (default: ``torch.cuda.mem_get_info``); for tests.
+    """
+    if device.type != "cuda" and free_bytes is None:
+        return CPU_BLOCK_MB
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    lo, hi = CUDA_BLOCK_MB_RANGE
+    return float(min(hi, max(lo, CUDA_FREE_FRACTION * free_bytes / 2**20)))
+
+
 def block_rows(n_gallery: int, block_mb: float) -> int:
     """Query rows per block so that one float32 [rows, n_gallery] score block is ~``block_mb`` MiB."""
     return max(1, int(block_mb * 2**20) // (4 * max(n_gallery, 1)))
@@ -575,7 +599,7 @@ def knn(
     backend: str = "auto",
     device: str | torch.device = "cpu",
     query_idx: np.ndarray | torch.Tensor | Sequence[int] | None = None,
-    block_mb: float = 256.0,
+    block_mb: float | None = None,
     threads: int | None = None,
 ) -> KnnResult:
     """Exact k nearest neighbours of rows of ``X`` among all other rows of ``X``.
@@ -592,7 +616,8 @@ def knn(
         query_idx: rows of ``X`` to use as queries (default all); self-exclusion uses these ids.
         block_mb: working-memory budget in MiB for the float32 score tiles (a tile and its
             transpose; ``tile_size``). Peak memory is about X + one float32 copy of X (centred or
-            unit rows) + ``block_mb`` + the [Q, k] outputs.
+            unit rows) + ``block_mb`` + the [Q, k] outputs. ``None``: ``auto_block_mb`` (256 MiB
+            on CPU; on CUDA a quarter of the free device memory, 256 MiB to 2 GiB).
         threads: CPU threads for torch and faiss during the call (default: leave as set).
 
     Returns:
@@ -613,6 +638,8 @@ def knn(
     qid = _query_ids(query_idx, n)
     with num_threads(threads), torch.no_grad():
         G = _unit_rows(G) if cosine else _centred(G)
+        if block_mb is None:
+            block_mb = auto_block_mb(dev)
         if qid.numel() == 0:
             d, idx = torch.empty(0, k), torch.empty(0, k, dtype=torch.int64)
         else:

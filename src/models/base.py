@@ -121,7 +121,11 @@ class Captured:
 
 @dataclass
 class VLM:
-    """A loaded model with its processor and the adapter that drives it."""
+    """A loaded model with its processor and the adapter that drives it.
+
+    With ``vision_only`` only the vision tower and connector hold weights (``vlmc.models.partial``):
+    ``encode`` / ``apply_connector`` work, generation does not.
+    """
 
     adapter: FamilyAdapter
     model: nn.Module
@@ -129,6 +133,7 @@ class VLM:
     source: str
     device: torch.device
     dtype: torch.dtype
+    vision_only: bool = False  # only the vision tower + connector hold weights (the LM is on ``meta``)
 
     @property
     def name(self) -> str:
@@ -144,6 +149,10 @@ class FamilyAdapter:
         correspondence: pre→post token correspondence.
         real_configs: ``config:<name>`` → zero-argument callable building the published config.
         default_prompt: the captioning instruction.
+        vision_prefixes: parameter-name prefixes of the vision tower and the connector (everything
+            ``encode`` / ``apply_connector`` run); vision-only loading (``vlmc.models.partial``)
+            materialises these and leaves the rest (the language model) on ``meta``. Empty: the
+            family cannot load its vision side alone.
     """
 
     name: ClassVar[str]
@@ -151,6 +160,7 @@ class FamilyAdapter:
     correspondence: ClassVar[Correspondence]
     real_configs: ClassVar[dict[str, Callable[[], Any]]] = {}
     default_prompt: ClassVar[str] = "Describe the image in one sentence."
+    vision_prefixes: ClassVar[tuple[str, ...]] = ()
 
     # -- weights ---------------------------------------------------------------------------------
     def build_tiny(self, out_dir: Path, seed: int = 0) -> None:
@@ -161,17 +171,49 @@ class FamilyAdapter:
         """Save an *untrained* testbed variant (default init) to ``out_dir`` for ``src/train/train_testbed.py``."""
         raise NotImplementedError
 
-    def load_pretrained(self, path: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
-        """``from_pretrained(path)`` of model and processor (a local folder or an HF id)."""
+    def load_pretrained(
+        self, path: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None = None
+    ) -> tuple[nn.Module, Any]:
+        """``from_pretrained(path)`` of model and processor (a local folder or an HF id).
+
+        ``attn_implementation`` goes to ``from_pretrained`` (``None``: transformers' default).
+        """
         raise NotImplementedError
 
-    def build_from_config(self, config_name: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+    def build_from_config(
+        self, config_name: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None = None
+    ) -> tuple[nn.Module, Any]:
         """Model at real published dimensions with random weights (``device='meta'`` allowed) + an offline processor."""
+        raise NotImplementedError
+
+    def load_processor(self, path: str) -> Any:
+        """The processor of a checkpoint folder alone (vision-only loading)."""
+        raise NotImplementedError
+
+    def config_and_processor(self, config_name: str) -> tuple[Any, Any]:
+        """The published config of ``config:<config_name>`` and its offline processor (vision-only loading)."""
         raise NotImplementedError
 
     # -- vision path -----------------------------------------------------------------------------
     def preprocess(self, processor: Any, images: Sequence[Image.Image], img_size: int | None) -> dict[str, Tensor]:
         """Pixel inputs for ``images`` only (no text): what ``encode`` needs."""
+        raise NotImplementedError
+
+    def image_tensors(self, images: Sequence[Image.Image], img_size: int | None) -> list[Tensor]:
+        """Worker side of device preprocessing: decoded images → uint8 ``[3, H, W]`` tensors.
+
+        Only what ``preprocess`` does with PIL before the model's image processor (RGB conversion,
+        a family's own PIL resize) happens here; the processor itself runs in ``preprocess_tensors``.
+        """
+        raise NotImplementedError
+
+    def preprocess_tensors(
+        self, processor: Any, images: Sequence[Tensor], img_size: int | None, device: torch.device
+    ) -> dict[str, Tensor]:
+        """The model's own image processor over ``image_tensors`` output, batched on ``device``.
+
+        Bit-identical to ``preprocess`` on the same images (tests); the results stay on ``device``.
+        """
         raise NotImplementedError
 
     def encode(self, vlm: VLM, pixel_inputs: dict[str, Tensor]) -> Captured:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from vlmc.models import partial
 from vlmc.models.base import VLM, FamilyAdapter, get_adapter, tiny_cache_dir
 from vlmc.utils.cli import UsageError
 
@@ -79,6 +80,8 @@ def load_vlm(
     source: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    vision_only: bool = False,
+    attn_implementation: str | None = None,
 ) -> VLM:
     """Load a family's model and processor from ``source``.
 
@@ -88,6 +91,9 @@ def load_vlm(
             dimensions; ``device="meta"`` builds without memory). ``None`` → the default HF id.
         dtype: parameter dtype.
         device: where to put the model.
+        vision_only: build and load only the vision tower + connector (the LM stays on ``meta``; see
+            ``vlmc.models.partial``) when the source is a local folder or ``config:``.
+        attn_implementation: passed to ``from_pretrained`` / ``_from_config`` (``None``: default).
 
     Returns:
         The loaded ``VLM`` in eval mode.
@@ -100,10 +106,15 @@ def load_vlm(
         if name not in adapter.real_configs:
             known = ", ".join(sorted(adapter.real_configs)) or "none"
             raise UsageError(f"{family}: unknown config {name!r}; known: {known}")
-        model, processor = adapter.build_from_config(name, dtype, device)
+    elif os.path.sep in resolved and not Path(resolved).exists():
+        raise UsageError(f"{family}: model path {resolved} does not exist")
+    vision_only = vision_only and partial.supported(adapter, resolved, device)
+    if vision_only:
+        model, processor, _ = partial.load_vision_only(adapter, resolved, dtype, device, attn_implementation)
+    elif resolved.startswith(CONFIG_PREFIX):
+        model, processor = adapter.build_from_config(name, dtype, device, attn_implementation)
     else:
-        if os.path.sep in resolved and not Path(resolved).exists():
-            raise UsageError(f"{family}: model path {resolved} does not exist")
-        model, processor = adapter.load_pretrained(resolved, dtype, device)
+        model, processor = adapter.load_pretrained(resolved, dtype, device, attn_implementation)
     model.eval()
-    return VLM(adapter=adapter, model=model, processor=processor, source=resolved, device=device, dtype=dtype)
+    return VLM(adapter=adapter, model=model, processor=processor, source=resolved, device=device, dtype=dtype,
+               vision_only=vision_only)  # fmt: skip

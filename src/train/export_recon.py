@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.base import VLM
 from vlmc.store.vectors import ShardWriter, digest_keys, pack
 from vlmc.train.data import (
@@ -154,8 +155,13 @@ def reconstruct(run: ReconRun, post: Tensor, pre_grid, post_grid, amp: bool) -> 
     return run.std.pre_out(y.float())
 
 
-def load_connector_vlm(run: ReconRun, model_path: str | None, dtype_name: str, device: torch.device) -> VLM:
-    """The VLM whose connector re-projects Ê_pre: the manifest's family + source unless overridden."""
+def load_connector_vlm(
+    run: ReconRun, model_path: str | None, dtype_name: str, device: torch.device, attn_implementation: str | None = None
+) -> VLM:
+    """The VLM whose connector re-projects Ê_pre: the manifest's family + source unless overridden.
+
+    Only the vision tower + connector are loaded (``vision_only``): the language model never runs here.
+    """
     from vlmc.models.load import load_vlm
 
     family = run.store.family
@@ -168,7 +174,7 @@ def load_connector_vlm(run: ReconRun, model_path: str | None, dtype_name: str, d
     else:
         dtype = parse_dtype(dtype_name)
     log.info("loading %s connector from %s (%s)", family, source, dtype)
-    return load_vlm(family, source, dtype, device)
+    return load_vlm(family, source, dtype, device, vision_only=True, attn_implementation=attn_implementation)
 
 
 @torch.no_grad()
@@ -198,6 +204,7 @@ def build_parser():
     p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="VLM compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the reconstructor")
+    add_attn_arg(p)
     p.add_argument("--store_dtype", default=None, help="dtype of the stored vectors (default: the source store's)")
     p.add_argument("--no_reproj", action="store_true", help="do not load the VLM; store the original E_post as post")
     p.add_argument("--skip_existing", action="store_true", help="keep chunks an earlier export committed")
@@ -294,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     args.store_dtype = args.store_dtype or run.store.store_dtype
     parse_dtype(args.store_dtype)
     samples = run.part(args.split)
-    vlm = None if args.no_reproj else load_connector_vlm(run, args.model_path, args.dtype, device)
+    attn = check_attn_implementation(args.attn_implementation)
+    vlm = None if args.no_reproj else load_connector_vlm(run, args.model_path, args.dtype, device, attn)
     out = ensure_writable_dir(Path(args.out_base) / args.out_name)
     by_shard: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:

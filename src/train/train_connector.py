@@ -77,6 +77,7 @@ from tqdm import tqdm
 from vlmc.data.images import ImageRecord, discover_images, read_caption, try_load_image
 from vlmc.extract.runner import Encoded, RunConfig, run_shards, versions
 from vlmc.extract.vectors import shape_meta
+from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.base import VLM, Captured, get_adapter
 from vlmc.models.families.common import chat_texts, injected, left_padding, to_model
 from vlmc.models.load import load_vlm
@@ -224,6 +225,7 @@ def build_parser():
     r.add_argument("--resume", action="store_true", help="continue the run in --out_dir from last.pt (or start it)")
     r.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in --out_dir and start afresh")
     r.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    add_attn_arg(r)
     r.add_argument("--dtype", default=None, help="VLM weights dtype: auto (bf16 on cuda, fp32 on cpu), bf16, fp16, fp32")
     r.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works offline)")
     r.add_argument("--wandb_project", default="vlm-connectors", help="W&B project")
@@ -1125,7 +1127,8 @@ def check_resume(out: Path, args) -> dict[str, Any] | None:
 
 def open_vlm(args, device: torch.device) -> VLM:
     dtype = resolve_dtype(args.dtype, device)
-    return load_vlm(args.embed_model, args.model_path, dtype, device)
+    attn = check_attn_implementation(args.attn_implementation)
+    return load_vlm(args.embed_model, args.model_path, dtype, device, attn_implementation=attn)
 
 
 def open_data(args):

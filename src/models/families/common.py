@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -59,16 +60,20 @@ def meta_attention() -> str:
 
 
 def build_random(
-    model_cls: type[nn.Module], config: Any, dtype: torch.dtype, device: torch.device | str
+    model_cls: type[nn.Module],
+    config: Any,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """``model_cls`` at ``config`` with random weights, created directly on ``device``.
 
     ``device="meta"`` allocates nothing (a 7B model builds in ~0.2 s) and switches attention to
     ``meta_attention()``; any other device initialises the weights in place there (use bf16 on a GPU
-    for real-scale speed and memory figures).
+    for real-scale speed and memory figures). ``attn_implementation`` goes to ``_from_config``.
     """
     device = torch.device(device)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if device.type == "meta":
         kwargs["attn_implementation"] = meta_attention()
     with torch.device(device):
@@ -77,21 +82,27 @@ def build_random(
 
 
 def load_hf(
-    model_cls: type[nn.Module], path: str, dtype: torch.dtype, device: torch.device | str
+    model_cls: type[nn.Module],
+    path: str,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    attn_implementation: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """``model_cls.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)`` (folder or HF id).
 
     On an accelerator the weights are loaded straight onto it (``device_map``); on ``meta`` only the
     config is read and the model is built there without weights (shape checks of a checkpoint).
+    ``attn_implementation`` goes to ``from_pretrained`` (``None``: transformers' default).
     """
     device = torch.device(device)
     processor = AutoProcessor.from_pretrained(path)
+    kw: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if device.type == "meta":
         model = build_random(model_cls, AutoConfig.from_pretrained(path), dtype, device)
     elif device.type == "cpu":
-        model = model_cls.from_pretrained(path, dtype=dtype)
+        model = model_cls.from_pretrained(path, dtype=dtype, **kw)
     else:
-        model = model_cls.from_pretrained(path, dtype=dtype, device_map=str(device))
+        model = model_cls.from_pretrained(path, dtype=dtype, device_map=str(device), **kw)
     return model.eval(), processor
 
 
@@ -253,23 +264,38 @@ class HFAdapter(FamilyAdapter):
     tiny_version: ClassVar[int] = 1
 
     # -- weights ---------------------------------------------------------------------------------
-    def load_pretrained(self, path: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
-        model, processor = load_hf(self.model_cls, path, dtype, device)
+    def load_pretrained(
+        self, path: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None = None
+    ) -> tuple[nn.Module, Any]:
+        model, processor = load_hf(self.model_cls, path, dtype, device, attn_implementation)
         self._after_load(model, processor)
         return model, processor
 
-    def build_from_config(self, config_name: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
-        config = self.real_configs[config_name]()
-        processor = self._config_processor(config)
-        model = build_random(self.model_cls, config, dtype, device)
+    def build_from_config(
+        self, config_name: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None = None
+    ) -> tuple[nn.Module, Any]:
+        config, processor = self.config_and_processor(config_name)
+        model = build_random(self.model_cls, config, dtype, device, attn_implementation)
         set_generation_defaults(model, processor.tokenizer)
         return model, processor
+
+    def load_processor(self, path: str) -> Any:
+        processor = AutoProcessor.from_pretrained(path)
+        self._after_load(None, processor)
+        return processor
+
+    def config_and_processor(self, config_name: str) -> tuple[Any, Any]:
+        config = self.real_configs[config_name]()
+        return config, self._config_processor(config)
 
     def _config_processor(self, config: Any) -> Any:
         raise NotImplementedError
 
-    def _after_load(self, model: nn.Module, processor: Any) -> None:
+    def _after_load(self, model: nn.Module | None, processor: Any) -> None:
         return None
+
+    def image_tensors(self, images: Sequence[Image.Image], img_size: int | None) -> list[Tensor]:
+        return uint8_chw(images)
 
     # -- language path ---------------------------------------------------------------------------
     def _generation_inputs(self, vlm: VLM, images: Sequence[Image.Image], texts: list[str], img_size: int | None) -> Any:
@@ -327,6 +353,11 @@ class HFAdapter(FamilyAdapter):
         return decode_new(vlm.processor, seq, prompt_len)
 
 
+def uint8_chw(images: Sequence[Image.Image]) -> list[Tensor]:
+    """RGB PIL images → uint8 ``[3, H, W]`` tensors (what the torchvision image processors convert them to)."""
+    return [torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous() for im in rgb(images)]
+
+
 def rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
     """Images converted to RGB (palette / grey / RGBA inputs are common in folders)."""
     return [im if im.mode == "RGB" else im.convert("RGB") for im in images]
@@ -351,4 +382,5 @@ __all__ = [
     "set_generation_defaults",
     "stack_or_pad",
     "to_model",
+    "uint8_chw",
 ]

@@ -135,6 +135,7 @@ class Idefics2Adapter(HFAdapter):
     correspondence = Correspondence("none")
     real_configs = {"idefics2-8b": idefics2_8b}
     model_cls = Idefics2ForConditionalGeneration
+    vision_prefixes = ("model.vision_model", "model.connector")
     pixel_keys = ("pixel_values", "pixel_attention_mask")
     tiny_version = 2  # v2: left-padding tokenizer
 
@@ -191,13 +192,19 @@ class Idefics2Adapter(HFAdapter):
             setattr(config.text_config, key, getattr(tok, key))
         return _processor(tok, REAL_IMAGE, config.perceiver_config.resampler_n_latents)
 
-    def _after_load(self, model: nn.Module, processor: Any) -> None:
+    def _after_load(self, model: nn.Module | None, processor: Any) -> None:
         # The hub processor splits every image into 4 crops + the whole; the project never does.
         processor.image_processor.do_image_splitting = False
 
     # -- vision path -----------------------------------------------------------------------------
     def preprocess(self, processor: Any, images: Sequence[Image.Image], img_size: int | None) -> dict[str, Tensor]:
         out = processor.image_processor([[im] for im in rgb(images)], return_tensors="pt", **_image_kwargs(img_size))
+        return {"pixel_values": out["pixel_values"], "pixel_attention_mask": out["pixel_attention_mask"]}
+
+    def preprocess_tensors(
+        self, processor: Any, images: Sequence[Tensor], img_size: int | None, device: torch.device
+    ) -> dict[str, Tensor]:
+        out = processor.image_processor([[t] for t in images], return_tensors="pt", device=device, **_image_kwargs(img_size))
         return {"pixel_values": out["pixel_values"], "pixel_attention_mask": out["pixel_attention_mask"]}
 
     def connector_module(self, model: nn.Module) -> nn.Module:

@@ -120,6 +120,7 @@ class LlavaAdapter(HFAdapter):
     correspondence = Correspondence("1:1")
     real_configs = {"llava-1.5-7b": llava_15_7b}
     model_cls = LlavaForConditionalGeneration
+    vision_prefixes = ("model.vision_tower", "model.multi_modal_projector")
     pixel_keys = ("pixel_values", "image_sizes")
     tiny_version = 2  # v2: 'USER: <image>' (space restored), left-padding tokenizer
 
@@ -174,6 +175,12 @@ class LlavaAdapter(HFAdapter):
     # -- vision path -----------------------------------------------------------------------------
     def preprocess(self, processor: Any, images: Sequence[Image.Image], img_size: int | None) -> dict[str, Tensor]:
         out = processor.image_processor(rgb(images), return_tensors="pt", **_image_kwargs(img_size))
+        return {"pixel_values": out["pixel_values"]}
+
+    def preprocess_tensors(
+        self, processor: Any, images: Sequence[Tensor], img_size: int | None, device: torch.device
+    ) -> dict[str, Tensor]:
+        out = processor.image_processor(list(images), return_tensors="pt", device=device, **_image_kwargs(img_size))
         return {"pixel_values": out["pixel_values"]}
 
     def connector_module(self, model: nn.Module) -> nn.Module:

@@ -79,7 +79,7 @@ from vlmc.models.base import (
     TinyDims,
     register,
 )
-from vlmc.models.families.common import build_random, set_generation_defaults
+from vlmc.models.families.common import build_random, set_generation_defaults, uint8_chw
 from vlmc.models.tiny import seed_everything, train_word_tokenizer
 from vlmc.utils.cli import UsageError
 
@@ -226,6 +226,7 @@ class QwenMergerAdapter(FamilyAdapter):
     processor_cls: ClassVar[type]
     video_processor_cls: ClassVar[type]
     windowed: ClassVar[bool] = False  # Qwen2.5-VL: merge blocks are permuted into window order
+    vision_prefixes: ClassVar[tuple[str, ...]] = ("model.visual",)  # tower, merger (and deepstack mergers)
     tiny_version: ClassVar[int] = 1
     # (patch_size, min_pixels, max_pixels) of the published image processor, for config: models
     real_processor: ClassVar[tuple[int, int, int]] = (14, 56 * 56, 28 * 28 * 1280)
@@ -302,11 +303,17 @@ class QwenMergerAdapter(FamilyAdapter):
         model.save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
 
-    def load_pretrained(self, path: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+    def load_pretrained(
+        self, path: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None = None
+    ) -> tuple[nn.Module, Any]:
+        kw: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
         if device.type == "cuda":  # load straight onto the GPU, not via host memory
-            model = self.model_cls.from_pretrained(path, dtype=dtype, device_map=str(device))
+            model = self.model_cls.from_pretrained(path, dtype=dtype, device_map=str(device), **kw)
         else:
-            model = self.model_cls.from_pretrained(path, dtype=dtype).to(device)
+            model = self.model_cls.from_pretrained(path, dtype=dtype, **kw).to(device)
+        return model, self.load_processor(path)
+
+    def load_processor(self, path: str) -> Any:
         kwargs = {}
         if _is_word_level(path):
             # our offline tiny tokenizer: AutoTokenizer would force the family's registered class on it
@@ -314,15 +321,18 @@ class QwenMergerAdapter(FamilyAdapter):
             kwargs["tokenizer"] = PreTrainedTokenizerFast.from_pretrained(path)
         processor = AutoProcessor.from_pretrained(path, **kwargs)
         processor.tokenizer.padding_side = "left"
-        return model, processor
+        return processor
 
-    def build_from_config(
-        self, config_name: str, dtype: torch.dtype, device: torch.device
-    ) -> tuple[nn.Module, Any]:
-        config = self.real_configs[config_name]()
-        model = build_random(self.model_cls, config, dtype, device)  # meta: no memory, meta-safe attention
+    def config_and_processor(self, config_name: str) -> tuple[Any, Any]:
         patch, min_px, max_px = self.real_processor
         processor = self._make_processor(_tiny_tokenizer(self.real_special_ids), patch, min_px, max_px)
+        return self.real_configs[config_name](), processor
+
+    def build_from_config(
+        self, config_name: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None = None
+    ) -> tuple[nn.Module, Any]:
+        config, processor = self.config_and_processor(config_name)
+        model = build_random(self.model_cls, config, dtype, device, attn_implementation)  # meta: no memory, meta-safe attention
         set_generation_defaults(model, processor.tokenizer)
         return model, processor
 
@@ -362,6 +372,17 @@ class QwenMergerAdapter(FamilyAdapter):
             images=self._resize(images, img_size),
             return_tensors="pt",
             **self._size_kwargs(processor, img_size),
+        )
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def image_tensors(self, images: Sequence[Image.Image], img_size: int | None) -> list[Tensor]:
+        return uint8_chw(self._resize(images, img_size))  # the project's PIL resize stays in the workers
+
+    def preprocess_tensors(
+        self, processor: Any, images: Sequence[Tensor], img_size: int | None, device: torch.device
+    ) -> dict[str, Tensor]:
+        out = processor.image_processor(
+            images=list(images), return_tensors="pt", device=device, **self._size_kwargs(processor, img_size)
         )
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
