@@ -39,7 +39,7 @@ from tqdm import tqdm
 from vlmc.eval import inject
 from vlmc.eval.captions_io import done_ids, upsert_rows
 from vlmc.eval.scoring import add_scoring_args, build_scorers
-from vlmc.models.load import load_vlm
+from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
 from vlmc.train.data import plan_batches
 from vlmc.utils.cli import (
     UsageError,
@@ -66,7 +66,7 @@ def build_parser():
     p.add_argument("--image_dir", default="sample/images", help="the images the store was extracted from (see above)")
     p.add_argument("--embed_model", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
     p.add_argument("--model_path", "--model-path", dest="model_path", default=None,
-                   help="VLM weights (HF id, local folder, 'tiny'); default: the store manifest's source")
+                   help=f"VLM weights: {VLM_SOURCE_HELP}. Default: the store manifest's source at its recorded commit")
     p.add_argument("--recon_dir", default=None,
                    help="train_recon --out_dir (best_model.pt, normalization.safetensors, split.json); unset: no caption_recon")
     p.add_argument("--recon_stats_path", default=None, help="deprecated (the seed's stats file): its folder is taken as --recon_dir")

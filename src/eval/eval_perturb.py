@@ -36,7 +36,7 @@ from tqdm import tqdm
 from vlmc.eval import inject
 from vlmc.eval.captions_io import done_ids, upsert_rows
 from vlmc.eval.perturb import LEVEL_HELP, MASK_FILLS, PERTURBATIONS, apply_batch, check_level, perturb_key
-from vlmc.models.load import load_vlm
+from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
 from vlmc.train.data import plan_batches
 from vlmc.utils.cli import (
     UsageError,
@@ -60,7 +60,7 @@ def build_parser():
     p.add_argument("--image_dir", default="sample/images", help="the images the store was extracted from (see above)")
     p.add_argument("--model_name", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
     p.add_argument("--model_path", "--model-path", dest="model_path", default=None,
-                   help="VLM weights (HF id, local folder, 'tiny'); default: the store manifest's source")
+                   help=f"VLM weights: {VLM_SOURCE_HELP}. Default: the store manifest's source at its recorded commit")
     p.add_argument("--mode", default="mask", choices=list(PERTURBATIONS), help="perturbation")
     p.add_argument("--level", default=None,
                    help="one level or a comma list (one CSV each); " + "; ".join(f"{k}: {v}" for k, v in LEVEL_HELP.items())

@@ -25,7 +25,7 @@ from vlmc.data.images import discover_images
 from vlmc.extract.runner import RunConfig, add_run_args, check_run_args, run_shards
 from vlmc.extract.vectors import VLMEncoder
 from vlmc.models.base import families, get_adapter, list_modules
-from vlmc.models.load import load_vlm
+from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
 from vlmc.utils.cli import (
     UsageError,
     ensure_writable_dir,
@@ -50,10 +50,11 @@ def build_parser():
         "--model_path",
         dest="model_path",
         default=None,
-        help="weights: an HF id, a local folder, 'tiny' (offline tiny variant) or 'config:<name>' (real dimensions, "
-        "random weights). One value for every model, or per model as 'llava=PATH,qwen2.5vl=tiny'. "
-        "Default: each family's published HF id",
+        help=f"weights: {VLM_SOURCE_HELP}. One value for every model, or per model as "
+        "'llava=PATH,qwen2.5vl=tiny'. Default: each family's published HF id",
     )
+    p.add_argument("--revision", default=None, help="branch, tag or commit of the HF ids (one for every model, or "
+                   "per model as 'llava=REV,...'); the manifest records the resolved commit. Default: main")
     add_run_args(p, batch_size=8)
     p.add_argument("--img_size", type=int, default=None, help="resize images to this square size (default: the model processor's own size)")
     p.add_argument("--prompt", default=None, help="caption instruction used with --caption (default: the family's)")
@@ -65,8 +66,8 @@ def build_parser():
     return p
 
 
-def parse_model_paths(text: str | None, models: list[str]) -> dict[str, str | None]:
-    """``--model-path`` → source per model: one shared value, or ``name=value`` pairs."""
+def parse_model_paths(text: str | None, models: list[str], flag: str = "--model-path") -> dict[str, str | None]:
+    """``--model-path`` (or ``--revision``) → value per model: one shared value, or ``name=value`` pairs."""
     if not text:
         return dict.fromkeys(models)
     if "=" not in text:
@@ -74,7 +75,7 @@ def parse_model_paths(text: str | None, models: list[str]) -> dict[str, str | No
     pairs = dict(item.split("=", 1) for item in parse_csv_list(text))
     unknown = set(pairs) - set(models)
     if unknown:
-        raise UsageError(f"--model-path names models not in --models: {', '.join(sorted(unknown))}")
+        raise UsageError(f"{flag} names models not in --models: {', '.join(sorted(unknown))}")
     return {m: pairs.get(m) for m in models}
 
 
@@ -94,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     check_run_args(args)
     models = select_models(args.models)
     sources = parse_model_paths(args.model_path, models)
+    revisions = parse_model_paths(args.revision, models, "--revision")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.list_modules:
         for m in models:
-            vlm = load_vlm(m, sources[m], dtype, "meta" if (sources[m] or "").startswith("config:") else device)
+            vlm = load_vlm(m, sources[m], dtype, "meta" if (sources[m] or "").startswith("config:") else device,
+                           revisions[m])
             for name, cls in list_modules(vlm.model):
                 print(f"{m}\t{name}\t{cls}")
         return 0
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         save=args.save,
     )
     for m in models:
-        vlm = load_vlm(m, sources[m], dtype, device)
+        vlm = load_vlm(m, sources[m], dtype, device, revisions[m])
         encoder = VLMEncoder(vlm, args.img_size, args.modules, args.caption, args.prompt, args.max_new_tokens)
         if args.modules and not encoder.module_names:
             raise UsageError(f"{m}: no module matches {' '.join(args.modules)} (see --list-modules)")

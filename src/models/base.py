@@ -129,6 +129,7 @@ class VLM:
     source: str
     device: torch.device
     dtype: torch.dtype
+    revision: str | None = None  # the commit hash of an HF id
 
     @property
     def name(self) -> str:

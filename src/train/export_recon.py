@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from vlmc.models.base import VLM
+from vlmc.models.load import VLM_SOURCE_HELP
 from vlmc.store.vectors import ShardWriter, digest_keys, pack
 from vlmc.train.data import (
     SPLIT_FILE,
@@ -156,12 +157,13 @@ def reconstruct(run: ReconRun, post: Tensor, pre_grid, post_grid, amp: bool) -> 
 def load_connector_vlm(run: ReconRun, model_path: str | None, dtype_name: str, device: torch.device) -> VLM:
     """The VLM whose connector re-projects Ê_pre: the manifest's family + source unless overridden."""
     from vlmc.models.load import load_vlm
+    from vlmc.models.sources import pinned
 
     family = run.store.family
     if not family:
         raise UsageError("the store's manifest names no model family; pass --no_reproj")
-    source = model_path or run.store.source
     m = run.store.manifest
+    source = model_path or pinned(run.store.source, m.get("revision"))  # the commit stage 1 loaded
     if dtype_name == "auto":
         dtype = getattr(torch, str(m.get("compute_dtype") or "float32"), torch.float32)
     else:
@@ -190,7 +192,7 @@ def build_parser():
     p.add_argument("--out_base", default="data/vector_recon", help="output base; files go to <out_base>/<out_name>/<shard>/")
     p.add_argument("--out_name", default=None, help="model folder name (default: <embed_model>_recon)")
     p.add_argument("--model-path", "--model_path", dest="model_path", default=None,
-                   help="VLM source for the connector (HF id, folder, 'tiny'); default: the stage-1 manifest's source")
+                   help=f"VLM weights for the connector: {VLM_SOURCE_HELP}. Default: the stage-1 manifest's source at its recorded commit")
     p.add_argument("--split", default="val", choices=["val", "all", "train"], help="val: images the reconstructor did not train on; train; all")
     p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers")

@@ -79,7 +79,7 @@ from vlmc.extract.runner import Encoded, RunConfig, run_shards, versions
 from vlmc.extract.vectors import shape_meta
 from vlmc.models.base import VLM, Captured, get_adapter
 from vlmc.models.families.common import chat_texts, injected, left_padding, to_model
-from vlmc.models.load import load_vlm
+from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
 from vlmc.store.vectors import ShardWriter, pack, unpack
 from vlmc.train.connectors import (
     BEST,
@@ -168,7 +168,7 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--embed_model", default=None, help="model family (llava, idefics2, qwen2.5vl, qwen3.5, qwen3vl)")
     g.add_argument("--model-path", "--model_path", dest="model_path", default=None,
-                   help="weights: 'tiny' (offline tiny variant), an HF id, a local folder or 'config:<name>' [tiny]")
+                   help=f"weights: {VLM_SOURCE_HELP} [tiny]")
     g.add_argument("--image_dir", default=None, help="images + <key>.txt captions: <image_dir>/<shard>/<key>.<ext>")
     g.add_argument("--vec_dir", default=None,
                    help="optional stage-1 store (base folder + --embed_model, or the model folder): read E_pre and the "
