@@ -13,7 +13,8 @@
 # DATA [data: every stage writes under it], MODEL_PATH [testbed: the models trained on synthetic scenes,
 # sample/models; tiny: random tiny models; empty: each family's HF checkpoint], REF_MODEL [stage-2 reference:
 # testbed-clip with MODEL_PATH=testbed, tiny-clip with tiny, else openai/clip-vit-large-patch14],
-# VLMC_CLIP_MODEL [CLIPScore backbone: testbed / tiny with those MODEL_PATHs; set a local CLIP folder otherwise],
+# VLMC_CLIP_MODEL [CLIPScore backbone: testbed / tiny with those MODEL_PATHs; else openai/clip-vit-base-patch32],
+# VLMC_BERTSCORE_MODEL [minilm (offline) with MODEL_PATH testbed / tiny; else roberta-large, bert-score's default],
 # CONNECTOR_MODEL [the first of MODELS: which model gets a replacement connector trained; empty: none],
 # DEVICE [auto], MODEL_TYPE [mlp idefics2=transformer: the reconstructor, a default type plus MODEL=TYPE
 # exceptions; Idefics2's perceiver latents have no token correspondence to its patches, and only attention
@@ -55,8 +56,8 @@ RESULTS=$(abspath "${RESULTS:-$VLMC_ROOT/results}")
 export ROOT DEVICE=${DEVICE:-auto}
 export MODEL_PATH=${MODEL_PATH-testbed}
 case $MODEL_PATH in
-  testbed) ref_default=testbed-clip; export VLMC_CLIP_MODEL=${VLMC_CLIP_MODEL:-testbed} ;;
-  tiny) ref_default=tiny-clip; export VLMC_CLIP_MODEL=${VLMC_CLIP_MODEL:-tiny} ;;
+  testbed) ref_default=testbed-clip; export VLMC_CLIP_MODEL=${VLMC_CLIP_MODEL:-testbed} VLMC_BERTSCORE_MODEL=${VLMC_BERTSCORE_MODEL:-minilm} ;;
+  tiny) ref_default=tiny-clip; export VLMC_CLIP_MODEL=${VLMC_CLIP_MODEL:-tiny} VLMC_BERTSCORE_MODEL=${VLMC_BERTSCORE_MODEL:-minilm} ;;
   *) ref_default=openai/clip-vit-large-patch14 ;;
 esac
 REF_MODEL=${REF_MODEL:-$ref_default}

@@ -9,8 +9,8 @@
 #   bash scripts/score_perturb.sh data/perturb_out         # no Slurm: inline, in this shell
 #
 # Settings (environment, defaults in brackets): PERTURB_DIR [data/perturb_out], OUT_DIR [empty = rewrite
-# the CSVs in place], CLIP_MODEL [$VLMC_CLIP_MODEL or the CLI default `tiny`: a local HF CLIP folder or
-# open_clip:NAME:CKPT], BERTSCORE_MODEL [the all-MiniLM-L6-v2 package], DEVICE [auto], BATCH_SIZE [CLI
+# the CSVs in place], CLIP_MODEL [$VLMC_CLIP_MODEL or the CLI default openai/clip-vit-base-patch32: any
+# source of the weights grammar, e.g. open_clip:NAME:PRETRAINED], BERTSCORE_MODEL [$VLMC_BERTSCORE_MODEL or roberta-large; minilm offline], DEVICE [auto], BATCH_SIZE [CLI
 # default], EXTRA_ARGS (more CLI flags); arguments after the folder go to score_perturb.py too.
 # Relative paths are relative to the directory you submit from.
 # Account/partition: not set here. sbatch reads SBATCH_ACCOUNT / SBATCH_PARTITION / SBATCH_GRES ... from
