@@ -168,7 +168,6 @@ def rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow
 def test_stages_1_to_8_on_default_sources_from_the_hf_cache(hf_cache, images, tmp_path, monkeypatch):
     """No --model-path, --model_id, --clip_model or --bertscore_model anywhere: every id resolves offline."""
     hf_cache.activate(monkeypatch)
