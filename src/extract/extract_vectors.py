@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 from vlmc.data.images import discover_images
 from vlmc.extract.runner import RunConfig, add_run_args, check_run_args, run_shards
 from vlmc.extract.vectors import VLMEncoder
 from vlmc.models.base import families, get_adapter, list_modules
 from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
+from vlmc.utils import tracking
 from vlmc.utils.cli import (
     UsageError,
     ensure_writable_dir,
@@ -35,6 +37,7 @@ from vlmc.utils.cli import (
     resolve_device,
     resolve_dtype,
 )
+from vlmc.utils.tracking import add_tracking_args
 
 log = logging.getLogger("vlmc.extract_vectors")
 
@@ -63,6 +66,7 @@ def build_parser():
     p.add_argument("--max_new_tokens", type=int, default=32, help="caption length limit with --caption")
     p.add_argument("--modules", nargs="+", default=[], metavar="GLOB", help="also store outputs of modules matching these Unix globs")
     p.add_argument("--list-modules", "--list_modules", dest="list_modules", action="store_true", help="print every module name of each model and exit")
+    add_tracking_args(p)
     return p
 
 
@@ -115,12 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         store_dtype=args.store_dtype,
         save=args.save,
     )
-    for m in models:
-        vlm = load_vlm(m, sources[m], dtype, device, revisions[m])
-        encoder = VLMEncoder(vlm, args.img_size, args.modules, args.caption, args.prompt, args.max_new_tokens)
-        if args.modules and not encoder.module_names:
-            raise UsageError(f"{m}: no module matches {' '.join(args.modules)} (see --list-modules)")
-        run_shards(encoder, records, out_dir / m, cfg, desc=m)
+    with tracking.start(args, out_dir, f"extract-{'-'.join(models)}", job_type="extract") as tracker:
+        for m in models:
+            vlm = load_vlm(m, sources[m], dtype, device, revisions[m])
+            encoder = VLMEncoder(vlm, args.img_size, args.modules, args.caption, args.prompt, args.max_new_tokens)
+            if args.modules and not encoder.module_names:
+                raise UsageError(f"{m}: no module matches {' '.join(args.modules)} (see --list-modules)")
+            t0 = time.perf_counter()
+            results = run_shards(encoder, records, out_dir / m, cfg, desc=m)
+            seconds, written = time.perf_counter() - t0, sum(r.written for r in results)
+            tracker.log({f"{m}/images_written": written, f"{m}/seconds": seconds,
+                         f"{m}/images_per_s": written / max(seconds, 1e-9)})
     return 0
 
 if __name__ == "__main__":

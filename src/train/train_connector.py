@@ -142,6 +142,7 @@ from vlmc.utils.io import (
     sha256_file,
 )
 from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
+from vlmc.utils.tracking import add_tracking_args
 
 log = logging.getLogger("vlmc.train_connector")
 
@@ -223,9 +224,8 @@ def build_parser():
     r.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in --out_dir and start afresh")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--dtype", default=None, help="VLM weights dtype: auto (bf16 on cuda, fp32 on cpu), bf16, fp16, fp32")
-    r.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works offline)")
-    r.add_argument("--wandb_project", default="vlm-connectors", help="W&B project")
     r.add_argument("--run_name", default=None, help="W&B run name (default: the out_dir name)")
+    add_tracking_args(p)
     i = p.add_argument_group("inference (need best_model.pt in --out_dir)")
     i.add_argument("--predict", action="store_true", help="caption images with the trained connector → captions.csv")
     i.add_argument("--predict_split", default="val", choices=["val", "train", "all"], help="images --predict captions")
