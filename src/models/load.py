@@ -64,10 +64,13 @@ def tiny_path(adapter: FamilyAdapter, seed: int = 0) -> Path:
 
 def vlm_names(adapter: FamilyAdapter) -> dict[str, Named]:
     """The short names a VLM source may be: ``tiny`` (random, built offline) and ``testbed`` (trained)."""
-    return {
+    names = {
         TINY: Named(lambda: str(tiny_path(adapter)), random_weights=True),
         TESTBED: Named(lambda: str(testbed_path(adapter.name))),
     }
+    if "/" not in adapter.default_id:  # a family whose default is no HF id loads that name itself
+        names[adapter.default_id] = Named(lambda: adapter.default_id)
+    return names
 
 
 VLM_SOURCE_HELP = source_help((TINY, TESTBED), config=True)

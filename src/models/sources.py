@@ -262,8 +262,8 @@ def _hub_error(e: Exception, repo_id: str, revision: str | None) -> str:
     if isinstance(e, LocalEntryNotFoundError):
         if _offline():
             return (
-                f"not in the Hugging Face cache {constants.HF_HUB_CACHE}{at} and HF_HUB_OFFLINE=1 "
-                f"(download it on a machine with network: hf download {repo_id})"
+                f"no such local folder, and not in the Hugging Face cache {constants.HF_HUB_CACHE}{at} with "
+                f"HF_HUB_OFFLINE=1 (download it where there is network: hf download {repo_id})"
             )
         return f"cannot reach the Hugging Face Hub and not in the cache {constants.HF_HUB_CACHE}{at}"
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -37,7 +37,7 @@ def add_tracking_args(parser: argparse.ArgumentParser) -> None:
         f"'--wandb' alone = offline; env {ENV} sets the default for every stage",
     )  # fmt: skip
     g.add_argument("--wandb_project", default=PROJECT, help="W&B project")
-    g.add_argument("--wandb_dir", default=None, help="where W&B writes its files (default: <out_dir>/wandb)")
+    g.add_argument("--wandb_dir", default=None, help="where W&B writes its files (unset: <out_dir>/wandb)")
 
 
 class Tracker:
