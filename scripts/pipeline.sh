@@ -16,7 +16,8 @@
 # family's published HF checkpoint; testbed: the models trained on synthetic scenes, sample/models; tiny:
 # random tiny models; an HF id or folder], REF_MODEL [stage-2 reference:
 # testbed-clip with MODEL_PATH=testbed, tiny-clip with tiny, else openai/clip-vit-large-patch14],
-# VLMC_CLIP_MODEL [CLIPScore backbone: testbed / tiny with those MODEL_PATHs; set a local CLIP folder otherwise],
+# VLMC_CLIP_MODEL [CLIPScore backbone: testbed / tiny with those MODEL_PATHs; else openai/clip-vit-base-patch32],
+# VLMC_BERTSCORE_MODEL [minilm (offline) with MODEL_PATH testbed / tiny; else roberta-large, bert-score's default],
 # CONNECTOR_MODEL [the first of MODELS: which model gets a replacement connector trained; empty: none],
 # DEVICE [auto], RECON_TYPE [mlp idefics2=transformer: the reconstructor, a default type plus MODEL=TYPE
 # exceptions; Idefics2's perceiver latents have no token correspondence to its patches, and only attention
@@ -63,8 +64,8 @@ RESULTS=$(abspath "${RESULTS:-$VLMC_ROOT/results}")
 export ROOT DEVICE=${DEVICE:-auto}
 if [[ $PROFILE == testbed ]]; then export MODEL_PATH=${MODEL_PATH-testbed}; else export MODEL_PATH=${MODEL_PATH-}; fi
 case $MODEL_PATH in
-  testbed) ref_default=testbed-clip; export VLMC_CLIP_MODEL=${VLMC_CLIP_MODEL:-testbed} ;;
-  tiny) ref_default=tiny-clip; export VLMC_CLIP_MODEL=${VLMC_CLIP_MODEL:-tiny} ;;
+  testbed) ref_default=testbed-clip; export VLMC_CLIP_MODEL=${VLMC_CLIP_MODEL:-testbed} VLMC_BERTSCORE_MODEL=${VLMC_BERTSCORE_MODEL:-minilm} ;;
+  tiny) ref_default=tiny-clip; export VLMC_CLIP_MODEL=${VLMC_CLIP_MODEL:-tiny} VLMC_BERTSCORE_MODEL=${VLMC_BERTSCORE_MODEL:-minilm} ;;
   *) ref_default=openai/clip-vit-large-patch14 ;;
 esac
 REF_MODEL=${REF_MODEL:-$ref_default}

@@ -6,6 +6,12 @@ import os
 
 import pytest
 
+# The suite runs offline with no Hugging Face cache: the scorers' published defaults (openai/clip-vit-base-patch32,
+# roberta-large) are not on disk, so tests score with the offline backbones, named explicitly here. Tests of the
+# defaults themselves (tests/test_sources.py, with a local HF cache from tests/hf_cache.py) remove these.
+os.environ.setdefault("VLMC_CLIP_MODEL", "tiny")
+os.environ.setdefault("VLMC_BERTSCORE_MODEL", "minilm")
+
 try:  # tests/ on sys.path (pytest's default rootdir-less import) or the repo root (python -m pytest)
     from slurm_cluster import SlurmCluster, missing_binaries, try_install
 except ImportError:

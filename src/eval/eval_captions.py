@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,9 @@ from vlmc.eval import inject
 from vlmc.eval.captions_io import done_ids, upsert_rows
 from vlmc.eval.scoring import add_scoring_args, build_scorers
 from vlmc.models.attention import add_attn_arg, check_attn_implementation
-from vlmc.models.load import load_vlm
+from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
 from vlmc.train.data import plan_batches
-from vlmc.utils import cli
+from vlmc.utils import cli, tracking
 from vlmc.utils.cli import (
     UsageError,
     ensure_writable_dir,
@@ -52,6 +53,7 @@ from vlmc.utils.cli import (
     resolve_device,
 )
 from vlmc.utils.stop import StopFlag, StopRequested
+from vlmc.utils.tracking import add_tracking_args, column_means
 
 log = logging.getLogger("vlmc.eval_captions")
 
@@ -68,7 +70,7 @@ def build_parser():
     p.add_argument("--image_dir", default="sample/images", help="the images the store was extracted from (see above)")
     p.add_argument("--embed_model", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
     p.add_argument("--model_path", "--model-path", dest="model_path", default=None,
-                   help="VLM weights (HF id, local folder, 'tiny'); default: the store manifest's source")
+                   help=f"VLM weights: {VLM_SOURCE_HELP}. Default: the store manifest's source at its recorded commit")
     p.add_argument("--recon_dir", default=None,
                    help="train_recon --out_dir (best_model.pt, normalization.safetensors, split.json); unset: no caption_recon")
     p.add_argument("--recon_stats_path", default=None, help="deprecated (the seed's stats file): its folder is taken as --recon_dir")
@@ -98,6 +100,7 @@ def build_parser():
     p.add_argument("--save_every", type=cli.positive_int, default=256, help="rewrite the CSV after this many new rows")
     p.add_argument("--resume", action="store_true", help="keep rows an earlier run wrote; generate only the rest")
     add_scoring_args(p, standalone=False)
+    add_tracking_args(p)
     return p
 
 
@@ -186,9 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     need = ["caption_post_direct"] + (list(RECON_COLUMNS) if run else []) + (["caption_image"] if args.with_image_caption else [])
     done = done_ids(path, need) if args.resume else set()
     todo = [s for s in samples if s.id not in done]
-    with StopFlag() as stop:
+    with StopFlag() as stop, tracking.start(args, out_dir, f"captions-{store.model}", job_type="captions") as tracker:
+        t0 = time.perf_counter()
         n_new, n_skipped = generate(args, vlm, run, cache, images, todo, path, prompt, store.manifest.get("img_size"),
                                     stop)
+        tracker.log({"rows_new": n_new, "rows_skipped": n_skipped, "seconds": time.perf_counter() - t0,
+                     "captions_per_s": n_new / max(time.perf_counter() - t0, 1e-9)})
         inject.reorder_rows(path, [s.id for s in samples])
         log.info("%s: %d new rows, %d kept, %d skipped (no image)%s", path, n_new, len(samples) - len(todo), n_skipped,
                  f"; caption_post_direct cache: {cache.hits} hits" if cache.hits else "")
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             from vlmc.eval.score_captions import score_file
 
             score_file(path, path, scorers, None, args.resume, args.save_every)
+            tracker.summary(**column_means(path))
     return 0
 
 

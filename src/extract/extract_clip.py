@@ -7,11 +7,12 @@ Writes, per shard (the same images and keys as stage 1, so kNN neighbourhoods ca
                                                 skipped images; written after every chunk, complete=true at the end)
 
 One reference model per --out_dir (e.g. data/clip_ref/clip-l14, data/clip_ref/dinov2-base).
---model_id: tiny-clip | tiny-dino | tiny-dino-reg (offline, seeded random weights built into $VLMC_CACHE),
-    testbed-clip (the CLIP trained on synthetic scenes, sample/models/clip),
-an HF id or local folder (CLIPModel, CLIPVisionModel[WithProjection], SiglipModel, SiglipVisionModel,
+--model_id (default openai/clip-vit-large-patch14, the seed's reference, through the Hugging Face cache):
+tiny-clip (= tiny) | tiny-dino | tiny-dino-reg (offline, seeded random weights built into $VLMC_CACHE),
+    testbed-clip (= testbed: the CLIP trained on synthetic scenes, sample/models/clip),
+an HF id (org/name[@revision]; --revision pins a commit, recorded in the manifest) or local folder (CLIPModel, CLIPVisionModel[WithProjection], SiglipModel, SiglipVisionModel,
 Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel, or any AutoModel vision encoder + its
-AutoImageProcessor), or open_clip:<name> with --pretrained TAG|FILE (<name> may also be
+AutoImageProcessor), or open_clip:<name>:<pretrained> (or open_clip:<name> with --pretrained TAG|FILE) (<name> may also be
 hf-hub:org/repo or local-dir:/path, which carry their own weights).
 --model_type auto detects the type from config.model_type / the open_clip: prefix; images are preprocessed
 by the model's own processor / open_clip transform (resize + centre crop at its native size).
@@ -30,7 +31,14 @@ import sys
 from pathlib import Path
 
 from vlmc.data.images import discover_images
-from vlmc.extract.reference import MODEL_TYPES, POOL_DOC, POOLS, load_reference
+from vlmc.extract.reference import (
+    DEFAULT_REFERENCE,
+    MODEL_TYPES,
+    POOL_DOC,
+    POOLS,
+    REFERENCE_SOURCE_HELP,
+    load_reference,
+)
 from vlmc.extract.runner import RunConfig, add_run_args, check_run_args, group_by_shard, run_shards
 from vlmc.store.vectors import MANIFEST
 from vlmc.utils.cli import (
@@ -57,7 +65,9 @@ def build_parser():
     p = make_parser(f"{__doc__}\n{POOL_DOC}")
     p.add_argument("--root", default="sample/images", help="image folder: <root>/<shard>/<key>.<ext> (a flat folder is one shard)")
     p.add_argument("--out_dir", default="data/clip_ref", help="output folder; files go to <out_dir>/<shard>/")
-    p.add_argument("--model_id", default="tiny-clip", help="tiny-clip, tiny-dino, tiny-dino-reg, testbed-clip, an HF id or local folder, or open_clip:<name>")
+    p.add_argument("--model_id", default=DEFAULT_REFERENCE, help=REFERENCE_SOURCE_HELP)
+    p.add_argument("--revision", default=None, help="branch, tag or commit of an HF id (unset: main); the manifest "
+                   "records the resolved commit")
     p.add_argument("--model_type", default="auto", help=f"one of {', '.join(MODEL_TYPES)}: which pooling rule applies (auto: from the config)")
     p.add_argument("--pretrained", default=None, help="open_clip only: pretrained tag (e.g. laion2b_s34b_b79k) or checkpoint file")
     p.add_argument("--pool", default="cls", help=f"one of {', '.join(POOLS)}; exact tensors per backend above")
@@ -103,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_existing:  # cheap fields first, so a mismatch fails before any model is loaded
         for shard in by_shard:
             check_resume(out_dir / shard, {"model": args.model_id, "pool": args.pool}, ("model", "pool"))
-    encoder = load_reference(args.model_id, args.model_type, args.pool, device, dtype, args.pretrained)
+    encoder = load_reference(args.model_id, args.model_type, args.pool, device, dtype, args.pretrained, args.revision)
     if args.skip_existing:
         for shard in by_shard:
             check_resume(out_dir / shard, encoder.meta())

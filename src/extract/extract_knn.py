@@ -81,9 +81,10 @@ from vlmc.extract.geometry import (
 )
 from vlmc.metrics.knn import resolve_backend
 from vlmc.store.vectors import find_shard_dirs
-from vlmc.utils import cli
+from vlmc.utils import cli, tracking
 from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, resolve_device
 from vlmc.utils.io import atomic_write_json
+from vlmc.utils.tracking import add_tracking_args, flat_numbers
 
 log = logging.getLogger("vlmc.extract_knn")
 
@@ -105,6 +106,7 @@ def build_parser():
     p.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch", "hybrid"], help="kNN backend")
     p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu or cuda[:i]")
     p.add_argument("--seed", type=int, default=0, help="seed of the distance-correlation pair sample")
+    add_tracking_args(p)
     return p
 
 
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(json_path, clean_json(summary))
     write_per_image_csv(out_dir / "per_image.csv", al.ids, cols)
     pk = per_k[str(kmax)]
+    with tracking.start(args, out_dir, f"knn-{out_dir.name}", job_type="knn") as tracker:
+        tracker.summary(**flat_numbers(clean_json({"per_k": per_k, "global": glob, "n": n})))
     log.info("KNOR@%d(pre,post) = %.4f; CKA = %s; wrote %s and per_image.csv", kmax, pk["pre_post"]["mean"],
              glob["pre_post"]["cka_debiased"], json_path)
     return 0

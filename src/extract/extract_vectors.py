@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 import torch
 
@@ -29,9 +30,9 @@ from vlmc.extract.runner import RunConfig, add_run_args, check_run_args, run_sha
 from vlmc.extract.vectors import VLMEncoder, resolve_preprocess_on
 from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.base import VLM, families, get_adapter, list_modules, match_modules
-from vlmc.models.load import load_vlm
+from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
 from vlmc.models.partial import on_vision_side
-from vlmc.utils import cli
+from vlmc.utils import cli, tracking
 from vlmc.utils.cli import (
     UsageError,
     ensure_writable_dir,
@@ -41,6 +42,7 @@ from vlmc.utils.cli import (
     resolve_device,
     resolve_dtype,
 )
+from vlmc.utils.tracking import add_tracking_args
 
 log = logging.getLogger("vlmc.extract_vectors")
 
@@ -56,10 +58,11 @@ def build_parser():
         "--model_path",
         dest="model_path",
         default=None,
-        help="weights: an HF id, a local folder, 'tiny' (offline tiny variant) or 'config:<name>' (real dimensions, "
-        "random weights). One value for every model, or per model as 'llava=PATH,qwen2.5vl=tiny'. "
-        "Default: each family's published HF id",
+        help=f"weights: {VLM_SOURCE_HELP}. One value for every model, or per model as "
+        "'llava=PATH,qwen2.5vl=tiny'. Default: each family's published HF id",
     )
+    p.add_argument("--revision", default=None, help="branch, tag or commit of the HF ids (one for every model, or "
+                   "per model as 'llava=REV,...'); the manifest records the resolved commit. Unset: the repository's main")
     add_run_args(p, batch_size=8)
     p.add_argument("--img_size", type=cli.positive_int, default=None, help="resize images to this square size (default: the model processor's own size)")
     p.add_argument("--prompt", default=None, help="caption instruction used with --caption (default: the family's)")
@@ -82,11 +85,12 @@ def build_parser():
         "decode to uint8; the processor runs batched on --device, bit-identical), auto (device on cuda, workers on cpu)",
     )
     p.add_argument("--list-modules", "--list_modules", dest="list_modules", action="store_true", help="print every module name of each model and exit")
+    add_tracking_args(p)
     return p
 
 
-def parse_model_paths(text: str | None, models: list[str]) -> dict[str, str | None]:
-    """``--model-path`` → source per model: one shared value, or ``name=value`` pairs."""
+def parse_model_paths(text: str | None, models: list[str], flag: str = "--model-path") -> dict[str, str | None]:
+    """``--model-path`` (or ``--revision``) → value per model: one shared value, or ``name=value`` pairs."""
     if not text:
         return dict.fromkeys(models)
     if "=" not in text:
@@ -94,7 +98,7 @@ def parse_model_paths(text: str | None, models: list[str]) -> dict[str, str | No
     pairs = dict(item.split("=", 1) for item in parse_csv_list(text))
     unknown = set(pairs) - set(models)
     if unknown:
-        raise UsageError(f"--model-path names models not in --models: {', '.join(sorted(unknown))}")
+        raise UsageError(f"{flag} names models not in --models: {', '.join(sorted(unknown))}")
     return {m: pairs.get(m) for m in models}
 
 
@@ -109,17 +113,23 @@ def select_models(text: str) -> list[str]:
 
 
 def load_for_extraction(
-    family: str, source: str | None, dtype: torch.dtype, device: torch.device, args: argparse.Namespace
+    family: str,
+    source: str | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    args: argparse.Namespace,
+    revision: str | None = None,
 ) -> VLM:
     """The model stage 1 needs: vision tower + connector only, unless captions or LM ``--modules`` need the LM."""
     attn = check_attn_implementation(args.attn_implementation)
     vision_only = not (args.caption or args.full_model)
-    vlm = load_vlm(family, source, dtype, device, vision_only=vision_only, attn_implementation=attn)
+    vlm = load_vlm(family, source, dtype, device, vision_only=vision_only, attn_implementation=attn,
+                   revision=revision)
     if vlm.vision_only and args.modules:
         names = match_modules(vlm.model, args.modules)
         if any(not on_vision_side(n, vlm.adapter.vision_prefixes) for n in names):
             log.info("%s: --modules capture language-model modules; loading the whole model", family)
-            vlm = load_vlm(family, source, dtype, device, attn_implementation=attn)
+            vlm = load_vlm(family, source, dtype, device, attn_implementation=attn, revision=revision)
     return vlm
 
 
@@ -129,12 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     check_run_args(args)
     models = select_models(args.models)
     sources = parse_model_paths(args.model_path, models)
+    revisions = parse_model_paths(args.revision, models, "--revision")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     check_attn_implementation(args.attn_implementation)
     if args.list_modules:
         for m in models:
-            vlm = load_vlm(m, sources[m], dtype, "meta" if (sources[m] or "").startswith("config:") else device)
+            vlm = load_vlm(m, sources[m], dtype, "meta" if (sources[m] or "").startswith("config:") else device,
+                           revisions[m])
             for name, cls in list_modules(vlm.model):
                 print(f"{m}\t{name}\t{cls}")
         return 0
@@ -148,13 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         store_dtype=args.store_dtype,
         save=args.save,
     )
-    for m in models:
-        vlm = load_for_extraction(m, sources[m], dtype, device, args)
-        encoder = VLMEncoder(vlm, args.img_size, args.modules, args.caption, args.prompt, args.max_new_tokens,
-                             preprocess_on=resolve_preprocess_on(args.preprocess, device))  # fmt: skip
-        if args.modules and not encoder.module_names:
-            raise UsageError(f"{m}: no module matches {' '.join(args.modules)} (see --list-modules)")
-        run_shards(encoder, records, out_dir / m, cfg, desc=m)
+    with tracking.start(args, out_dir, f"extract-{'-'.join(models)}", job_type="extract") as tracker:
+        for m in models:
+            vlm = load_for_extraction(m, sources[m], dtype, device, args, revisions[m])
+            encoder = VLMEncoder(vlm, args.img_size, args.modules, args.caption, args.prompt, args.max_new_tokens,
+                                 preprocess_on=resolve_preprocess_on(args.preprocess, device))  # fmt: skip
+            if args.modules and not encoder.module_names:
+                raise UsageError(f"{m}: no module matches {' '.join(args.modules)} (see --list-modules)")
+            t0 = time.perf_counter()
+            results = run_shards(encoder, records, out_dir / m, cfg, desc=m)
+            seconds, written = time.perf_counter() - t0, sum(r.written for r in results)
+            tracker.log({f"{m}/images_written": written, f"{m}/seconds": seconds,
+                         f"{m}/images_per_s": written / max(seconds, 1e-9)})
     return 0
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ through the same ``from_pretrained(path)`` path a real checkpoint uses): ``tiny-
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -24,11 +25,11 @@ from torch import Tensor
 
 from vlmc.extract.runner import Encoded
 from vlmc.models.base import SCENE_PIXEL_MEAN, SCENE_PIXEL_STD, TinyDims
+from vlmc.models.sources import OPEN_CLIP_PREFIX, OPEN_CLIP_SCHEMAS, Named, Source, resolve, source_help
 from vlmc.utils.cli import UsageError
 
 log = logging.getLogger(__name__)
 
-OPEN_CLIP_PREFIX = "open_clip:"
 MODEL_TYPES = ("auto", "clip", "siglip", "dino", "hf", "open_clip")
 POOLS = ("cls", "mean")
 
@@ -283,7 +284,8 @@ class HFReferenceEncoder(ReferenceEncoder):
         except (OSError, ValueError) as e:
             raise UsageError(f"{model_id}: no image processor at {source}: {_first_line(e)}") from None
         self.num_prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)  # dino: CLS + registers
-        self.revision = getattr(config, "_commit_hash", None)
+        self.revision: str | None = None  # the commit hash of an HF id (set by load_reference)
+        self.random_weights = False
 
     def _load_model(self, config) -> torch.nn.Module:
         import transformers as T
@@ -306,7 +308,7 @@ class HFReferenceEncoder(ReferenceEncoder):
 
     def _model_meta(self) -> dict[str, Any]:
         return {"source": self.source, "revision": self.revision, "model_class": type(self.model).__name__,
-                "hf_model_type": self.hf_model_type, "pretrained": None}
+                "hf_model_type": self.hf_model_type, "pretrained": None, "random_weights": self.random_weights}
 
     def preprocess(self, images: list[Image.Image]) -> dict[str, Any]:
         out = self.processor(images=images, return_tensors="pt")
@@ -372,7 +374,10 @@ class OpenClipReferenceEncoder(ReferenceEncoder):
         if schema == "local-dir" and not Path(name.split(":", 1)[1]).is_dir():
             raise UsageError(f"open_clip local-dir {name.split(':', 1)[1]} does not exist")
         if schema is None and not pretrained:
-            raise UsageError(f"open_clip model {name!r} needs --pretrained TAG or FILE (random weights are never a reference)")
+            raise UsageError(
+                f"open_clip model {name!r} needs --pretrained TAG|FILE or open_clip:{name}:<pretrained> "
+                "(random weights are never a reference)"
+            )
         if pretrained and schema is None and (os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
             if not Path(pretrained).is_file():
                 raise UsageError(f"open_clip checkpoint {pretrained} does not exist")
@@ -423,22 +428,30 @@ def detect_model_type(hf_model_type: str) -> str:
     return "hf"
 
 
-def resolve_hf_source(model_id: str) -> str:
-    """A tiny id → its built folder; ``testbed-clip`` → the trained testbed CLIP; an existing path →
-    itself; else the id (HF hub name)."""
-    if model_id in TINY:
-        return str(tiny_reference_path(model_id))
-    if model_id == TESTBED_REFERENCE:
+DEFAULT_REFERENCE = "openai/clip-vit-large-patch14"  # the seed pipeline's stage-2 reference
+
+
+def reference_names() -> dict[str, Named]:
+    """Stage 2's short names: the tiny references (random weights), the testbed CLIP, and the aliases
+    ``tiny`` (= ``tiny-clip``) and ``testbed`` (= ``testbed-clip``) of the shared grammar."""
+
+    def testbed() -> str:
         from vlmc.models.load import TESTBED_CLIP, testbed_path
 
         return str(testbed_path(TESTBED_CLIP))
-    looks_local = os.sep in model_id and (model_id.startswith((".", os.sep, "~")) or model_id.count("/") > 1)
-    path = Path(model_id).expanduser()
-    if path.exists():
-        return str(path)
-    if looks_local:
-        raise UsageError(f"model path {model_id} does not exist")
-    return model_id
+
+    names = {k: Named(functools.partial(lambda k: str(tiny_reference_path(k)), k), random_weights=True) for k in TINY}
+    names["tiny"] = names["tiny-clip"]
+    names[TESTBED_REFERENCE] = names["testbed"] = Named(testbed)
+    return names
+
+
+REFERENCE_SOURCE_HELP = source_help(list(reference_names()), open_clip=True, default=f"Default: {DEFAULT_REFERENCE}")
+
+
+def resolve_hf_source(model_id: str, revision: str | None = None) -> Source:
+    """A short name, a local folder or an HF id (through the HF cache) → its :class:`Source`."""
+    return resolve(model_id, "--model_id", reference_names(), revision=revision)
 
 
 def load_reference(
@@ -448,6 +461,7 @@ def load_reference(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     pretrained: str | None = None,
+    revision: str | None = None,
 ) -> ReferenceEncoder:
     """Build the reference encoder for ``model_id`` and probe it once (fixes ``dim``; checks ``pool``).
 
@@ -460,7 +474,8 @@ def load_reference(
         pool: ``cls`` or ``mean`` (see :data:`POOL_DEFS`).
         device: where the model runs.
         dtype: compute dtype.
-        pretrained: open_clip only: a pretrained tag or a checkpoint file.
+        pretrained: open_clip only: a pretrained tag or a checkpoint file (or ``open_clip:<name>:<pretrained>``).
+        revision: branch, tag or commit of an HF id; the manifest records the resolved commit.
 
     Raises:
         UsageError: unknown type or pool, model not found, type mismatch, unsupported pooling.
@@ -474,12 +489,20 @@ def load_reference(
     if is_oc or model_type == "open_clip":
         if model_type not in ("auto", "open_clip"):
             raise UsageError(f"--model_type {model_type} conflicts with the open_clip model {model_id!r}")
+        if revision:
+            raise UsageError("--revision is for HF ids only (open_clip pins its weights by the pretrained tag)")
         name = model_id[len(OPEN_CLIP_PREFIX):] if is_oc else model_id
+        if is_oc and ":" in name and not name.startswith(OPEN_CLIP_SCHEMAS):  # open_clip:<name>:<pretrained>
+            name, tag = name.split(":", 1)
+            if pretrained and pretrained != tag:
+                raise UsageError(f"--model_id {model_id!r} names pretrained {tag!r} but --pretrained is {pretrained!r}")
+            pretrained = tag
         enc: ReferenceEncoder = OpenClipReferenceEncoder(model_id, name, pretrained, pool, device, dtype)
     else:
         if pretrained:
             raise UsageError("--pretrained is for open_clip models only (HF models load their weights from --model_id)")
-        source = resolve_hf_source(model_id)
+        src = resolve_hf_source(model_id, revision)
+        source = str(src.path)
         from transformers import AutoConfig
 
         try:
@@ -494,6 +517,10 @@ def load_reference(
             )
         kind = detected if model_type == "auto" else model_type
         enc = HFReferenceEncoder(model_id, source, kind, pool, device, dtype)
+        enc.revision = src.commit
+        if src.kind == "hub":
+            enc.source = str(src.repo_id)  # the manifest names the id (and the commit), not the cache folder
+        enc.random_weights = src.random_weights
     enc.probe()
     log.info("reference %s: %s, %s pool, dim %d (%s)", model_id, enc.backend, pool, enc.dim, POOL_DEFS[(enc.model_type, pool)])
     return enc

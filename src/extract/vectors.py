@@ -50,12 +50,11 @@ class VLMEncoder:
 
     def meta(self) -> dict[str, Any]:
         vlm = self.vlm
-        config = getattr(vlm.model, "config", None)
         return {
             "model": vlm.name,
             "family": vlm.adapter.name,
             "source": vlm.source,
-            "revision": getattr(config, "_commit_hash", None),
+            "revision": vlm.revision,  # the commit hash of an HF id (None for local / tiny / config: weights)
             "model_class": type(vlm.model).__name__,
             "compute_dtype": str(vlm.dtype).replace("torch.", ""),
             "pool": "mean",

@@ -134,6 +134,7 @@ class VLM:
     device: torch.device
     dtype: torch.dtype
     vision_only: bool = False  # only the vision tower + connector hold weights (the LM is on ``meta``)
+    revision: str | None = None  # the commit hash of an HF id
 
     @property
     def name(self) -> str:

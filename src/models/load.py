@@ -1,4 +1,4 @@
-"""Turn a (family, source) pair into a loaded ``VLM``: HF id, local folder, ``tiny`` or ``config:<name>``."""
+"""Turn a (family, source) pair into a loaded ``VLM`` (the grammar: :mod:`vlmc.models.sources`)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import torch
 
 from vlmc.models import partial
 from vlmc.models.base import VLM, FamilyAdapter, get_adapter, tiny_cache_dir
+from vlmc.models.sources import CONFIG_PREFIX, Named, Source, resolve, source_help
 from vlmc.utils.cli import UsageError
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
 TESTBED = "testbed"
-CONFIG_PREFIX = "config:"
 # The calibrated testbed (src/train/train_testbed.py): trained VLMs of these families plus a CLIP.
 # (qwen3vl can build_testbed too; it is not trained: the issue's testbed is these four.)
 TESTBED_FAMILIES = ("llava", "idefics2", "qwen2.5vl", "qwen3.5")
@@ -63,16 +63,36 @@ def tiny_path(adapter: FamilyAdapter, seed: int = 0) -> Path:
     return path
 
 
-def resolve_source(adapter: FamilyAdapter, source: str | None) -> str:
-    """The concrete source string: ``None`` → the family's default HF id; ``tiny`` → its built folder;
-    ``testbed`` → its trained folder under :func:`default_testbed_dir`."""
-    if not source:
-        return adapter.default_id
-    if source == TINY:
-        return str(tiny_path(adapter))
-    if source == TESTBED:
-        return str(testbed_path(adapter.name))
-    return source
+def vlm_names(adapter: FamilyAdapter) -> dict[str, Named]:
+    """The short names a VLM source may be: ``tiny`` (random, built offline) and ``testbed`` (trained)."""
+    names = {
+        TINY: Named(lambda: str(tiny_path(adapter)), random_weights=True),
+        TESTBED: Named(lambda: str(testbed_path(adapter.name))),
+    }
+    if "/" not in adapter.default_id:  # a family whose default is no HF id loads that name itself
+        names[adapter.default_id] = Named(lambda: adapter.default_id)
+    return names
+
+
+VLM_SOURCE_HELP = source_help((TINY, TESTBED), config=True)
+
+
+def resolve_vlm_source(adapter: FamilyAdapter, source: str | None, revision: str | None = None,
+                       flag: str = "--model-path") -> Source:
+    """``source`` under the shared grammar (:mod:`vlmc.models.sources`); ``None`` → the family's HF id."""
+    spec = source or adapter.default_id
+    resolved = resolve(spec, flag, vlm_names(adapter), revision=revision, config=True,
+                       placeholders=("config:<name>",))
+    if resolved.kind == "config" and resolved.name not in adapter.real_configs:
+        known = ", ".join(CONFIG_PREFIX + n for n in sorted(adapter.real_configs)) or "none"
+        raise UsageError(f"{flag} {spec!r}: {adapter.name} has no such config; known: {known}")
+    return resolved
+
+
+def resolve_source(adapter: FamilyAdapter, source: str | None, revision: str | None = None) -> str:
+    """The concrete source string: a folder, ``config:<name>``, or ``org/name@commit`` for an HF id
+    (resolving it again loads exactly the same weights). ``None`` → the family's default HF id."""
+    return resolve_vlm_source(adapter, source, revision).canonical
 
 
 def load_vlm(
@@ -82,6 +102,7 @@ def load_vlm(
     device: torch.device | str = "cpu",
     vision_only: bool = False,
     attn_implementation: str | None = None,
+    revision: str | None = None,
 ) -> VLM:
     """Load a family's model and processor from ``source``.
 
@@ -94,27 +115,24 @@ def load_vlm(
         vision_only: build and load only the vision tower + connector (the LM stays on ``meta``; see
             ``vlmc.models.partial``) when the source is a local folder or ``config:``.
         attn_implementation: passed to ``from_pretrained`` / ``_from_config`` (``None``: default).
+        revision: branch, tag or commit of an HF id (``--revision``).
 
     Returns:
         The loaded ``VLM`` in eval mode.
     """
     adapter = get_adapter(family)
     device = torch.device(device)
-    resolved = resolve_source(adapter, source)
-    if resolved.startswith(CONFIG_PREFIX):
-        name = resolved[len(CONFIG_PREFIX) :]
-        if name not in adapter.real_configs:
-            known = ", ".join(sorted(adapter.real_configs)) or "none"
-            raise UsageError(f"{family}: unknown config {name!r}; known: {known}")
-    elif os.path.sep in resolved and not Path(resolved).exists():
-        raise UsageError(f"{family}: model path {resolved} does not exist")
-    vision_only = vision_only and partial.supported(adapter, resolved, device)
+    src = resolve_vlm_source(adapter, source, revision)
+    # an HF id is a local snapshot folder by now: vision-only loading applies to it as to any folder
+    location = src.spec if src.kind == "config" else str(src.path)
+    vision_only = vision_only and partial.supported(adapter, location, device)
     if vision_only:
-        model, processor, _ = partial.load_vision_only(adapter, resolved, dtype, device, attn_implementation)
-    elif resolved.startswith(CONFIG_PREFIX):
-        model, processor = adapter.build_from_config(name, dtype, device, attn_implementation)
+        model, processor, _ = partial.load_vision_only(adapter, location, dtype, device, attn_implementation)
+    elif src.kind == "config":
+        model, processor = adapter.build_from_config(str(src.name), dtype, device, attn_implementation)
     else:
-        model, processor = adapter.load_pretrained(resolved, dtype, device, attn_implementation)
+        model, processor = adapter.load_pretrained(str(src.path), dtype, device, attn_implementation)
+    name = src.spec if src.kind == "config" else (src.repo_id if src.kind == "hub" else str(src.path))
     model.eval()
-    return VLM(adapter=adapter, model=model, processor=processor, source=resolved, device=device, dtype=dtype,
-               vision_only=vision_only)  # fmt: skip
+    return VLM(adapter=adapter, model=model, processor=processor, source=name, device=device, dtype=dtype,
+               revision=src.commit, vision_only=vision_only)  # fmt: skip

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.base import VLM
+from vlmc.models.load import VLM_SOURCE_HELP
 from vlmc.store.vectors import ShardWriter, digest_keys, pack
 from vlmc.train.data import (
     SPLIT_FILE,
@@ -163,12 +164,13 @@ def load_connector_vlm(
     Only the vision tower + connector are loaded (``vision_only``): the language model never runs here.
     """
     from vlmc.models.load import load_vlm
+    from vlmc.models.sources import pinned
 
     family = run.store.family
     if not family:
         raise UsageError("the store's manifest names no model family; pass --no_reproj")
-    source = model_path or run.store.source
     m = run.store.manifest
+    source = model_path or pinned(run.store.source, m.get("revision"))  # the commit stage 1 loaded
     if dtype_name == "auto":
         dtype = getattr(torch, str(m.get("compute_dtype") or "float32"), torch.float32)
     else:
@@ -197,7 +199,7 @@ def build_parser():
     p.add_argument("--out_base", default="data/vector_recon", help="output base; files go to <out_base>/<out_name>/<shard>/")
     p.add_argument("--out_name", default=None, help="model folder name (default: <embed_model>_recon)")
     p.add_argument("--model-path", "--model_path", dest="model_path", default=None,
-                   help="VLM source for the connector (HF id, folder, 'tiny'); default: the stage-1 manifest's source")
+                   help=f"VLM weights for the connector: {VLM_SOURCE_HELP}. Default: the stage-1 manifest's source at its recorded commit")
     p.add_argument("--split", default="val", choices=["val", "all", "train"], help="val: images the reconstructor did not train on; train; all")
     p.add_argument("--batch_size", type=cli.positive_int, default=32, help="images per forward pass")
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="DataLoader workers")

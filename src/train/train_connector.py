@@ -80,7 +80,7 @@ from vlmc.extract.vectors import shape_meta
 from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.base import VLM, Captured, get_adapter
 from vlmc.models.families.common import chat_texts, injected, left_padding, to_model
-from vlmc.models.load import load_vlm
+from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
 from vlmc.store.vectors import ShardWriter, pack, unpack, verified_chunk
 from vlmc.train.connectors import (
     BEST,
@@ -145,6 +145,7 @@ from vlmc.utils.io import (
     sha256_file,
 )
 from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
+from vlmc.utils.tracking import add_tracking_args
 
 log = logging.getLogger("vlmc.train_connector")
 
@@ -171,7 +172,7 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--embed_model", default=None, help="model family (llava, idefics2, qwen2.5vl, qwen3.5, qwen3vl)")
     g.add_argument("--model-path", "--model_path", dest="model_path", default=None,
-                   help="weights: 'tiny' (offline tiny variant), an HF id, a local folder or 'config:<name>' [tiny]")
+                   help=f"weights: {VLM_SOURCE_HELP} [tiny]")
     g.add_argument("--image_dir", default=None, help="images + <key>.txt captions: <image_dir>/<shard>/<key>.<ext>")
     g.add_argument("--vec_dir", default=None,
                    help="optional stage-1 store (base folder + --embed_model, or the model folder): read E_pre and the "
@@ -227,9 +228,8 @@ def build_parser():
     r.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     add_attn_arg(r)
     r.add_argument("--dtype", default=None, help="VLM weights dtype: auto (bf16 on cuda, fp32 on cpu), bf16, fp16, fp32")
-    r.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works offline)")
-    r.add_argument("--wandb_project", default="vlm-connectors", help="W&B project")
     r.add_argument("--run_name", default=None, help="W&B run name (default: the out_dir name)")
+    add_tracking_args(p)
     i = p.add_argument_group("inference (need best_model.pt in --out_dir)")
     i.add_argument("--predict", action="store_true", help="caption images with the trained connector → captions.csv")
     i.add_argument("--predict_split", default="val", choices=["val", "train", "all"], help="images --predict captions")

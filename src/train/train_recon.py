@@ -29,7 +29,6 @@ import io
 import logging
 import math
 import random
-import secrets
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -74,7 +73,7 @@ from vlmc.train.reconstructors import (
     make_spec,
 )
 from vlmc.train.resume import repair_best
-from vlmc.utils import cli
+from vlmc.utils import cli, tracking
 from vlmc.utils.cli import (
     UsageError,
     ensure_writable_dir,
@@ -93,6 +92,7 @@ from vlmc.utils.io import (
     sha256_file,
 )
 from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
+from vlmc.utils.tracking import Tracker, add_tracking_args
 
 log = logging.getLogger("vlmc.train_recon")
 
@@ -159,9 +159,8 @@ def build_parser():
     r.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in --out_dir and start afresh")
     r.add_argument("--eval_only", action="store_true", help="evaluate best_model.pt on the saved val split; writes eval_only.json")
     r.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
-    r.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works without network)")
-    r.add_argument("--wandb_project", default="vlm-connectors", help="W&B project")
     r.add_argument("--run_name", default=None, help="W&B run name (default: the out_dir name)")
+    add_tracking_args(p)
     return p
 
 
@@ -570,19 +569,10 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
 
 
-def start_wandb(args, out: Path, spec: ReconSpec):
-    """A W&B run (resumable id kept in ``wandb_id.txt``), or ``None`` without ``--wandb``."""
-    if not args.wandb:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        raise UsageError("--wandb needs the wandb package (pip install wandb)") from None
-    id_file = out / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
-    atomic_write_text(id_file, run_id + "\n")
-    return wandb.init(project=args.wandb_project, name=args.run_name or out.name, id=run_id, resume="allow",
-                      dir=str(out), config={**vars(args), "spec": spec.to_dict()})
+def start_wandb(args, out: Path, spec: ReconSpec) -> Tracker | None:
+    """A W&B run (:mod:`vlmc.utils.tracking`; resumable, under ``<out>/wandb``), or ``None`` when off."""
+    t = tracking.start(args, out, args.run_name or out.name, {**vars(args), "spec": spec.to_dict()}, job_type="train")
+    return t if t.run is not None else None
 
 
 # -- linear ---------------------------------------------------------------------------------------
