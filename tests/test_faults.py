@@ -442,3 +442,20 @@ def test_stage6_malicious_checkpoint_refused(reference, trained, tmp_path, capsy
     torch.save(ck, model / "best_model.pt")
     assert _eval(reference, model, tmp_path / "e") == 2
     one_error_line(capsys, f"{model / 'best_model.pt'}: refused")
+
+
+def test_repair_best_is_what_both_trainers_share(tmp_path):
+    """train_connector resumes through the same repair as train_recon (tested end to end above)."""
+    from vlmc.train.resume import repair_best
+    from vlmc.utils.cli import UsageError
+
+    best = tmp_path / "best_model.pt"
+    torch.save({"state_dict": {}, "meta": {"epoch": 1}}, best)
+    written = []
+    state = {"epoch": 3, "batch": 0, "best_epoch": 3}
+    repair_best(best, state, lambda: written.append(3))  # killed between last.pt and best_model.pt of epoch 3
+    assert written == [3]
+    repair_best(best, {"epoch": 3, "batch": 0, "best_epoch": 1}, lambda: written.append("again"))
+    assert written == [3]  # consistent: nothing to do
+    with pytest.raises(UsageError, match="holds epoch 1, but .*last.pt records best epoch 2"):
+        repair_best(best, {"epoch": 3, "batch": 5, "best_epoch": 2}, lambda: None)
