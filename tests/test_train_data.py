@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ from vlmc.train.data import (
     write_synthetic_store,
 )
 from vlmc.utils.cli import UsageError
+from vlmc.utils.io import sha256_file
 
 torch.set_num_threads(1)
 KEYS = ["000010000", "000010001", "7", "0012", "000010004", "000010005"]
@@ -101,7 +104,12 @@ def test_pre_post_key_mismatch_is_an_error(tmp_path):
     store = _store(tmp_path, {"s": KEYS[:4]})
     path = store.shards[0].post.dir / "post_vectors_00000.pt"
     chunk = torch.load(path, weights_only=True)
-    chunk["keys"] = list(reversed(chunk["keys"]))
+    chunk["keys"][1:3] = chunk["keys"][2:0:-1]  # same first/last key: only the pre/post comparison sees it
     torch.save(chunk, path)
-    with pytest.raises(UsageError, match="different keys"):
+    with pytest.raises(UsageError, match="bytes, the manifest says"):  # the file no longer matches its manifest
         index_samples(store)
+    m = json.loads((path.parent / "manifest.json").read_text())  # a tamper that also fixes the manifest
+    m["chunks"][0]["files"]["post"].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    (path.parent / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UsageError, match="different keys"):
+        index_samples(open_store(store.shards[0].pre.dir))

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from vlmc.models.base import VLM
 from vlmc.models.load import VLM_SOURCE_HELP
+from vlmc.store.verify import VERIFY_HELP, set_read_level
 from vlmc.train.data import Sample, make_loader
 from vlmc.train.export_recon import ReconRun, load_connector_vlm, open_run, reconstruct, reproject
 from vlmc.utils import cli
@@ -75,6 +76,7 @@ def build_parser():
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the reconstructor")
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="DataLoader workers")
     p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     return p
 
 
@@ -209,6 +211,7 @@ def summarise(rows: Sequence[dict[str, str]], run: ReconRun, reproj: bool) -> di
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_read_level("hash" if args.verify else "size")
     if args.batch_size < 1 or args.limit < 0 or args.save_every < 1:
         raise UsageError("--batch_size and --save_every must be >= 1, --limit >= 0")
     device = resolve_device(args.device)

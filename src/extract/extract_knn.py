@@ -81,6 +81,7 @@ from vlmc.extract.geometry import (
 )
 from vlmc.metrics.knn import resolve_backend
 from vlmc.store.vectors import find_shard_dirs
+from vlmc.store.verify import VERIFY_HELP, set_read_level
 from vlmc.utils import cli, tracking
 from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, resolve_device
 from vlmc.utils.io import atomic_write_json
@@ -107,12 +108,14 @@ def build_parser():
     p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu or cuda[:i]")
     p.add_argument("--seed", type=int, default=0, help="seed of the distance-correlation pair sample")
     add_tracking_args(p)
+    p.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     return p
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_read_level("hash" if args.verify else "size")
     refs = parse_refs(args.ref)
     ks_req = parse_ks(args.k)
     if args.pairs_sample < 1:

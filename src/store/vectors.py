@@ -12,6 +12,9 @@ killed run had not committed. A chunk is committed when the manifest lists it; t
 rewritten (atomically) after every chunk with ``complete: false`` and finally with ``complete: true``.
 When images in a chunk have different token counts, ``vecs`` is stored flat ``[sum T_i, D]`` with
 ``lengths`` ``[N]`` (``ragged``).
+
+Every chunk is verified against the manifest when it is read and before a resume keeps it
+(``vlmc.store.verify``); stage 1 writes a shard folder under its ``vlmc.store.lock.FolderLock``.
 """
 
 from __future__ import annotations
@@ -267,32 +270,40 @@ class ShardReader:
         return self.manifest.get("shard", self.dir.name)
 
     def chunks(self, kind: str) -> Iterator[dict[str, Any]]:
-        """Yield each chunk dict of ``kind`` in order (``keys`` and mmap'd tensors)."""
+        """Yield each chunk dict of ``kind`` in order (``keys`` and mmap'd tensors), verified; finite
+        values are checked in every tensor (``tokens``/``pooled`` check only what they return)."""
+        for path, chunk in self._verified(kind):
+            check_finite(path, chunk)
+            yield chunk
+
+    def _verified(self, kind: str) -> Iterator[tuple[Path, dict[str, Any]]]:
         for c in self.manifest["chunks"]:
             if c["rows"] == 0:  # every input of the chunk was unreadable
                 continue
-            chunk = verified_chunk(self.dir, c, kind)
-            check_finite(self.dir / c["files"][kind]["name"], chunk)
-            yield chunk
+            yield self.dir / c["files"][kind]["name"], verified_chunk(self.dir, c, kind)
 
     def keys(self, kind: str = "pre") -> list[str]:
         """Stored keys in row order."""
-        return [k for chunk in self.chunks(kind) for k in chunk["keys"]]
+        return [k for _, chunk in self._verified(kind) for k in chunk["keys"]]
 
     def tokens(self, kind: str) -> tuple[list[str], list[Tensor]]:
-        """All keys and per-image token matrices of ``kind`` (mmap'd views)."""
+        """All keys and per-image token matrices of ``kind`` (mmap'd views; NaN/inf refused, by row)."""
         keys, vecs = [], []
-        for chunk in self.chunks(kind):
+        for path, chunk in self._verified(kind):
             if "vecs" not in chunk:
                 raise UsageError(f"{self.dir}: {kind} tokens were not saved (--save pooled); rerun with --save both")
+            check_finite(path, {k: v for k, v in chunk.items() if k in ("keys", "vecs", "lengths")})
             keys += chunk["keys"]
             vecs += unpack(chunk)
         return keys, vecs
 
     def pooled(self, kind: str, pool: str = "mean") -> tuple[list[str], Tensor]:
-        """Keys and one vector per image: the stored mean, or ``mean|max|cls`` computed from tokens."""
+        """Keys and one vector per image: the stored mean, or ``mean|max|cls`` computed from tokens.
+
+        NaN/inf in the vectors returned is refused, naming the chunk file and rows.
+        """
         keys, parts = [], []
-        for chunk in self.chunks(kind):
+        for path, chunk in self._verified(kind):
             keys += chunk["keys"]
             if pool == "mean" and "pooled" in chunk:
                 parts.append(chunk["pooled"].float())
@@ -302,6 +313,7 @@ class ShardReader:
                 parts.append(torch.stack([pool_tokens(v, pool) for v in unpack(chunk)]))
             else:
                 raise UsageError(f"{self.dir}: only mean-pooled {kind} vectors are stored; --pool {pool} needs tokens")
+            check_finite(path, {"keys": chunk["keys"], "pooled" if pool == "mean" else f"{pool}-pooled": parts[-1]})
         return keys, torch.cat(parts) if parts else torch.empty(0)
 
 

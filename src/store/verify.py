@@ -4,8 +4,9 @@ What is checked (docs/formats.md, "Verification", is the contract):
 
 - **manifest**: chunk indices unique and increasing; a ``complete`` manifest lists every chunk
   ``0 .. n_chunks-1`` without a gap; ``n_images`` / ``n_skipped`` equal the sums over the chunks.
-- **chunk files**: size always; sha256 against the manifest unless ``VLMC_VERIFY=size`` (the hash costs
-  a few % of any reading stage: ``bench/bench_verify.py``); a file that is not a safe ``.pt`` is refused.
+- **chunk files**: size always; sha256 against the manifest on every resume, in stages where it costs
+  < 5 % of their time (stage 4), and with ``--verify`` / ``VLMC_VERIFY=hash`` (``bench/bench_verify.py``
+  measures it); a file that is not a safe ``.pt`` is refused.
 - **chunk content**: ``keys`` are strings, as many as the manifest's ``rows``, the first and last equal to
   its ``first_key``/``last_key``; every tensor has one row (or ``lengths`` entry) per key.
 - **pre/post agreement**: every kind of one chunk holds the same keys in the same order.
@@ -31,12 +32,30 @@ from vlmc.utils.io import UnreadableFile, safe_torch_load, sha256_file
 log = logging.getLogger(__name__)
 
 VERIFY_ENV = "VLMC_VERIFY"
+_HASHED: set[tuple] = set()  # files whose sha256 matched in this process: (path, size, mtime_ns, inode, sha256)
 LEVELS = ("size", "hash")
 
 
+_STAGE_LEVEL = ["size"]  # what this process's stage chose (set_read_level); a resume always hashes
+
+VERIFY_HELP = ("also check each chunk's sha256 against the manifest (size, keys, rows and finite values are always "
+               "checked; the hash costs more than 5 %% of this stage's time, see bench/bench_verify.py)")
+
+
+def set_read_level(level: str) -> None:
+    """The check a stage applies to every chunk it reads: ``hash`` (size + sha256) or ``size``.
+
+    A stage picks ``hash`` where hashing costs < 5 % of its time (stage 4: ~1 %), else ``size`` unless
+    its ``--verify`` asks for the hash (bench/bench_verify.py measures both). ``$VLMC_VERIFY`` overrides.
+    """
+    if level not in LEVELS:
+        raise UsageError(f"unknown verification level {level!r}; choose one of {', '.join(LEVELS)}")
+    _STAGE_LEVEL[0] = level
+
+
 def default_level() -> str:
-    """``hash`` (size + sha256, the default) or ``size``, from ``$VLMC_VERIFY``."""
-    level = os.environ.get(VERIFY_ENV, "hash").strip() or "hash"
+    """``$VLMC_VERIFY`` (``hash`` or ``size``) when set, else the level the stage chose (``set_read_level``)."""
+    level = os.environ.get(VERIFY_ENV, "").strip() or _STAGE_LEVEL[0]
     if level not in LEVELS:
         raise UsageError(f"${VERIFY_ENV}={level!r}: choose one of {', '.join(LEVELS)}")
     return level
@@ -81,7 +100,13 @@ def check_file(path: Path, entry: dict[str, Any], level: str) -> None:
     if "bytes" in entry and size != entry["bytes"]:
         raise UsageError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
     if level == "hash" and "sha256" in entry:
+        st = path.stat()
+        stamp = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, entry["sha256"])
+        if stamp in _HASHED:  # this process already hashed this very file (same size, mtime, inode)
+            return
         digest = sha256_file(path)
+        if digest == entry["sha256"]:
+            _HASHED.add(stamp)
         if digest != entry["sha256"]:
             raise UsageError(f"{path}: sha256 {digest[:12]}… differs from the manifest's {entry['sha256'][:12]}… (corrupted)")
 

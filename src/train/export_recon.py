@@ -38,6 +38,7 @@ from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.base import VLM
 from vlmc.models.load import VLM_SOURCE_HELP
 from vlmc.store.vectors import ShardWriter, digest_keys, pack
+from vlmc.store.verify import set_read_level
 from vlmc.train.data import (
     SPLIT_FILE,
     STATS_FILE,
@@ -295,6 +296,7 @@ def shard_meta(run: ReconRun, shard: str, vlm: VLM | None, args) -> dict[str, An
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_read_level("size")  # as stage 6 (where the hash costs > 5 %); not measured for export itself
     if args.batch_size < 1 or args.num_workers < 0:
         raise UsageError("--batch_size must be >= 1 and --num_workers >= 0")
     device = resolve_device(args.device)

@@ -807,7 +807,8 @@ class ConnectorTrainer:
         amp_dtype = parse_dtype(args.amp_dtype)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp and amp_dtype == torch.float16)
         self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_val": math.inf, "best_epoch": 0,
-                                      "best_train": math.nan, "best_geometry": math.nan, "bad_epochs": 0, "ce_sum": 0.0, "tokens": 0, "se_sum": 0.0, "elements": 0,
+                                      "best_train": math.nan, "best_geometry": math.nan, "bad_epochs": 0,
+                                      "ce_sum": 0.0, "tokens": 0, "se_sum": 0.0, "elements": 0,
                                       "epoch_seconds": 0.0, "finished": False}
         self.history: list[dict[str, Any]] = []
         self.wandb = None

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from vlmc.store.verify import set_read_level
 from vlmc.train.data import (
     SPLIT_FILE,
     STATS_FILE,
@@ -647,6 +648,7 @@ def eval_only(out: Path, val: Sequence[Sample], std_of: Callable[[bool], Standar
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_read_level("hash")  # every chunk's sha256: ~1 % of a training run (bench/bench_verify.py)
     check_args(args)
     with StopFlag() as stop:
         return run(args, stop)
