@@ -179,3 +179,11 @@ def test_sigkill_mid_write_then_resume_is_bit_identical(tmp_path):
             data = (out / f["name"]).read_bytes()
             assert f["bytes"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
     assert r.manifest["chunks"] == ShardReader.open(tmp_path / "ref").manifest["chunks"]
+
+
+def test_to_host_deferred_handles_empty_and_mixed_dtype_tensors():
+    xs = [torch.empty(0, 8), torch.ones(2, 8, dtype=torch.bfloat16) * 3, torch.full((1, 8), 7e4)]
+    with pytest.raises(UsageError, match="values up to 7e\\+04"):
+        to_host(xs, torch.float16, pin=False, deferred=True).wait()
+    got = to_host(xs[:2], torch.float16, pin=False, deferred=True).wait()
+    assert got[0].shape == (0, 8) and torch.equal(got[1], xs[1].half())

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from vlmc.train import train_recon
-from vlmc.train.data import ShapeBatchSampler, index_samples, make_loader, open_store, synthetic_connector, write_synthetic_store
+from vlmc.train.data import (
+    ShapeBatchSampler,
+    index_samples,
+    make_loader,
+    open_store,
+    synthetic_connector,
+    write_synthetic_store,
+)
 from vlmc.train.loader import DeviceLoader, PrefetchLoader, make_fast_loader, resolve_loader, split_bytes
 from vlmc.utils.cli import UsageError
 
