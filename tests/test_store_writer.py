@@ -77,16 +77,17 @@ def test_parallel_hash_writer_hashes_every_byte_in_order(tmp_path, hash_min):
     assert (tmp_path / "f").read_bytes() == b"".join(parts)
 
 
-def test_save_many_writes_every_file_and_reraises_after_all_are_done(tmp_path):
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_save_many_writes_every_file_and_reraises_after_all_are_done(tmp_path, concurrent):
     items = [(_chunk(i), tmp_path / f"{i}.pt") for i in range(3)]
-    results = save_hashed_many(items)
+    results = save_hashed_many(items, concurrent)
     for (obj, path), (size, digest) in zip(items, results, strict=True):
         assert size == path.stat().st_size and digest == hashlib.sha256(path.read_bytes()).hexdigest()
         assert torch.equal(safe_torch_load(path)["vecs"], obj["vecs"])
     (tmp_path / "blocker").write_text("a file, not a folder")
     bad = [(_chunk(5), tmp_path / "ok.pt"), (_chunk(6), tmp_path / "blocker" / "x.pt")]
     with pytest.raises(OSError):
-        save_hashed_many(bad)
+        save_hashed_many(bad, concurrent)
     assert (tmp_path / "ok.pt").exists()
 
 
