@@ -188,3 +188,15 @@ def test_to_host_deferred_handles_empty_and_mixed_dtype_tensors():
         to_host(xs, torch.float16, pin=False, deferred=True).wait()
     got = to_host(xs[:2], torch.float16, pin=False, deferred=True).wait()
     assert got[0].shape == (0, 8) and torch.equal(got[1], xs[1].half())
+
+
+def test_bench_store_runs_and_prints_the_ratio_row(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import bench_store
+
+    assert bench_store.main(["--n", "2", "--tokens", "4", "--d_pre", "8", "--d_post", "8", "--repeats", "1",
+                             "--dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "ours/raw" in lines[1] and len(lines[3].split("|")) == len(lines[1].split("|"))
+    assert list(tmp_path.iterdir()) == []  # its temp folder is removed
+    assert bench_store.measure_disk(tmp_path, nbytes=1 << 20, block=1 << 18) > 0
