@@ -43,7 +43,7 @@ LM, then loads the whole model separately (skip it with ``--new_tokens 0``). ``-
 ``ours_workers`` adds ``ours`` with the processor in the workers whenever ``ours`` uses the device.
 
 ``disk``: raw sequential write + fsync MB/s of the output folder (``--disk_mb`` MB in 8 MB blocks,
-measured in the same run), divided by the fp16 bytes one image's E_pre + E_post take: the images/s
+measured in the same run by ``bench_store.measure_disk``), divided by the fp16 bytes one image's E_pre + E_post take: the images/s
 the disk allows. ``ours/min(forward,disk)`` is the issue's end-to-end goal (>= 0.9 on a GPU).
 
     python bench/bench_extract.py --models llava --n 512 --repeats 3
@@ -54,7 +54,6 @@ the disk allows. ``ours/min(forward,disk)`` is the issue's end-to-end goal (>= 0
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import statistics
@@ -66,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_store import measure_disk  # bench/ is on sys.path when run as a script
 from torch.utils.data import DataLoader
 
 from vlmc.data.images import ImageDataset, ImageRecord, discover_images
@@ -209,23 +209,6 @@ class Bench:
         return disk / self.raw_fp16_bytes()
 
 
-def disk_write_mb_s(folder: Path, total_mb: int, block_mb: int = 8) -> float:
-    """Raw sequential write + fsync throughput of ``folder`` (MB/s, 10^6 bytes), file removed after."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ".disk_probe"
-    block = os.urandom(block_mb * 10**6)
-    n = max(1, total_mb // block_mb)
-    t = time.perf_counter()
-    with open(path, "wb") as f:
-        for _ in range(n):
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
-    secs = time.perf_counter() - t
-    path.unlink()
-    return n * block_mb / secs
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -311,7 +294,7 @@ def bench_model(name: str, source: str | None, records: list[ImageRecord], args:
         b.ours()  # one more (untimed) store for the disk figures
         row["disk/raw_fp16"] = b.disk_over_raw()
         bytes_per_image = b.raw_fp16_bytes() / len(records)
-        row["disk_mb_s"] = disk_write_mb_s(tmp, args.disk_mb) if args.disk_mb > 0 else float("nan")
+        row["disk_mb_s"] = measure_disk(tmp, args.disk_mb << 20) if args.disk_mb > 0 else float("nan")
         row["disk_img_s"] = row["disk_mb_s"] * 1e6 / bytes_per_image
         if "ours" in times and "forward" in times:
             row["ours/min(forward,disk)"] = row["ours_img_s"] / min(row["forward_img_s"], row["disk_img_s"])

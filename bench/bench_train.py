@@ -1,7 +1,10 @@
 """Stage-4 training throughput: --amp off vs on, and how much of a step waits for data from mmap'd shards.
 
 Writes a synthetic stage-1 store (fp16 chunks, a GELU connector) to a temp dir, then runs the real
-``Trainer`` micro-step / optimizer-step code for each (model type, amp, DataLoader workers):
+``Trainer`` micro-step / optimizer-step code for each (model type, amp, loader), the loaders being
+``--loader`` of ``train_recon.py``: ``workers=N`` (DataLoader with N worker processes, one row per
+``--workers`` value), ``prefetch`` (a background thread gathering into pinned memory on CUDA) and
+``device`` (the split held in device memory):
 
 * ``img/s``     training images per second (median step) (forward + backward + AdamW step, standardisation on device);
 * ``wait %``    share of the step spent waiting for the next batch (``next(loader)`` + host→device copy);
@@ -10,7 +13,8 @@ Writes a synthetic stage-1 store (fp16 chunks, a GELU connector) to a temp dir, 
                 ceiling: no loader at all), measured in the same run.
 
     python bench/bench_train.py                       # CPU defaults: small LLaVA-like shapes
-    python bench/bench_train.py --device cuda --grid 24 --d_pre 1024 --d_post 4096 --n 512 --batch_size 32
+    python bench/bench_train.py --device cuda --grid 24 --d_pre 1024 --d_post 4096 --n 512 --batch_size 32 \
+        --model_types mlp --workers 0 --loaders workers,prefetch,device
 """
 
 from __future__ import annotations
@@ -45,10 +49,22 @@ def parse_args():
     p.add_argument("--batch_size", type=int, default=16, help="images per step")
     p.add_argument("--steps", type=int, default=15, help="timed steps per configuration (after 3 warm-up steps); medians are reported")
     p.add_argument("--model_types", default="mlp,transformer", help="comma list")
-    p.add_argument("--workers", default="0,2", help="comma list of DataLoader worker counts")
+    p.add_argument("--workers", default="0,2", help="comma list of DataLoader worker counts (loader 'workers')")
+    p.add_argument("--loaders", default="workers,prefetch,device", help="comma list of --loader values to time")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--dir", default=None, help="where to write the store (default: a temp dir, removed after)")
     return p.parse_args()
+
+
+def loader_configs(a) -> list[tuple[str, int]]:
+    """(``--loader``, ``--num_workers``) per timed row: one per worker count for ``workers``, else one."""
+    out = []
+    for loader in parse_csv_list(a.loaders):
+        if loader == "workers":
+            out += [("workers", int(w)) for w in parse_csv_list(a.workers)]
+        else:
+            out.append((loader, 0))
+    return out
 
 
 def sync(device: torch.device) -> None:
@@ -56,10 +72,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def make_trainer(store_dir: Path, out: Path, model_type: str, amp: bool, workers: int, bs: int, device, samples, std):
+def make_trainer(store_dir: Path, out: Path, model_type: str, amp: bool, loader: str, workers: int, bs: int, device,
+                 samples, std):
     """A real Trainer on ``samples`` (no validation; we only time the training step)."""
     argv = ["--vec_dir", str(store_dir), "--out_dir", str(out), "--model_type", model_type, "--batch_size", str(bs),
-            "--num_workers", str(workers), "--epochs", "100", "--warmup_steps", "0"]
+            "--num_workers", str(workers), "--epochs", "100", "--warmup_steps", "0", "--loader", loader]
     if model_type == "transformer":
         argv += ["--hidden_size", "128", "--num_heads", "4", "--num_layers", "2"]
     else:
@@ -144,19 +161,22 @@ def main() -> int:
               f"{sum(p.stat().st_size for p in store_dir.rglob('*.pt')) / 1e6:.1f} MB, written in "
               f"{time.perf_counter() - t0:.1f} s; device {device}, torch threads {torch.get_num_threads()}, "
               f"batch {a.batch_size}, {a.steps} timed steps")
-        header = f"{'model':<12}{'params':>9}{'amp':>6}{'workers':>9}{'img/s':>9}{'step ms':>9}{'wait %':>8}{'RAM img/s':>11}{'vs RAM':>8}"
+        header = (f"{'model':<12}{'params':>9}{'amp':>6}{'loader':>11}{'img/s':>9}{'step ms':>9}{'wait %':>8}"
+                  f"{'RAM img/s':>11}{'vs RAM':>8}")
         print(header)
         print("-" * len(header))
         for mt in parse_csv_list(a.model_types):
             for amp in (False, True):
-                for w in (int(x) for x in parse_csv_list(a.workers)):
-                    tr, n_params = make_trainer(store_dir, root / f"o_{mt}_{amp}_{w}", mt, amp, w, a.batch_size,
-                                                device, samples, std)
+                for loader, w in loader_configs(a):
+                    tr, n_params = make_trainer(store_dir, root / f"o_{mt}_{amp}_{loader}_{w}", mt, amp, loader, w,
+                                                a.batch_size, device, samples, std)
                     total, wait = time_loader(tr, a.steps, device)
                     ram = time_in_memory(tr, a.steps, device)
                     ips, ram_ips = a.batch_size / total, a.batch_size / ram
-                    print(f"{mt:<12}{n_params / 1e6:>8.2f}M{('bf16' if amp else 'off'):>6}{w:>9}{ips:>9.1f}"
-                          f"{1000 * total:>9.1f}{100 * wait / total:>7.1f}%{ram_ips:>11.1f}{ips / ram_ips:>8.2f}")
+                    name = f"workers={w}" if loader == "workers" else loader
+                    print(f"{mt:<12}{n_params / 1e6:>8.2f}M{('bf16' if amp else 'off'):>6}{name:>11}{ips:>9.1f}"
+                          f"{1000 * total:>9.1f}{100 * wait / total:>7.1f}%{ram_ips:>11.1f}{ips / ram_ips:>8.2f}",
+                          flush=True)
                     del tr
     finally:
         if not a.dir:

@@ -77,16 +77,17 @@ def test_parallel_hash_writer_hashes_every_byte_in_order(tmp_path, hash_min):
     assert (tmp_path / "f").read_bytes() == b"".join(parts)
 
 
-def test_save_many_writes_every_file_and_reraises_after_all_are_done(tmp_path):
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_save_many_writes_every_file_and_reraises_after_all_are_done(tmp_path, concurrent):
     items = [(_chunk(i), tmp_path / f"{i}.pt") for i in range(3)]
-    results = save_hashed_many(items)
+    results = save_hashed_many(items, concurrent)
     for (obj, path), (size, digest) in zip(items, results, strict=True):
         assert size == path.stat().st_size and digest == hashlib.sha256(path.read_bytes()).hexdigest()
         assert torch.equal(safe_torch_load(path)["vecs"], obj["vecs"])
     (tmp_path / "blocker").write_text("a file, not a folder")
     bad = [(_chunk(5), tmp_path / "ok.pt"), (_chunk(6), tmp_path / "blocker" / "x.pt")]
     with pytest.raises(OSError):
-        save_hashed_many(bad)
+        save_hashed_many(bad, concurrent)
     assert (tmp_path / "ok.pt").exists()
 
 
@@ -179,3 +180,23 @@ def test_sigkill_mid_write_then_resume_is_bit_identical(tmp_path):
             data = (out / f["name"]).read_bytes()
             assert f["bytes"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
     assert r.manifest["chunks"] == ShardReader.open(tmp_path / "ref").manifest["chunks"]
+
+
+def test_to_host_deferred_handles_empty_and_mixed_dtype_tensors():
+    xs = [torch.empty(0, 8), torch.ones(2, 8, dtype=torch.bfloat16) * 3, torch.full((1, 8), 7e4)]
+    with pytest.raises(UsageError, match="values up to 7e\\+04"):
+        to_host(xs, torch.float16, pin=False, deferred=True).wait()
+    got = to_host(xs[:2], torch.float16, pin=False, deferred=True).wait()
+    assert got[0].shape == (0, 8) and torch.equal(got[1], xs[1].half())
+
+
+def test_bench_store_runs_and_prints_the_ratio_row(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import bench_store
+
+    assert bench_store.main(["--n", "2", "--tokens", "4", "--d_pre", "8", "--d_post", "8", "--repeats", "1",
+                             "--dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "ours/raw" in lines[1] and len(lines[3].split("|")) == len(lines[1].split("|"))
+    assert list(tmp_path.iterdir()) == []  # its temp folder is removed
+    assert bench_store.measure_disk(tmp_path, nbytes=1 << 20, block=1 << 18) > 0

@@ -73,6 +73,19 @@ def test_resolve_loader():
         resolve_loader("gpu", [], CPU)
 
 
+def test_auto_keeps_the_split_on_the_gpu_only_when_it_fits(store, monkeypatch):
+    samples = index_samples(open_store(store))
+    need = split_bytes(samples)
+    cuda = torch.device("cuda")  # never touched: the free-memory query is the only CUDA call
+    for free, want in ((2 * need, "device"), (2 * need - 1, "prefetch")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 10 * free))
+        assert resolve_loader("auto", samples, cuda) == want
+        assert resolve_loader("device", samples, cuda) == "device"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need - 1, 10 * need))
+    with pytest.raises(UsageError, match="--loader device: the split needs .* use --loader prefetch"):
+        resolve_loader("device", samples, cuda)
+
+
 def test_prefetch_reraises_a_gather_error_and_stops_when_abandoned(store, tmp_path):
     samples = index_samples(open_store(store))
     broken = [*samples[:6], dataclasses.replace(samples[6], post_file=str(tmp_path / "gone.pt"))]

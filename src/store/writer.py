@@ -12,8 +12,11 @@ Here:
   it; the manifest's sha256 covers every byte): every store file is saved in a pool thread whose
   (thread-local) torch setting says so, whichever thread asks. The file is otherwise exactly
   ``torch.save``'s to a file object: read it with ``torch.load(..., weights_only=True, mmap=True)``.
-* ``save_hashed_many`` writes the files of one chunk (``pre``, ``post``, modules) concurrently, so
-  several sha256 streams run at once when one is slower than the disk.
+* ``save_hashed_many`` writes the files of one chunk (``pre``, ``post``, modules), one after the other
+  or (``concurrent``) at once, for a disk faster than one sha256 stream.
+* Each large buffer is written in 16 MB slices, and the kernel is asked to start writing each slice
+  to the disk at once (``sync_file_range``), so the disk works while the rest is hashed and written
+  and the final ``fsync`` finds little left to do.
 * ``vlmc.store.host.to_host`` moves one batch's outputs to the host without making the loop wait.
 """
 
@@ -154,11 +157,19 @@ def save_hashed(obj: Any, path: str | os.PathLike) -> tuple[int, str]:
     return _FILES.submit(_save_hashed_here, obj, Path(path)).result()
 
 
-def save_hashed_many(items: Sequence[tuple[Any, Path]]) -> list[tuple[int, str]]:
-    """``save_hashed`` of every ``(obj, path)``, concurrently; results in order.
+def save_hashed_many(items: Sequence[tuple[Any, Path]], concurrent: bool = False) -> list[tuple[int, str]]:
+    """``save_hashed`` of every ``(obj, path)``; results in order.
+
+    Args:
+        items: what to save where.
+        concurrent: save the files at the same time (one sha256 stream each: for a disk faster than one
+            sha256 stream). Off by default: slower on the 2-core machine (``bench/bench_store.py``'s
+            ``concurrent`` column; figures in README).
 
     Every file is finished (written or failed) before the first error is re-raised.
     """
+    if not concurrent:
+        return [save_hashed(obj, p) for obj, p in items]
     futures = [_FILES.submit(_save_hashed_here, obj, Path(p)) for obj, p in items]
     done = [_result_or_error(f) for f in futures]
     for r in done:

@@ -50,16 +50,19 @@ def resolve_loader(mode: str, samples: Sequence[Sample], device: torch.device) -
     """``device``, ``prefetch`` or ``workers`` for ``--loader mode`` (``auto`` decides from free device memory).
 
     Raises:
-        UsageError: an unknown mode.
+        UsageError: an unknown mode, or ``device`` on a GPU whose free memory is smaller than the split.
     """
     if mode not in LOADERS:
         raise UsageError(f"unknown --loader {mode!r}; choose {', '.join(LOADERS)}")
-    if mode != "auto":
-        return mode
-    if device.type != "cuda":
-        return "workers"
+    if mode not in ("auto", "device") or device.type != "cuda":
+        return "workers" if mode == "auto" else mode
     need = split_bytes(samples)
     free, _ = torch.cuda.mem_get_info(device)
+    if mode == "device":
+        if need > free:
+            raise UsageError(f"--loader device: the split needs {need / 1e9:.2f} GB, {free / 1e9:.2f} GB of device "
+                             "memory are free; use --loader prefetch")
+        return mode
     chosen = "device" if need <= DEVICE_FRACTION * free else "prefetch"
     log.info("--loader auto: the split needs %.2f GB, %.2f GB of device memory free: %s", need / 1e9, free / 1e9, chosen)
     return chosen
