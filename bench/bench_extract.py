@@ -35,8 +35,10 @@ for a heavier vision forward than the tiny 64 px default.
 
 GPU (and real dimensions): ``--device cuda --dtype bf16 --model-path config:<name>`` (one name per
 model: ``llava=config:llava-1.5-7b,...``) reads the clock after ``torch.cuda.synchronize()`` and
-reports each variant's peak device memory (``*_peak_gb``, ``torch.cuda.max_memory_allocated`` reset
-before every variant) and the weights resident on the device (``weights_gb``). The model is loaded
+reports each variant's peak device memory (``*_peak_gb``: the benchmarked model's weights plus the
+peak of ``torch.cuda.max_memory_allocated`` over what was allocated when the variant started, reset
+before every variant, so the batches ``forward`` keeps preprocessed on the device and a seed model do not
+count: what a stage-1 run itself holds) and the weights resident on the device (``weights_gb``). The model is loaded
 vision-only (``vlmc.models.partial``) unless ``--full_model``; the seed-style loop, which runs the
 LM, then loads the whole model separately (skip it with ``--new_tokens 0``). ``--preprocess``: where
 ``ours`` runs the image processor (auto: on the device for cuda, in the workers on cpu);
@@ -256,20 +258,24 @@ def bench_model(name: str, source: str | None, records: list[ImageRecord], args:
         times: dict[str, list[float]] = {v: [] for v in variants}
         busy: dict[str, list[float]] = {v: [] for v in variants}
         peak: dict[str, float] = {}
+        weights = resident_gb(vlm)
         for r in range(args.repeats):
             for v in variants[r % len(variants):] + variants[: r % len(variants)]:
                 if v.startswith("ours"):
                     b.clean()
                 if device.type == "cuda":
+                    _sync(device)
                     torch.cuda.reset_peak_memory_stats(device)
+                    held = torch.cuda.memory_allocated(device)  # weights + other variants' batches
                 _sync(device)
                 c, t = _workers_cpu(), time.perf_counter()
                 runs[v]()
                 _sync(device)
                 times[v].append(time.perf_counter() - t)
                 busy[v].append((_workers_cpu() - c) / times[v][-1])
-                if device.type == "cuda":
-                    peak[v] = max(peak.get(v, 0.0), torch.cuda.max_memory_allocated(device) / 1e9)
+                if device.type == "cuda":  # the weights + this variant's own working memory
+                    own = (torch.cuda.max_memory_allocated(device) - held) / 1e9
+                    peak[v] = max(peak.get(v, 0.0), weights + own)
         row: dict[str, Any] = {"model": name, "images": len(records), "device": str(device),
                                "dtype": str(vlm.dtype).replace("torch.", ""), "preprocess": where,
                                "vision_only": vlm.vision_only, "weights_gb": resident_gb(vlm)}

@@ -24,6 +24,12 @@
 #   GPU_EXTRACT_LIMIT   seconds per family (default 48), GPU_KNN_LIMIT (45), GPU_TRAIN_LIMIT (45)
 # On a machine without the project's wheels installed, put them in <checkout>/.whl (see
 # /work/shared/GPU.md): they are installed into $HOME/site first; `vlmc` is made importable from src/.
+# Fetch them on a machine with PyPI access (the GPU machine has torch 2.11 and transformers 5.17):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl transformers==5.23.0 tokenizers==0.23.3
+# and carry .whl with the command (the device runner's `carry: [".whl"]`).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

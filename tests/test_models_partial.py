@@ -229,3 +229,31 @@ def test_stage1_vision_only_store_equals_full_model_store(tmp_path):
     # the LM never runs in stage 1's encode, so a module there captures nothing: what matters is that the
     # whole model was loaded for it (logged) instead of failing on meta weights
     assert "loading the whole model" in proc.stderr
+
+
+def test_sharded_checkpoint_reads_only_vision_shards_tensors(tmp_path):
+    """A sharded save_pretrained folder (safetensors index): same outputs, LM tensors unread."""
+    full = load_vlm("llava", "tiny")
+    ckpt = tmp_path / "sharded"
+    full.model.save_pretrained(ckpt, max_shard_size="100KB")
+    full.processor.save_pretrained(ckpt)
+    assert (ckpt / partial.INDEX_FILE).is_file() and len(partial.checkpoint_files(ckpt)) > 2
+    part = load_vlm("llava", str(ckpt), vision_only=True)
+    images = mixed_images(2)
+    a = full.adapter.encode(full, full.adapter.preprocess(full.processor, images, None))
+    b = part.adapter.encode(part, part.adapter.preprocess(part.processor, images, None))
+    assert all(torch.equal(x, y) for x, y in zip(a.pre + a.post, b.pre + b.post, strict=True))
+    _, _, report = partial.load_vision_only(part.adapter, str(ckpt), torch.float32, torch.device("cpu"))
+    n_vision = sum(1 for n, _ in full.model.named_parameters() if partial.on_vision_side(n, part.adapter.vision_prefixes))
+    assert report.tensors_read == n_vision and report.skipped > 0
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen3.5"])
+def test_vision_only_bf16_is_bit_identical(family):
+    full = load_vlm(family, "tiny", torch.bfloat16)
+    part = load_vlm(family, "tiny", torch.bfloat16, vision_only=True)
+    images = mixed_images(2)
+    a = full.adapter.encode(full, full.adapter.preprocess(full.processor, images, None))
+    b = part.adapter.encode(part, part.adapter.preprocess(part.processor, images, None))
+    assert a.post[0].dtype == torch.bfloat16
+    assert all(torch.equal(x, y) for x, y in zip(a.pre + a.post, b.pre + b.post, strict=True))

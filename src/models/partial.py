@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ class LoadReport:
         materialised: model parameters given real storage (the rest stay on ``meta``).
         materialised_bytes: their total size in bytes.
         skipped: checkpoint tensors left unread (the language model's).
+        files: the safetensors files opened.
     """
 
     tensors_read: int = 0
@@ -75,7 +76,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise UsageError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (vision-only loading reads safetensors only)")
 
 
-def key_renamer(model: nn.Module) -> Any:
+def key_renamer(model: nn.Module) -> Callable[[str], str]:
     """A function mapping checkpoint keys to the model's parameter names (transformers' own renaming rules).
 
     Only plain renamings are applied (the vision towers and connectors of the supported families need
@@ -84,18 +85,17 @@ def key_renamer(model: nn.Module) -> Any:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming
 
-    rules: list[tuple[re.Pattern[str], str]] = []
+    rules: list[tuple[re.Pattern[str], str, str]] = []  # (source pattern, target, scope prefix)
     for t in get_model_conversion_mapping(model):
         if type(t) is WeightRenaming:
             prefix = getattr(t, "scope_prefix", None) or ""
-            for src, dst in zip(t.source_patterns, t.target_patterns * len(t.source_patterns), strict=False):
-                rules.append((re.compile(src), dst, prefix))  # type: ignore[arg-type]
+            rules += [(re.compile(src), t.target_patterns[0], prefix) for src in t.source_patterns]
     names = set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
 
     def rename(key: str) -> str:
         if key in names:
             return key
-        for pattern, dst, prefix in rules:  # type: ignore[misc]
+        for pattern, dst, prefix in rules:
             if prefix and not key.startswith(prefix):
                 continue
             new = pattern.sub(dst, key, count=1)
@@ -109,7 +109,7 @@ def key_renamer(model: nn.Module) -> Any:
 
 
 def read_vision_tensors(
-    folder: Path, prefixes: Sequence[str], rename: Any, report: LoadReport
+    folder: Path, prefixes: Sequence[str], rename: Callable[[str], str], report: LoadReport
 ) -> dict[str, torch.Tensor]:
     """Model name → tensor of every checkpoint tensor on the vision side; nothing else is read."""
     out: dict[str, torch.Tensor] = {}

@@ -81,6 +81,7 @@ from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.base import VLM, Captured, get_adapter
 from vlmc.models.families.common import chat_texts, injected, left_padding, to_model
 from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
+from vlmc.models.partial import on_vision_side
 from vlmc.store.vectors import ShardWriter, pack, unpack, verified_chunk
 from vlmc.train.connectors import (
     BEST,
@@ -1126,10 +1127,11 @@ def check_resume(out: Path, args) -> dict[str, Any] | None:
     return cfg
 
 
-def open_vlm(args, device: torch.device) -> VLM:
+def open_vlm(args, device: torch.device, vision_only: bool = False) -> VLM:
+    """The VLM; ``vision_only``: its vision tower + connector only (``vlmc.models.partial``), LM on meta."""
     dtype = resolve_dtype(args.dtype, device)
     attn = check_attn_implementation(args.attn_implementation)
-    return load_vlm(args.embed_model, args.model_path, dtype, device, attn_implementation=attn)
+    return load_vlm(args.embed_model, args.model_path, dtype, device, vision_only=vision_only, attn_implementation=attn)
 
 
 def open_data(args):
@@ -1224,7 +1226,11 @@ def run_inference(args, stop: StopFlag) -> int:
     store, img_size = open_data(args)
     if cfg and cfg.get("img_size") is not None and img_size is None:
         img_size = cfg["img_size"]
-    vlm = open_vlm(args, device)
+    # an export alone never runs the LM: load the vision side only, unless fine-tuned LM weights come back
+    prefixes = get_adapter(args.embed_model).vision_prefixes
+    vision_only = (args.export_post_vectors and not args.predict and bool(prefixes)
+                   and all(on_vision_side(n, prefixes) for n in vlm_state))  # fmt: skip
+    vlm = open_vlm(args, device, vision_only=vision_only)
     ctx = Context(vlm, None, store is not None, args.amp, parse_dtype(args.amp_dtype))
     ctx.load_vlm_state(vlm_state)
     prompt = args.prompt or meta.get("prompt") or vlm.adapter.default_prompt
