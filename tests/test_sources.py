@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    from hf_cache import BERT_ID, CLIP_IDS, hf_cache  # noqa: F401  (session fixture)
+try:  # the hf_cache session fixture itself comes from conftest.py
+    from hf_cache import BERT_ID, CLIP_IDS
 except ImportError:
-    from tests.hf_cache import BERT_ID, CLIP_IDS, hf_cache  # noqa: F401
+    from tests.hf_cache import BERT_ID, CLIP_IDS
 
 from vlmc.data.scenes import write_scenes
 from vlmc.eval import eval_captions, eval_perturb, eval_recon, score_perturb
