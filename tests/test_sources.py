@@ -143,7 +143,7 @@ def test_bad_sources_offline_one_line_exit_2(hf_cache, images, tmp_path, monkeyp
     assert vec(images, tmp_path, "--models", "llava", "--model-path", str(empty)) == 2
     assert "has no weights" in one_line_error(capfd)
     assert "needs a pretrained tag" in usage_error(ClipScorer.from_spec, "open_clip:ViT-B-32")
-    assert "'nobody/clip': not in the Hugging Face cache" in usage_error(ClipScorer.from_spec, "nobody/clip")
+    assert "'nobody/clip': no such local folder, and not in the Hugging Face cache" in usage_error(ClipScorer.from_spec, "nobody/clip")
     msg = usage_error(BertScorer, "bert-base-uncased")
     assert "'bert-base-uncased'" in msg and "not in the Hugging Face cache" in msg
     broken = tmp_path / "broken_bert"
