@@ -13,8 +13,10 @@ os.environ.setdefault("VLMC_CLIP_MODEL", "tiny")
 os.environ.setdefault("VLMC_BERTSCORE_MODEL", "minilm")
 
 try:  # tests/ on sys.path (pytest's default rootdir-less import) or the repo root (python -m pytest)
+    from hf_cache import hf_cache  # noqa: F401  (session fixture: a local HF cache of tiny models under real ids)
     from slurm_cluster import SlurmCluster, missing_binaries, try_install
 except ImportError:
+    from tests.hf_cache import hf_cache  # noqa: F401
     from tests.slurm_cluster import SlurmCluster, missing_binaries, try_install
 
 

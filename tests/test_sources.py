@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    from hf_cache import BERT_ID, CLIP_IDS, hf_cache  # noqa: F401  (session fixture)
+try:  # the hf_cache session fixture itself comes from conftest.py
+    from hf_cache import BERT_ID, CLIP_IDS
 except ImportError:
-    from tests.hf_cache import BERT_ID, CLIP_IDS, hf_cache  # noqa: F401
+    from tests.hf_cache import BERT_ID, CLIP_IDS
 
 from vlmc.data.scenes import write_scenes
 from vlmc.eval import eval_captions, eval_perturb, eval_recon, score_perturb
@@ -143,7 +143,7 @@ def test_bad_sources_offline_one_line_exit_2(hf_cache, images, tmp_path, monkeyp
     assert vec(images, tmp_path, "--models", "llava", "--model-path", str(empty)) == 2
     assert "has no weights" in one_line_error(capfd)
     assert "needs a pretrained tag" in usage_error(ClipScorer.from_spec, "open_clip:ViT-B-32")
-    assert "'nobody/clip': not in the Hugging Face cache" in usage_error(ClipScorer.from_spec, "nobody/clip")
+    assert "'nobody/clip': no such local folder, and not in the Hugging Face cache" in usage_error(ClipScorer.from_spec, "nobody/clip")
     msg = usage_error(BertScorer, "bert-base-uncased")
     assert "'bert-base-uncased'" in msg and "not in the Hugging Face cache" in msg
     broken = tmp_path / "broken_bert"

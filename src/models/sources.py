@@ -169,6 +169,10 @@ def resolve(
     spec = (spec or "").strip()
     if not spec:
         raise UsageError(f"{flag} is empty")
+    if spec not in named and not spec.startswith((CONFIG_PREFIX, OPEN_CLIP_PREFIX)) and Path(spec).expanduser().exists():
+        if revision:
+            raise _fail(flag, spec, "a revision applies to HF ids (org/name) only, not to a local folder")
+        return local_source(spec, Path(spec).expanduser(), flag)
     base, at_rev = split_revision(spec)
     if at_rev and revision and at_rev != revision:
         raise _fail(flag, spec, f"pins revision {at_rev} but --revision is {revision}")
@@ -189,9 +193,6 @@ def resolve(
         if not open_clip:
             raise _fail(flag, spec, "open_clip models are not accepted here")
         return open_clip_source(spec, flag)
-    path = Path(base).expanduser()
-    if path.exists():
-        return local_source(spec, path, flag)
     if _looks_like_path(base):
         raise _fail(flag, spec, "local folder does not exist")
     if "/" not in base:
