@@ -33,7 +33,7 @@ def plain_env(**extra: str) -> dict[str, str]:
     drop = ("SLURM_", "SBATCH_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     for k in ("ROOT", "OUT", "MODELS", "MODEL_PATH", "MODEL_TYPE", "RECON_TYPE", "PROFILE", "VEC", "IMAGES",
-              "SLURM_ARGS", "DEVICE", "DATA", "MODEL_ID", "REF_MODEL", "REF_TYPE"):
+              "SLURM_ARGS", "DEVICE", "DATA", "MODEL_ID", "REF_MODEL", "REF_TYPE", "POOL", "REF_POOL"):
         env.pop(k, None)
     env.update(VLMC_SLURM_ENV="/nonexistent", **extra)
     return env
@@ -191,10 +191,12 @@ def test_renamed_settings(stub, tmp_path):
     assert r.returncode == 0 and "deprecated" not in r.stderr, r.stderr
     # clip.sh: the reconstructor's MODEL_TYPE (exported by pipeline.sh / --export=ALL) must not reach the backend
     r = bash([SCRIPTS / "clip.sh"], env=plain_env(ROOT=str(tmp / "img"), OUT=str(tmp / "c"), MODEL_TYPE="mlp",
-                                                  MODEL_ID="tiny-clip", **env))
+                                                  MODEL_ID="tiny-clip", POOL="max", **env))
     assert r.returncode == 0 and "MODEL_ID is deprecated" in r.stderr and "MODEL_TYPE=mlp ignored" in r.stderr
+    assert "POOL=max ignored (cal.sh's kNN pooling)" in r.stderr
     emb, _, clip = calls(tmp)
     assert flag(emb, "--model_type") == "linear" and flag(clip, "--model_type") == "auto"
+    assert flag(clip, "--pool") == "cls"
     assert flag(clip, "--model_id") == "tiny-clip"
 
 
