@@ -171,6 +171,22 @@ def test_vec_cluster_defaults_pass_no_model_path(stub):
     assert flag(argv, "--device") == "auto" and flag(argv, "--out_dir") == str(REPO / "data" / "vector")
 
 
+def test_train_cluster_default_is_the_published_checkpoint(stub):
+    """train_connector.py's own default is the random tiny model: the wrapper passes the family's HF id."""
+    tmp_path, env = stub
+    real = f"{sys.executable}"
+    shim = tmp_path / "shim"  # `-c` snippets go to the real interpreter, stage CLIs to the recording stub
+    shim.write_text(f'#!/bin/bash\nif [[ $1 == -c ]]; then exec "{real}" "$@"; fi\nexec "{env["VLMC_PYTHON"]}" "$@"\n')
+    shim.chmod(0o755)
+    r = bash([SCRIPTS / "train.sh", "idefics2"],
+             env=plain_env(IMAGES=str(tmp_path / "img"), OUT=str(tmp_path / "o"), **dict(env, VLMC_PYTHON=str(shim))))
+    assert r.returncode == 0, r.stderr
+    (argv,) = calls(tmp_path)
+    assert flag(argv, "--model-path") == "HuggingFaceM4/idefics2-8b"
+    r = bash([SCRIPTS / "train.sh", "nosuch"], env=plain_env(IMAGES=str(tmp_path / "img"), VLMC_PYTHON=str(shim)))
+    assert r.returncode == 2 and r.stderr.strip().startswith("train: unknown model 'nosuch'"), r.stderr
+
+
 def test_vec_testbed_profile(stub):
     tmp_path, env = stub
     r = bash([SCRIPTS / "vec.sh"], env=plain_env(PROFILE="testbed", OUT=str(tmp_path / "o"), **env), cwd=tmp_path)
