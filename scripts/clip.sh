@@ -4,14 +4,14 @@
 #
 #   sbatch scripts/clip.sh                        # data/images, openai/clip-vit-large-patch14, one job
 #   sbatch --array=0-7%4 scripts/clip.sh          # task N -> N-th shard (sorted), 4 at a time
-#   REF_MODEL=facebook/dinov2-base POOL=mean OUT=data/clip_ref/dinov2-base sbatch scripts/clip.sh
+#   REF_MODEL=facebook/dinov2-base REF_POOL=mean OUT=data/clip_ref/dinov2-base sbatch scripts/clip.sh
 #   REF_MODEL=open_clip:ViT-B-32 PRETRAINED=laion2b_s34b_b79k OUT=data/clip_ref/oc-b32 sbatch scripts/clip.sh
 #   bash scripts/submit.sh scripts/clip.sh        # sbatch sized to the partition
 #   bash scripts/clip.sh                          # no Slurm: every shard inline, in this shell
 #
-# One reference model per OUT. Arguments after the script name go to extract_clip.py. REF_MODEL and
-# REF_TYPE were MODEL_ID and MODEL_TYPE (MODEL_ID still works; MODEL_TYPE is the reconstructor's type in
-# emb.sh and is ignored here). A USR1 120 s before the time limit checkpoints and requeues the job; the
+# One reference model per OUT. Arguments after the script name go to extract_clip.py. REF_MODEL, REF_TYPE
+# and REF_POOL were MODEL_ID, MODEL_TYPE and POOL (MODEL_ID still works; MODEL_TYPE, the reconstructor's type
+# in emb.sh, and POOL, cal.sh's kNN pooling, are ignored here with a log line). A USR1 120 s before the time limit checkpoints and requeues the job; the
 # rerun resumes from the last complete chunk (--skip_existing).
 #
 #SBATCH --job-name=vlmc-clip
@@ -37,11 +37,14 @@ renamed MODEL_ID REF_MODEL
 if [[ -n ${MODEL_TYPE:-} && -z ${REF_TYPE+x} ]]; then
   log "clip: MODEL_TYPE=$MODEL_TYPE ignored (the reconstructor's type in emb.sh); the reference backend is REF_TYPE"
 fi
+if [[ -n ${POOL:-} && -z ${REF_POOL+x} ]]; then
+  log "clip: POOL=$POOL ignored (cal.sh's kNN pooling); the reference pooling is REF_POOL"
+fi
 setting -p ROOT data/images "images: <shard>/<key>.<ext>" sample/images
 setting -p OUT data/clip_ref "output folder: OUT/<shard>/ref_vectors_*.pt (one reference model per OUT)"
 setting REF_MODEL openai/clip-vit-large-patch14 "reference model: an HF id or folder, open_clip:<name>, tiny-clip, tiny-dino, testbed-clip" testbed-clip
 setting REF_TYPE auto "pooling rule: auto, clip, siglip, dino, hf, open_clip (extract_clip.py --model_type)"
-setting POOL cls "cls or mean (exact tensor per backend: extract_clip.py --help)"
+setting REF_POOL cls "cls or mean (exact tensor per backend: extract_clip.py --help)"
 setting PRETRAINED "" "open_clip only: pretrained tag or checkpoint file"
 setting DTYPE auto "compute dtype: auto = bf16 on GPU, fp32 on CPU"
 setting DEVICE auto "auto, cpu, cuda, cuda:N"
@@ -52,7 +55,7 @@ need_images ROOT
 SHARD=$(task_shards "$ROOT" | paste -sd, -)
 
 cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/extract/extract_clip.py" --root "$ROOT" --out_dir "$OUT"
-  --model_id "$REF_MODEL" --model_type "$REF_TYPE" --pool "$POOL" --shards "$SHARD" --dtype "$DTYPE"
+  --model_id "$REF_MODEL" --model_type "$REF_TYPE" --pool "$REF_POOL" --shards "$SHARD" --dtype "$DTYPE"
   --device "$DEVICE" --skip_existing)
 cmd_opt --pretrained "$PRETRAINED"
 cmd_opt --batch_size "$BATCH_SIZE"

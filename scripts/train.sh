@@ -35,7 +35,7 @@ source "$_d/scripts/common.sh" || { echo "${0##*/}: scripts/common.sh not found;
 
 if [[ $# -gt 0 && $1 != -* ]]; then MODEL=$1; shift; fi
 setting MODEL llava "the family (or the first argument)"
-setting MODEL_PATH "" "VLM weights; empty = train_connector.py's default" testbed
+setting MODEL_PATH "" "VLM weights; empty = the family's published HF checkpoint (train_connector.py's own default is tiny)" testbed
 setting -p IMAGES data/images "images + <key>.txt captions: <shard>/<key>.<ext>" sample/images
 setting VEC "" "stage-1 store root to read E_pre from; empty = run the vision tower"
 setting CONNECTOR mlp "replacement connector: mlp, crossattn, invertible, ... (train_connector.py --help)"
@@ -49,6 +49,14 @@ setting EXPORT 0 "1 = then export E_post in the stage-1 layout"
 setting -p EXPORT_DIR data/vector "EXPORT=1 writes EXPORT_DIR/<MODEL>_conn_<CONNECTOR>/"
 end_settings "$@"
 need_images IMAGES
+if [[ -z $MODEL_PATH ]]; then  # the family's published checkpoint, by its adapter's HF id
+  MODEL_PATH=$("$VLMC_PYTHON" -c 'import sys
+from vlmc.models.base import get_adapter
+try:
+    print(get_adapter(sys.argv[1]).default_id)
+except Exception as e:
+    sys.exit(f"train: {e}")' "$MODEL") || exit 2
+fi
 if [[ -z $AMP ]]; then if [[ -n ${CUDA_VISIBLE_DEVICES:-} && $DEVICE != cpu ]]; then AMP=1; else AMP=0; fi; fi
 
 py=("$VLMC_PYTHON" "$VLMC_ROOT/src/train/train_connector.py")

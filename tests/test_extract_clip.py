@@ -318,7 +318,7 @@ def script_env(**kw: str) -> dict[str, str]:
 
 def test_clip_sh_plain_bash_runs_every_shard_inline(images, tmp_path):
     out = tmp_path / "out"
-    env = script_env(ROOT=str(images), OUT=str(out), REF_MODEL="tiny-dino", POOL="mean",
+    env = script_env(ROOT=str(images), OUT=str(out), REF_MODEL="tiny-dino", REF_POOL="mean",
                      EXTRA_ARGS="--num_workers 0 --save_every 4")
     r = subprocess.run(["bash", str(CLIP_SH), "--batch_size", "2"], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)

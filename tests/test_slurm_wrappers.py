@@ -33,7 +33,7 @@ def plain_env(**extra: str) -> dict[str, str]:
     drop = ("SLURM_", "SBATCH_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     for k in ("ROOT", "OUT", "MODELS", "MODEL_PATH", "MODEL_TYPE", "RECON_TYPE", "PROFILE", "VEC", "IMAGES",
-              "SLURM_ARGS", "DEVICE", "DATA", "MODEL_ID", "REF_MODEL", "REF_TYPE"):
+              "SLURM_ARGS", "DEVICE", "DATA", "MODEL_ID", "REF_MODEL", "REF_TYPE", "POOL", "REF_POOL"):
         env.pop(k, None)
     env.update(VLMC_SLURM_ENV="/nonexistent", **extra)
     return env
@@ -171,6 +171,22 @@ def test_vec_cluster_defaults_pass_no_model_path(stub):
     assert flag(argv, "--device") == "auto" and flag(argv, "--out_dir") == str(REPO / "data" / "vector")
 
 
+def test_train_cluster_default_is_the_published_checkpoint(stub):
+    """train_connector.py's own default is the random tiny model: the wrapper passes the family's HF id."""
+    tmp_path, env = stub
+    real = f"{sys.executable}"
+    shim = tmp_path / "shim"  # `-c` snippets go to the real interpreter, stage CLIs to the recording stub
+    shim.write_text(f'#!/bin/bash\nif [[ $1 == -c ]]; then exec "{real}" "$@"; fi\nexec "{env["VLMC_PYTHON"]}" "$@"\n')
+    shim.chmod(0o755)
+    r = bash([SCRIPTS / "train.sh", "idefics2"],
+             env=plain_env(IMAGES=str(tmp_path / "img"), OUT=str(tmp_path / "o"), **dict(env, VLMC_PYTHON=str(shim))))
+    assert r.returncode == 0, r.stderr
+    (argv,) = calls(tmp_path)
+    assert flag(argv, "--model-path") == "HuggingFaceM4/idefics2-8b"
+    r = bash([SCRIPTS / "train.sh", "nosuch"], env=plain_env(IMAGES=str(tmp_path / "img"), VLMC_PYTHON=str(shim)))
+    assert r.returncode == 2 and r.stderr.strip().startswith("train: unknown model 'nosuch'"), r.stderr
+
+
 def test_vec_testbed_profile(stub):
     tmp_path, env = stub
     r = bash([SCRIPTS / "vec.sh"], env=plain_env(PROFILE="testbed", OUT=str(tmp_path / "o"), **env), cwd=tmp_path)
@@ -191,10 +207,12 @@ def test_renamed_settings(stub, tmp_path):
     assert r.returncode == 0 and "deprecated" not in r.stderr, r.stderr
     # clip.sh: the reconstructor's MODEL_TYPE (exported by pipeline.sh / --export=ALL) must not reach the backend
     r = bash([SCRIPTS / "clip.sh"], env=plain_env(ROOT=str(tmp / "img"), OUT=str(tmp / "c"), MODEL_TYPE="mlp",
-                                                  MODEL_ID="tiny-clip", **env))
+                                                  MODEL_ID="tiny-clip", POOL="max", **env))
     assert r.returncode == 0 and "MODEL_ID is deprecated" in r.stderr and "MODEL_TYPE=mlp ignored" in r.stderr
+    assert "POOL=max ignored (cal.sh's kNN pooling)" in r.stderr
     emb, _, clip = calls(tmp)
     assert flag(emb, "--model_type") == "linear" and flag(clip, "--model_type") == "auto"
+    assert flag(clip, "--pool") == "cls"
     assert flag(clip, "--model_id") == "tiny-clip"
 
 

@@ -341,6 +341,7 @@ def test_train_sh_under_plain_bash(env):
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
     run_env.update(VLMC_SLURM_ENV="/nonexistent", OMP_NUM_THREADS="1", VLMC_LOGLEVEL="WARNING",
                    IMAGES=str(env / "img"), OUT=str(out), DEVICE="cpu", EPOCHS="1", CONNECTOR="invertible", PREDICT="1",
+                   MODEL_PATH="tiny",
                    EXTRA_ARGS="--num_workers 0 --batch_size 8 --max_new_tokens 3")
     r = subprocess.run(["bash", str(TRAIN_SH), "llava"], env=run_env, cwd=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -357,7 +358,7 @@ def test_train_sh_usr1_requeues_and_resumes(slurm_cluster, env):
     out = env / "slurm_run"
     work = env / "slurm_cwd"
     (work / "logs").mkdir(parents=True)
-    job_env = {"IMAGES": str(env / "img"), "OUT": str(out), "DEVICE": "cpu", "OMP_NUM_THREADS": "1",
+    job_env = {"IMAGES": str(env / "img"), "OUT": str(out), "DEVICE": "cpu", "OMP_NUM_THREADS": "1", "MODEL_PATH": "tiny",
                "VLMC_LOGLEVEL": "INFO", "VLMC_CACHE": os.environ["VLMC_CACHE"], "EPOCHS": "12",
                "EXTRA_ARGS": "--num_workers 0 --batch_size 2 --val_split 0.25"}
     job = slurm_cluster.run(["sbatch", "--parsable", "-c", "1", "--open-mode=append", str(TRAIN_SH), "llava"],
