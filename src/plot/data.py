@@ -404,3 +404,33 @@ def perturb_modes(perturb_dir: Path) -> list[str]:
     """The perturbation modes (other than ``none``) with at least one ``perturb_*`` CSV."""
     modes = {m["mode"] for f in perturb_dir.rglob("perturb_*.csv") if (m := _PERTURB_NAME.match(f.stem))}
     return [m for m in PERTURB_MODES if m in modes and m != "none"]
+
+
+# -- image groups -----------------------------------------------------------------------------------
+
+
+def image_groups(df: pd.DataFrame, image_dir: Path | None = None) -> pd.Series | None:
+    """``scenes`` / ``photos`` per row: ``scenes`` where the image's reference caption states a whole testbed
+    scene (:func:`vlmc.data.scenes.is_scene_caption`), else ``photos``.
+
+    The caption is the row's ``caption_gt`` (caption and perturbation CSVs), else ``<image_dir>/<shard>/<key>.txt``.
+    None when no row has a caption (the figure then shows one group).
+    """
+    from vlmc.data.scenes import is_scene_caption
+
+    if "caption_gt" in df.columns:
+        caps = df["caption_gt"].fillna("").astype(str)
+    elif image_dir is not None and image_dir.is_dir():
+        caps = pd.Series([_caption_file(image_dir, s, k) for s, k in zip(df["shard"], df["key"], strict=True)],
+                         index=df.index)
+    else:
+        return None
+    if not (caps.str.strip() != "").any():
+        return None
+    return caps.map(lambda c: "scenes" if is_scene_caption(c) else "photos")
+
+
+def _caption_file(image_dir: Path, shard: str, key: str) -> str:
+    folder = image_dir if shard == "_root" else image_dir / shard
+    path = folder / f"{key}.txt"
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
