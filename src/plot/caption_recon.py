@@ -25,6 +25,7 @@ from vlmc.plot.common import (
     GROUP_ORDER,
     add_io_args,
     correlations,
+    label,
     model_color,
     model_label,
     panel_grid,
@@ -32,7 +33,6 @@ from vlmc.plot.common import (
     require_dir,
     save_figure,
     scatter_fit,
-    label,
     wrap,
     write_table,
 )

@@ -13,9 +13,9 @@
 
 from __future__ import annotations
 
-import os
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path

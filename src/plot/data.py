@@ -384,6 +384,31 @@ def find_image(image_dir: Path | None, shard: str, key: str, hint: str = "") -> 
     return None
 
 
+ERANK_COLUMNS = {False: ("{s}_effective_rank", "{s}_erank"),
+                 True: ("{s}_effective_rank_normalized", "{s}_erank_norm_min_t1_d", "{s}_erank_norm")}
+
+
+def erank_column(columns, space: str, normalized: bool) -> str | None:
+    """The per_image.csv column of the raw (or normalised) effective rank of ``space`` (``pre`` / ``post``),
+    under any of the names extract_knn has used; None when absent."""
+    return next((c.format(s=space) for c in ERANK_COLUMNS[normalized] if c.format(s=space) in columns), None)
+
+
+def n_images(run: KnnRun) -> int | None:
+    """N of a geometry run: the overlap JSON's ``n_images``, else the rows of per_image.csv."""
+    if run.summary is not None and run.summary.n_images:
+        return int(run.summary.n_images)
+    return len(run.per_image) if run.per_image is not None else None
+
+
+def chance_knor(run: KnnRun, k: int) -> float:
+    """E[KNOR@k] of random neighbourhoods: the JSON's ``chance_knor`` when given, else k / (N − 1)."""
+    if run.summary is not None and k in run.summary.chance:
+        return run.summary.chance[k]
+    n = n_images(run)
+    return k / (n - 1) if n and n > 1 else float("nan")
+
+
 def knor_table(run: KnnRun) -> pd.DataFrame:
     """``pair, k, mean, median, std`` of a model: the JSON's per-k summaries, else derived from
     ``per_image.csv``'s ``<pair>_knor<k>`` columns (std with ddof=0, as extract_knn's summaries)."""

@@ -22,7 +22,6 @@ from matplotlib.axes import Axes
 from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
-from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.transforms import Bbox
 
@@ -36,7 +35,8 @@ def panel_name(ax: Axes, i: int) -> str:
 
 
 def _is_data(artist, ax: Axes) -> bool:
-    return artist.get_visible() and artist.get_gid() != REFERENCE_GID and artist.get_transform() == ax.transData
+    transform = artist.get_data_transform() if hasattr(artist, "get_data_transform") else artist.get_transform()
+    return artist.get_visible() and artist.get_gid() != REFERENCE_GID and transform == ax.transData
 
 
 def panel_values(ax: Axes) -> np.ndarray:

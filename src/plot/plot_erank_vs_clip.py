@@ -41,7 +41,15 @@ from vlmc.plot.common import (
     wrap,
     write_table,
 )
-from vlmc.plot.data import add_stage_args, image_groups, load_knn, read_captions, read_perturb, stage_dir
+from vlmc.plot.data import (
+    add_stage_args,
+    erank_column,
+    image_groups,
+    load_knn,
+    read_captions,
+    read_perturb,
+    stage_dir,
+)
 from vlmc.utils.cli import UsageError, entry_point, make_parser
 
 log = logging.getLogger("vlmc.plot.erank")
@@ -81,15 +89,6 @@ def build_parser():
     p.add_argument("--per_model", action="store_true", help="also write one figure per model")
     p.add_argument("--metric", default="l2", choices=("l2", "cosine"), help="overlap JSON read with per_image.csv")
     return p
-
-
-ERANK_COLUMNS = {False: ("{s}_effective_rank", "{s}_erank"),
-                 True: ("{s}_effective_rank_normalized", "{s}_erank_norm_min_t1_d", "{s}_erank_norm")}
-
-
-def erank_column(columns, space: str, normalized: bool) -> str | None:
-    """The per_image.csv column of the (normalised) effective rank of ``space``, under any of its names."""
-    return next((c.format(s=space) for c in ERANK_COLUMNS[normalized] if c.format(s=space) in columns), None)
 
 
 def joined(args) -> tuple[pd.DataFrame, str, str]:

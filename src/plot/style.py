@@ -36,7 +36,7 @@ MODEL_COLORS = {"llava": "#1f77b4", "idefics2": "#ff7f0e", "qwen2.5vl": "#2ca02c
                 "qwen3vl": "#9467bd"}
 _SPARE_COLORS = ("#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#843c39")
 PRE_POST_COLORS = {"pre": "#4c72b0", "post": "#dd8452"}
-CHANCE_STYLE = {"color": "#555555", "ls": (0, (1, 2)), "lw": 1.1}  # every chance / reference level
+CHANCE_STYLE = {"color": "#333333", "ls": (0, (1, 2)), "lw": 1.1, "zorder": 4}  # every chance / reference level
 
 GROUP_ORDER = ("scenes", "photos")
 GROUP_MARKERS = {"scenes": "o", "photos": "^"}
