@@ -10,7 +10,8 @@
 #     VLMC_CLIP_MODEL=/models/clip-vit-large-patch14 bash scripts/pipeline.sh   # real checkpoints
 #
 # Settings (environment, defaults in brackets): MODELS [llava idefics2 qwen2.5vl qwen3.5: the trained testbed], ROOT [sample/images],
-# DATA [data: every stage writes under it], MODEL_PATH [testbed: the models trained on synthetic scenes,
+# DATA [data: every stage writes under it], FIGURES / RESULTS [DATA/output/figures, DATA/output/results: the
+# demo never writes the tracked figures/ and results/; `make figures` renders those from sample/], MODEL_PATH [testbed: the models trained on synthetic scenes,
 # sample/models; tiny: random tiny models; empty: each family's HF checkpoint], REF_MODEL [stage-2 reference:
 # testbed-clip with MODEL_PATH=testbed, tiny-clip with tiny, else openai/clip-vit-large-patch14],
 # VLMC_CLIP_MODEL [CLIPScore backbone: testbed / tiny with those MODEL_PATHs; set a local CLIP folder otherwise],
@@ -50,8 +51,8 @@ fi
 abspath() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
 ROOT=$(abspath "${ROOT:-$VLMC_ROOT/sample/images}")
 DATA=$(abspath "${DATA:-$VLMC_ROOT/data}")
-FIGURES=$(abspath "${FIGURES:-$VLMC_ROOT/figures}")
-RESULTS=$(abspath "${RESULTS:-$VLMC_ROOT/results}")
+FIGURES=$(abspath "${FIGURES:-$DATA/output/figures}")  # the tracked figures/ and results/ are written only by
+RESULTS=$(abspath "${RESULTS:-$DATA/output/results}")  # `make figures` / `make sample` (from sample/)
 export ROOT DEVICE=${DEVICE:-auto}
 export MODEL_PATH=${MODEL_PATH-testbed}
 case $MODEL_PATH in

@@ -84,17 +84,19 @@ def plot_model(model: str, lm: dict, hints: dict, args) -> None:
     crops = [lm["maps"][i][: lm["grids"][i][0], : lm["grids"][i][1]] for i in idx]
     vmin, vmax = np.nanmin([np.nanmin(c) for c in crops]), np.nanmax([np.nanmax(c) for c in crops])
     fig, axes = plt.subplots(2, len(idx), figsize=(2.8 * len(idx) + 0.8, 5.8), squeeze=False, layout="constrained")
-    im_artist = None
+    im_artist, missing = None, []
     for j, (i, loss) in enumerate(zip(idx, crops, strict=True)):
         shard, key = lm["shards"][i], lm["keys"][i]
         path = find_image(args.image_dir_path, shard, key, hints.get((model, shard, key), ""))
         img = load_image(path, args.center_crop)
+        if img is None:
+            missing.append(f"{shard}/{key}")
         top, bottom = axes[0, j], axes[1, j]
         if img is not None:
             top.imshow(img)
         else:
             top.text(0.5, 0.5, "image not found", ha="center", va="center", transform=top.transAxes)
-        top.set_title(f"{shard}/{key}\nmean loss {np.nanmean(loss):.3g}", fontsize=8)
+        top.set_title(f"{shard}/{key}\nmean loss {np.nanmean(loss):.3g}", fontsize=7.5)
         top.axis("off")
         if loss.shape[1] > 1 and loss.shape[0] > 1:
             if img is not None:
@@ -110,6 +112,10 @@ def plot_model(model: str, lm: dict, hints: dict, args) -> None:
             flat = loss.ravel()
             bottom.bar(np.arange(flat.size), flat, color="#7a0177")
             bottom.set(xlabel="token index (no spatial grid)", ylabel="MSE (std. units)", ylim=(0, vmax * 1.05))
+    if missing:
+        log.warning("%s: %d of %d example images not found (%s): neither <image_dir>/<shard>/<key>.* (image_dir: %s) "
+                    "nor an image_path in the caption CSVs", model, len(missing), len(idx), ", ".join(missing),
+                    args.image_dir_path or "none")
     if im_artist is not None:
         fig.colorbar(im_artist, ax=axes[1, :].tolist(), shrink=0.8, label=CBAR_LABEL)
     fig.suptitle(f"{model_label(model)}: per-patch reconstruction loss of E_pre (held-out examples, low → high loss)")
@@ -135,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         raise UsageError(f"{recon_dir}: no <model>/loss_maps.pt")
     image_dir = stage_dir(args, "images")
-    args.image_dir_path = image_dir if image_dir.is_dir() else None
-    if args.image_dir_path is None:
-        log.warning("image folder %s not found: maps are drawn without images unless CSVs give image_path", image_dir)
+    args.image_dir_path = image_dir if image_dir.is_dir() else None  # a missing image is reported per figure
     hints = image_hints(args)
     for m in pick_models(files, args.models):
         plot_model(m, read_loss_maps(files[m]), hints, args)

@@ -61,7 +61,19 @@ def setup_logging() -> None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every default in ``--help`` and keeps the description's line breaks."""
+    """Shows each default once in ``--help`` and keeps the description's line breaks.
+
+    ``(default: X)`` is appended unless the help already states its default (it contains ``default``), the
+    flag is required, the default is None or ``""`` (the help says what leaving it out means) or the flag is
+    a switch (``store_true`` / ``store_false``: off unless given).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" in text or "default" in text.lower() or action.required or action.default in (None, "")
+                or action.default is argparse.SUPPRESS or isinstance(action.default, bool)):
+            return text
+        return super()._get_help_string(action)
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
