@@ -98,7 +98,7 @@ if [[ -n ${DEMO:-} ]]; then
   TRAIN_ROOT=${TRAIN_ROOT-$DATA/images_train}
   if [[ $TRAIN_ROOT == "$DATA/images_train" && ! -f $TRAIN_ROOT/00000/000001999.txt ]]; then
     log "== scenes: 2000 testbed training scenes -> $TRAIN_ROOT"
-    "$VLMC_PYTHON" "$VLMC_ROOT/src/data/scenes.py" --out "$TRAIN_ROOT" --n 2000 --seed 0 --workers 0 --no-progress
+    "$VLMC_PYTHON" "$VLMC_ROOT/src/data/scenes.py" --out "$TRAIN_ROOT" --n 2000 --seed 0 --workers 0
   fi
 fi
 TRAIN_ROOT=${TRAIN_ROOT:+$(abspath "$TRAIN_ROOT")}
