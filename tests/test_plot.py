@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -300,6 +301,8 @@ def test_help_shows_defaults(cli, capsys):
 def test_script_entry_points(tmp_path):
     """As users run them: `python src/plot/<cli>.py` and `bash scripts/figures.sh` (bad input → exit 2)."""
     env = {"PATH": "/usr/bin:/bin", "VLMC_PYTHON": sys.executable}
+    if os.environ.get("PYTHONPATH"):  # a worktree's own vlmc (.pypath), not the venv's install
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     cmds = [[sys.executable, str(REPO / "src/plot/plot_perturb.py"), "--in_dir", str(tmp_path / "x")],
             ["bash", str(REPO / "scripts/figures.sh"), str(tmp_path / "x"), str(tmp_path / "f"), str(tmp_path / "r")]]
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in cmds]
