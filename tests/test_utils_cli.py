@@ -1,4 +1,5 @@
-"""--help states each default once: none doubled, none on required flags, switches and None defaults."""
+"""vlmc.utils.cli: --help states each default once (none doubled, none on required flags, switches or None
+defaults); progress bars that also report into logs."""
 
 from __future__ import annotations
 
@@ -40,3 +41,14 @@ def test_stage_help_has_no_doubled_or_none_defaults(module):
     text = " ".join(importlib.import_module(module).build_parser().format_help().split())
     assert not re.search(r"\(default: [^)]*\)\s*\(default:", text), text
     assert "(default: None)" not in text
+
+
+def test_progress_bar_writes_lines_into_a_log(capsys):
+    """stderr not a terminal (a log): the bar still reports, one line per refresh, no carriage returns."""
+    from vlmc.utils.cli import progress_bar
+
+    for _ in progress_bar(range(3), desc="captions x", unit="img", interval=0):
+        pass
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln]
+    assert "\r" not in err and lines[-1].startswith("captions x: 100%") and "3/3" in lines[-1], err
