@@ -120,6 +120,9 @@ def plot_distributions(df: pd.DataFrame, models: list[str], cols: list[str], lab
                 continue
             parts = ax.violinplot([v for _, v, _ in data], positions=[x for x, _, _ in data], widths=width * 0.9,
                                   showmedians=True)
+            for key in ("cbars", "cmins", "cmaxes", "cmedians"):
+                if key in parts:
+                    parts[key].set(color="black", linewidth=0.8)
             for body, (_, _, m) in zip(parts["bodies"], data, strict=True):
                 body.set(facecolor=model_color(m), alpha=0.6 if g != "photos" else 0.3,
                          hatch="///" if g == "photos" else None, edgecolor="black" if g == "photos" else None)

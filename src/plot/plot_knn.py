@@ -90,12 +90,16 @@ def draw_chance(ax, ks, values, first: bool, **style) -> None:
 
 def plot_pre_post(runs: dict[str, KnnRun], out, args) -> None:
     fig, (ax,) = panel_grid(1, 6.5, 4.5)
-    for i, (m, run) in enumerate(runs.items()):
+    chance: dict[tuple, list[float]] = {}  # one chance curve per distinct (ks, N): drawn once, after the models
+    for m, run in runs.items():
         t = meaningful(run)
         t = t[t["pair"] == "pre_post"]
         if len(t):
             ax.plot(t["k"], t["mean"], marker="o", color=model_color(m), label=model_label(m))
-            draw_chance(ax, t["k"], [chance_knor(run, int(k)) for k in t["k"]], i == 0)
+            ks = tuple(int(k) for k in t["k"])
+            chance.setdefault((ks, n_images(run)), [chance_knor(run, k) for k in ks])
+    for i, ((ks, _), values) in enumerate(chance.items()):
+        draw_chance(ax, ks, values, i == 0)
     ks = sorted({int(k) for r in runs.values() for k in meaningful(r)["k"]})
     ax.set_xticks(ks)
     ax.set(xlabel="k (neighbours)", ylabel="KNOR@k (fraction of the k neighbours shared)", ylim=(0, 1.02),
