@@ -298,6 +298,8 @@ def scatter_fit(ax, x, y, color: str, groups=None) -> dict[str, dict[str, float]
             xs = np.linspace(sub["x"].min(), sub["x"].max(), 50)
             ax.plot(xs, st["slope"] * xs + st["intercept"], color="black", lw=1.0,
                     ls="-" if g != "photos" else "--")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi + 0.06 * (len(present) + 1) * (hi - lo))  # headroom: the legend finds an empty band
     ax.legend(loc="best", fontsize=6.5, handletextpad=0.3, borderaxespad=0.3)
     return out
 

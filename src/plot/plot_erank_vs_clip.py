@@ -66,7 +66,7 @@ def clip_scores(args) -> tuple[pd.DataFrame, str]:
         if "clipscore_post_direct" not in df.columns:
             raise UsageError(f"{cap_dir}: caption CSVs have no clipscore_post_direct column")
         df = df.rename(columns={"clipscore_post_direct": "clipscore"})
-        label = "CLIPScore of the post_direct caption"
+        label = "CLIPScore of the own caption (post_direct)"
     else:
         df = read_perturb(require_dir(pert_dir, "perturb folder"))
         extra = {"caption_gt": "first"} if "caption_gt" in df.columns else {}
