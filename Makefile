@@ -11,10 +11,10 @@ export PYTHONUNBUFFERED := 1
 .PHONY: demo sample test test-fast figures bench lint clean-data help
 
 help:
-	@echo "make demo    - whole pipeline on the embedded default (trained testbed models + sample/images), CPU, offline"
+	@echo "make demo    - whole pipeline on the embedded default (trained testbed models + sample/images), CPU, offline; writes only data/"
 	@echo "make test    - the test suite (unit, stage end-to-end on tiny models, real single-node Slurm)"
 	@echo "make figures - regenerate figures/ and results/ from sample/"
-	@echo "make sample  - make demo, then refresh sample/ from its outputs (scripts/update_sample.sh)"
+	@echo "make sample  - make demo, then refresh sample/ from its outputs (scripts/update_sample.sh), figures/ and results/"
 	@echo "make bench   - benchmarks (ratios against baselines measured in the same run)"
 	@echo "make lint    - ruff"
 
@@ -31,6 +31,7 @@ demo: $(STAMP)
 
 sample: demo
 	bash scripts/update_sample.sh data/output sample
+	bash scripts/figures.sh sample figures results
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests

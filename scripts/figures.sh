@@ -2,7 +2,7 @@
 # Regenerate figures/ and results/ from a stage-output tree (default: the committed sample/), offline.
 #
 #   bash scripts/figures.sh [IN_DIR [FIG_DIR [RESULTS_DIR]]] [--pdf]     # `make figures` = sample figures results
-#   sbatch scripts/figures.sh data/output figures results                # as pipeline.sh's last stage (CPU only)
+#   sbatch scripts/figures.sh data/output data/output/figures data/output/results   # pipeline.sh's last stage
 #
 # Runs src/plot/make_figures.py (every plot CLI and compute_summary: one interpreter, 2 forked workers); see its
 # --help for which stage folders feed which figures. The three folders are the first three arguments (or

@@ -12,7 +12,8 @@
 #
 # Settings (environment, defaults in brackets): PROFILE [cluster; testbed with --demo: the defaults marked
 # "testbed:"], MODELS [all: every registered family; testbed: llava idefics2 qwen2.5vl qwen3.5], ROOT
-# [data/images; testbed: sample/images], DATA [data: every stage writes under it], MODEL_PATH [empty: each
+# [data/images; testbed: sample/images], DATA [data: every stage writes under it], FIGURES / RESULTS [DATA/output/figures, DATA/output/results: the
+# demo never writes the tracked figures/ and results/; `make figures` renders those from sample/], MODEL_PATH [empty: each
 # family's published HF checkpoint; testbed: the models trained on synthetic scenes, sample/models; tiny:
 # random tiny models; an HF id or folder], REF_MODEL [stage-2 reference:
 # testbed-clip with MODEL_PATH=testbed, tiny-clip with tiny, else openai/clip-vit-large-patch14],
@@ -59,8 +60,8 @@ abspath() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
 if [[ $PROFILE == testbed ]]; then root_default=$VLMC_ROOT/sample/images; else root_default=$VLMC_ROOT/data/images; fi
 ROOT=$(abspath "${ROOT:-$root_default}")
 DATA=$(abspath "${DATA:-$VLMC_ROOT/data}")
-FIGURES=$(abspath "${FIGURES:-$VLMC_ROOT/figures}")
-RESULTS=$(abspath "${RESULTS:-$VLMC_ROOT/results}")
+FIGURES=$(abspath "${FIGURES:-$DATA/output/figures}")  # the tracked figures/ and results/ are written only by
+RESULTS=$(abspath "${RESULTS:-$DATA/output/results}")  # `make figures` / `make sample` (from sample/)
 export ROOT DEVICE=${DEVICE:-auto}
 if [[ $PROFILE == testbed ]]; then export MODEL_PATH=${MODEL_PATH-testbed}; else export MODEL_PATH=${MODEL_PATH-}; fi
 case $MODEL_PATH in
@@ -107,7 +108,7 @@ if [[ -n ${DEMO:-} ]]; then
   TRAIN_ROOT=${TRAIN_ROOT-$DATA/images_train}
   if [[ $TRAIN_ROOT == "$DATA/images_train" && ! -f $TRAIN_ROOT/00000/000001999.txt ]]; then
     log "== scenes: 2000 testbed training scenes -> $TRAIN_ROOT"
-    "$VLMC_PYTHON" "$VLMC_ROOT/src/data/scenes.py" --out "$TRAIN_ROOT" --n 2000 --seed 0 --workers 0 --no-progress
+    "$VLMC_PYTHON" "$VLMC_ROOT/src/data/scenes.py" --out "$TRAIN_ROOT" --n 2000 --seed 0 --workers 0
   fi
 fi
 TRAIN_ROOT=${TRAIN_ROOT:+$(abspath "$TRAIN_ROOT")}

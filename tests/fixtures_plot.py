@@ -38,6 +38,13 @@ def ids(n_per_shard: int) -> list[tuple[str, str]]:
     return out
 
 
+def gt_caption(shard: str, key: str) -> str:
+    """Shard 00000 holds testbed scenes (a scene caption), shard 00001 "photos" (any other caption)."""
+    if shard == "00000":
+        return "one object: a large red circle in the center."
+    return f"a test image {shard}/{key}"
+
+
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(path, index=False, na_rep="nan")
@@ -53,7 +60,7 @@ def write_images(root: Path, pairs, rng) -> None:
         grad = np.linspace(0, 1, 48)[None, :, None] * rng.integers(0, 255, 3)[None, None, :]
         arr = np.clip(base[None, None, :] * 0.5 + grad, 0, 255).astype(np.uint8).repeat(48, axis=0)
         Image.fromarray(arr).save(d / f"{key}.png")
-        (d / f"{key}.txt").write_text(f"a test image {shard}/{key}\n")
+        (d / f"{key}.txt").write_text(gt_caption(shard, key) + "\n")
 
 
 def _summ(v: np.ndarray) -> dict:
@@ -157,7 +164,7 @@ def write_captions(root: Path, model: str, recon: pd.DataFrame, rng) -> None:
     n = len(recon)
     df = recon[["key", "shard"]].copy()
     df["image_path"] = [str(root / "images" / s / f"{k}.png") for s, k in zip(df["shard"], df["key"], strict=True)]
-    df["caption_gt"] = [f"a test image {s}/{k}" for s, k in zip(df["shard"], df["key"], strict=True)]
+    df["caption_gt"] = [gt_caption(s, k) for s, k in zip(df["shard"], df["key"], strict=True)]
     df["caption_post_direct"] = "a plate of food"
     df["caption_recon"] = "a plate"
     df["reproj_mse"] = [f"{x:.6g}" for x in recon["reproj_mse"]]  # eval_captions carries them too
@@ -189,7 +196,7 @@ def write_perturb(root: Path, model: str, pairs, rng) -> None:
             df["caption_original"] = "a plate of food"
             df["caption_perturbed"] = "a plate"
             df["mode"], df["level"], df["seed"] = mode, f"{level:g}", 0
-            df["caption_gt"] = [f"a test image {s}/{k}" for s, k in pairs]
+            df["caption_gt"] = [gt_caption(s, k) for s, k in pairs]
             pert = base - 0.3 * sev * rng.uniform(0.5, 1.5, n)
             df["clipcos_original"], df["clipscore_original"] = base / 2.5, base
             df["clipcos_perturbed"], df["clipscore_perturbed"] = pert / 2.5, pert

@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from vlmc.utils import cli
 from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser
+from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, progress_bar
 from vlmc.utils.io import atomic_open, atomic_write_text
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
@@ -440,7 +440,7 @@ def write_scenes(
     keys = [scene_key(first_index + i) for i in range(n)]
     return [
         write_scene(folder.parent, folder.name, key, seed, size)
-        for key in tqdm(keys, desc="scenes", unit="img", disable=not progress)
+        for key in progress_bar(keys, desc="scenes", unit="img", disable=not progress)
     ]
 
 
@@ -475,11 +475,11 @@ def generate_scenes(
     bar = dict(total=n, desc="scenes", unit="img", disable=not progress)
     workers = min(workers, max(1, n // 64))
     if workers == 1:
-        for job in tqdm(jobs, **bar):
+        for job in progress_bar(jobs, **bar):
             write_scene(*job)
     else:  # scenes are pure functions of (seed, key): the same files in any order
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for _ in tqdm(pool.imap_unordered(_write_job, jobs, chunksize=16), **bar):
+            for _ in progress_bar(pool.imap_unordered(_write_job, jobs, chunksize=16), **bar):
                 pass
     return written
 

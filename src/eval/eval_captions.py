@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from vlmc.eval import inject
 from vlmc.eval.captions_io import done_ids, upsert_rows
@@ -50,6 +49,7 @@ from vlmc.utils.cli import (
     entry_point,
     make_parser,
     parse_csv_list,
+    progress_bar,
     resolve_device,
 )
 from vlmc.utils.stop import StopFlag, StopRequested
@@ -220,7 +220,7 @@ def generate(args, vlm, run, cache, images, todo, path, prompt, img_size, stop) 
             rows = []
 
     mnt, bs = args.max_new_tokens, args.batch_size
-    bar = tqdm(total=len(todo), desc=f"captions {path.stem}", unit="img", file=sys.stderr, disable=None)
+    bar = progress_bar(total=len(todo), desc=f"captions {path.stem}", unit="img")
     try:
         for idx in plan_batches(todo, bs):
             batch = [todo[i] for i in idx]

@@ -169,8 +169,10 @@ def effective_ks(ks: Sequence[int], n: int, groups: dict[str, np.ndarray] | None
         raise UsageError(f"need at least 2 {what} for kNN, got {cap + 1}")
     out = sorted({min(k, cap) for k in ks})
     if any(k > cap for k in ks):
-        log.warning("k clipped to %d (= %s - 1): requested %s, using %s", cap,
-                    "N" if groups is None else "smallest shard size", list(ks), out)
+        log.warning("k clipped to %d (= %s - 1): requested %s, using %s; at k = %d every neighbourhood is all "
+                    "other images, so KNOR there is 1 for any embedding (chance k/(N-1)); pass --k below %d "
+                    "(e.g. k <= N/20) for a meaningful overlap", cap, "N" if groups is None else "smallest shard size",
+                    list(ks), out, cap, cap)
     return out
 
 

@@ -18,10 +18,14 @@ import logging
 
 import numpy as np
 import pandas as pd
+from matplotlib.patches import Patch
 
 from vlmc.plot.common import (
+    GROUP_LABELS,
+    GROUP_ORDER,
     add_io_args,
     correlations,
+    label,
     model_color,
     model_label,
     panel_grid,
@@ -29,23 +33,25 @@ from vlmc.plot.common import (
     require_dir,
     save_figure,
     scatter_fit,
+    wrap,
     write_table,
 )
-from vlmc.plot.data import RECON_METRICS, add_stage_args, read_captions, read_recon, stage_dir
+from vlmc.plot.data import RECON_METRICS, add_stage_args, image_groups, read_captions, read_recon, stage_dir
+from vlmc.plot.figcheck import REFERENCE_GID
 from vlmc.utils.cli import UsageError, make_parser
 
 log = logging.getLogger("vlmc.plot.caption_recon")
 
-Y_METRICS = {
-    "clipscore_drop": "ΔCLIPScore (post_direct − recon; 0–2.5 scale)",
-    "bertscore_drop": "ΔBERTScore-F1 vs gt (post_direct − recon)",
-    "bertscore_f1_recon_vs_post_direct": "BERTScore-F1, recon vs post_direct caption",
+Y_METRICS = {  # axis labels (vlmc.plot.style gives the short titles)
+    "clipscore_drop": "CLIPScore drop, own − reconstructed caption (0–2.5 scale)",
+    "bertscore_drop": "BERTScore-F1 drop vs reference, own − reconstructed caption",
+    "bertscore_f1_recon_vs_post_direct": "BERTScore F1, reconstructed vs own caption",
 }
 X_METRICS = {
-    "reproj_cosine": "cosine(connector(Ê_pre), E_post), mean over tokens",
-    "reproj_mse": "MSE(connector(Ê_pre), E_post), standardised units",
-    "cosine_pre": "cosine(Ê_pre, E_pre), mean over tokens",
-    "mse_pre": "MSE(Ê_pre, E_pre), standardised units",
+    "reproj_cosine": "cos(connector(Ê_pre), E_post), mean over tokens",
+    "reproj_mse": "MSE(connector(Ê_pre), E_post), standardised",
+    "cosine_pre": "cos(Ê_pre, E_pre), mean over tokens",
+    "mse_pre": "MSE(Ê_pre, E_pre), standardised",
 }
 SPACES = {"reproj": ("reproj_cosine", "reproj_mse"), "pre": ("cosine_pre", "mse_pre")}
 
@@ -53,7 +59,7 @@ SPACES = {"reproj": ("reproj_cosine", "reproj_mse"), "pre": ("cosine_pre", "mse_
 def build_parser(doc: str):
     p = make_parser(doc)
     add_io_args(p, tables=True)
-    add_stage_args(p, "captions", "recon")
+    add_stage_args(p, "captions", "recon", "images")
     p.add_argument("--all_pairs", action="store_true",
                    help="scatter every (x, y) pair, not only the drops (the tables always have all pairs)")
     return p
@@ -85,14 +91,15 @@ def load_joined(args) -> pd.DataFrame:
 
 
 def plot_pair(df: pd.DataFrame, models: list[str], x: str, y: str, out, args) -> None:
-    fig, axes = panel_grid(len(models), 4.0, 3.6, ncols=min(len(models), 4))
+    fig, axes = panel_grid(len(models), 4.6, 3.8)
     for ax, m in zip(axes, models, strict=True):
         sub = df[df["model"] == m]
-        scatter_fit(ax, sub[x], sub[y], model_color(m))
+        scatter_fit(ax, sub[x], sub[y], model_color(m), sub["group"])
         if y.endswith("drop"):
-            ax.axhline(0, color="gray", lw=0.8, ls="--")
-        ax.set(title=model_label(m), xlabel=X_METRICS[x], ylabel=Y_METRICS[y])
-    fig.suptitle(f"{Y_METRICS[y]} vs {x} (held-out images; line: least squares)")
+            ax.axhline(0, color="gray", lw=0.8, ls="--", gid=REFERENCE_GID)
+        ax.set(title=model_label(m), xlabel=wrap(X_METRICS[x], 40), ylabel=wrap(Y_METRICS[y], 34))
+    fig.suptitle(wrap(f"{label(y)} vs {label(x).lower()} (held-out images; markers: image group, "
+                      "lines: least squares per group)", 100))
     save_figure(fig, out, f"scatter_{x}_vs_{y}", args.pdf, args.dpi)
 
 
@@ -101,36 +108,55 @@ def plot_distributions(df: pd.DataFrame, models: list[str], cols: list[str], lab
     cols = [c for c in cols if c in df.columns and df[c].notna().any()]
     if not cols:
         return
-    fig, axes = panel_grid(len(cols), max(4.0, 1.3 * len(models)), 3.8)
+    groups = [g for g in (*GROUP_ORDER, "all") if (df["group"] == g).any()]
+    width = 0.8 / len(groups)
+    fig, axes = panel_grid(len(cols), max(4.2, 1.3 * len(models)), 3.8)
     for ax, c in zip(axes, cols, strict=True):
-        data = [(i, df.loc[df["model"] == m, c].dropna().to_numpy()) for i, m in enumerate(models)]
-        data = [(i, v) for i, v in data if v.size > 1]
-        if data:
-            parts = ax.violinplot([v for _, v in data], positions=[i for i, _ in data], showmedians=True)
-            for body, (i, _) in zip(parts["bodies"], data, strict=True):
-                body.set(facecolor=model_color(models[i]), alpha=0.6)
+        for j, g in enumerate(groups):
+            data = [(i + (j - (len(groups) - 1) / 2) * width, df.loc[(df["model"] == m) & (df["group"] == g), c])
+                    for i, m in enumerate(models)]
+            data = [(x, v.dropna().to_numpy(), models[i]) for i, (x, v) in enumerate(data) if v.notna().sum() > 1]
+            if not data:
+                continue
+            parts = ax.violinplot([v for _, v, _ in data], positions=[x for x, _, _ in data], widths=width * 0.9,
+                                  showmedians=True)
+            for key in ("cbars", "cmins", "cmaxes", "cmedians"):
+                if key in parts:
+                    parts[key].set(color="black", linewidth=0.8)
+            for body, (_, _, m) in zip(parts["bodies"], data, strict=True):
+                body.set(facecolor=model_color(m), alpha=0.6 if g != "photos" else 0.3,
+                         hatch="///" if g == "photos" else None, edgecolor="black" if g == "photos" else None)
         if c.endswith("drop"):
-            ax.axhline(0, color="gray", lw=0.8, ls="--")
+            ax.axhline(0, color="gray", lw=0.8, ls="--", gid=REFERENCE_GID)
         ax.set_xticks(range(len(models)), [model_label(m) for m in models])
-        ax.set(ylabel=labels[c], title=c)
-    fig.suptitle(title)
+        ax.set(ylabel=wrap(labels[c], 34), title=label(c))
+    if len(groups) > 1:
+        axes[0].legend(handles=[Patch(facecolor="lightgray", hatch="///" if g == "photos" else None,
+                                      edgecolor="black", label=GROUP_LABELS[g]) for g in groups], loc="best")
+    fig.suptitle(title + ("; plain: synthetic scenes, hatched: photos" if len(groups) > 1 else ""))
     save_figure(fig, out, name, args.pdf, args.dpi)
 
 
 def corr_table(df: pd.DataFrame, models: list[str], xs, ys) -> pd.DataFrame:
+    """One row per model, image group (``all``, then ``scenes`` / ``photos`` when both are present), x and y."""
     rows = []
     for m in models:
         sub = df[df["model"] == m]
-        for x in xs:
-            for y in ys:
-                if x in sub.columns and y in sub.columns:
-                    rows.append({"model": m, "x": x, "y": y, **correlations(sub[x], sub[y])})
+        groups = [("all", sub)] + ([(g, sub[sub["group"] == g]) for g in GROUP_ORDER if (sub["group"] == g).any()]
+                                   if sub["group"].nunique() > 1 else [])
+        for g, part in groups:
+            for x in xs:
+                for y in ys:
+                    if x in part.columns and y in part.columns:
+                        rows.append({"model": m, "group": g, "x": x, "y": y, **correlations(part[x], part[y])})
     return pd.DataFrame(rows)
 
 
 def run(args, space: str, fig_subdir: str, table_name: str) -> int:
     """Figures into ``<out_dir>/<fig_subdir>/``, correlations into ``<results_dir>/<table_name>.csv/.tex``."""
     df = load_joined(args)
+    groups = image_groups(df, stage_dir(args, "images"))
+    df["group"] = groups.to_numpy() if groups is not None else "all"
     models = pick_models(df["model"].unique(), args.models)
     xs = [x for x in SPACES[space] if x in df.columns and df[x].notna().any()]
     ys = [y for y in Y_METRICS if y in df.columns and df[y].notna().any()]
@@ -147,7 +173,7 @@ def run(args, space: str, fig_subdir: str, table_name: str) -> int:
                        "Held-out reconstruction quality per model", out, args)
     table = corr_table(df, models, xs, ys)
     write_table(table, args.results_dir, table_name,
-                ["model", "x", "y", "n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p"])
+                ["model", "group", "x", "y", "n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p"])
     with np.printoptions(precision=3):
         log.info("correlations:\n%s", table.drop(columns=["slope", "intercept"]).to_string(index=False))
     return 0

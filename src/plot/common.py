@@ -1,7 +1,8 @@
 """Shared styling, statistics and output helpers of every plot / summary CLI (src/plot/).
 
-* One colour per model everywhere (:func:`model_color`), display names (:func:`model_label`), a
-  fixed model order (:func:`sort_models`).
+* The look of every figure (fonts, colours per family, human column labels) lives in vlmc.plot.style and
+  is re-exported here; :func:`save_figure` refuses blank / constant panels and reports cut or overlapping
+  text (vlmc.plot.figcheck).
 * Standard flags (:func:`add_io_args`): ``--in_dir`` (default ``sample``), ``--out_dir`` (``figures``),
   ``--results_dir`` (``results``, tables), ``--pdf``, ``--dpi``, ``--models``.
 * Atomic outputs: :func:`save_figure` (PNG, plus PDF with ``--pdf``) and :func:`write_table` (CSV plus
@@ -12,65 +13,55 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # before pyplot: no display, same output everywhere
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from vlmc.utils.cli import UsageError, ensure_writable_dir, parse_csv_list  # noqa: E402
-from vlmc.utils.io import atomic_open, atomic_write_text  # noqa: E402
+from vlmc.plot.figcheck import data_problems, layout_problems
+from vlmc.plot.style import (  # noqa: F401  (re-exported: the plot CLIs import them from here)
+    CHANCE_STYLE,
+    GROUP_LABELS,
+    GROUP_MARKERS,
+    GROUP_ORDER,
+    MODEL_COLORS,
+    MODEL_LABELS,
+    MODEL_ORDER,
+    PRE_POST_COLORS,
+    axis_label,
+    label,
+    model_color,
+    model_label,
+    sort_models,
+    wrap,
+)
+from vlmc.utils.cli import UsageError, ensure_writable_dir, parse_csv_list
+from vlmc.utils.io import atomic_open, atomic_write_text
 
 log = logging.getLogger("vlmc.plot")
 
-MODEL_ORDER = ("llava", "idefics2", "qwen2.5vl", "qwen3.5", "qwen3vl")
-MODEL_LABELS = {"llava": "LLaVA", "idefics2": "Idefics2", "qwen2.5vl": "Qwen2.5-VL", "qwen3.5": "Qwen3.5",
-                "qwen3vl": "Qwen3-VL"}
-MODEL_COLORS = {"llava": "#1f77b4", "idefics2": "#ff7f0e", "qwen2.5vl": "#2ca02c", "qwen3.5": "#d62728",
-                "qwen3vl": "#9467bd"}
-_SPARE_COLORS = ("#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#843c39")
-PRE_POST_COLORS = {"pre": "#4c72b0", "post": "#dd8452"}
 BOOT_N = 1000
 BOOT_SEED = 0
+ROUND_DECIMALS = 4  # rank statistics and correlations run on values rounded to this many decimals
+TABLE_FLOAT_FORMAT = "%.6g"  # results/*.csv: 6 significant digits, so float noise never changes a byte
 
-plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "axes.titlesize": 11,
-                     "axes.labelsize": 10, "legend.fontsize": 8})
+
+class FigureError(UsageError):
+    """A figure that would mislead (a blank or constant panel): refused instead of written."""
 
 
 # -- models -----------------------------------------------------------------------------------------
 
 
-def model_color(model: str) -> str:
-    """The model's colour: fixed for known families, else a stable pick from a spare palette."""
-    if model in MODEL_COLORS:
-        return MODEL_COLORS[model]
-    h = int(hashlib.sha256(model.encode()).hexdigest(), 16)
-    return _SPARE_COLORS[h % len(_SPARE_COLORS)]
-
-
-def model_label(model: str) -> str:
-    """Display name (``qwen2.5vl`` → ``Qwen2.5-VL``); unknown names are shown as they are."""
-    return MODEL_LABELS.get(model, model)
-
-
 def model_slug(model: str) -> str:
     """File-name form used by the seed's figures (``qwen2.5vl`` → ``qwen25vl``)."""
     return re.sub(r"[^A-Za-z0-9_]+", "", model)
-
-
-def sort_models(models: Iterable[str]) -> list[str]:
-    """Known families in their usual order, then the rest alphabetically."""
-    rank = {m: i for i, m in enumerate(MODEL_ORDER)}
-    return sorted(set(models), key=lambda m: (rank.get(m, len(rank)), m))
 
 
 # -- CLI --------------------------------------------------------------------------------------------
@@ -111,11 +102,37 @@ def require_dir(path: str | Path, what: str) -> Path:
 # -- outputs ----------------------------------------------------------------------------------------
 
 
+SAVE_HOOKS: list = []  # callables (fig, name) run before each figure is written (tests read figures back)
+
+
+def check_figure(fig, name: str) -> None:
+    """Refuse ``fig`` when a panel is blank or constant (:class:`FigureError`); report cut or overlapping text.
+
+    Layout problems are warnings, or a :class:`FigureError` when ``VLMC_FIGURE_CHECK=strict`` (the tests);
+    ``VLMC_FIGURE_CHECK=off`` skips the layout check (it draws the figure once more).
+    """
+    bad = data_problems(fig)
+    if bad:
+        raise FigureError(f"figure {name}: {'; '.join(bad)}")
+    mode = os.environ.get("VLMC_FIGURE_CHECK", "warn")
+    if mode == "off":
+        return
+    layout = layout_problems(fig)
+    if layout and mode == "strict":
+        raise FigureError(f"figure {name}: {'; '.join(layout)}")
+    for problem in layout:
+        log.warning("figure %s: %s", name, problem)
+
+
 def save_figure(fig, out_dir: str | Path, name: str, pdf: bool = False, dpi: int = 120) -> list[Path]:
-    """Write ``fig`` as ``<out_dir>/<name>.png`` (and ``.pdf``) atomically, then close it."""
-    out = ensure_writable_dir(out_dir)
+    """Check ``fig`` (:func:`check_figure`), write it as ``<out_dir>/<name>.png`` (and ``.pdf``) atomically,
+    then close it."""
     paths = []
     try:
+        for hook in SAVE_HOOKS:
+            hook(fig, name)
+        check_figure(fig, name)
+        out = ensure_writable_dir(out_dir)
         for ext in ("png", "pdf") if pdf else ("png",):
             path = out / f"{name}.{ext}"
             with atomic_open(path, "wb") as f:
@@ -154,11 +171,11 @@ def to_latex(df: pd.DataFrame, digits: int = 3) -> str:
 
 def write_table(df: pd.DataFrame, results_dir: str | Path, name: str, latex_cols: Sequence[str] | None = None,
                 digits: int = 3) -> list[Path]:
-    """``<results_dir>/<name>.csv`` (all columns, full precision) and ``<name>.tex`` (``latex_cols``,
+    """``<results_dir>/<name>.csv`` (all columns, 6 significant digits: ``TABLE_FLOAT_FORMAT``) and ``<name>.tex`` (``latex_cols``,
     models by display name)."""
     out = ensure_writable_dir(results_dir)
     csv_path, tex_path = out / f"{name}.csv", out / f"{name}.tex"
-    atomic_write_text(csv_path, df.to_csv(index=False, na_rep="nan"))
+    atomic_write_text(csv_path, df.to_csv(index=False, na_rep="nan", float_format=TABLE_FLOAT_FORMAT))
     tex = df[list(latex_cols)] if latex_cols else df
     if "model" in tex.columns:
         tex = tex.assign(model=tex["model"].map(model_label))
@@ -228,11 +245,13 @@ def ls_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def correlations(x, y) -> dict[str, float]:
     """n, Pearson r and p, Spearman ρ and p (scipy, two-sided), least-squares slope and intercept.
 
-    NaN (no warning) when fewer than 3 finite pairs or either side is constant.
+    Computed on the values rounded to ``ROUND_DECIMALS`` decimals, so float noise far below the data's
+    resolution (BERTScore's fp32 sums, drops of ±1e-7 around 0) cannot reorder ranks or change a digit of
+    the tables. NaN (no warning) when fewer than 3 finite pairs or either side is constant.
     """
     from scipy import stats
 
-    a, b = paired(x, y)
+    a, b = (np.round(v, ROUND_DECIMALS) + 0.0 for v in paired(x, y))  # + 0.0: no -0.0
     out = {"n": int(a.size), "pearson_r": math.nan, "pearson_p": math.nan, "spearman_rho": math.nan,
            "spearman_p": math.nan, "slope": math.nan, "intercept": math.nan}
     if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
@@ -248,24 +267,46 @@ def correlations(x, y) -> dict[str, float]:
 # -- drawing ----------------------------------------------------------------------------------------
 
 
-def scatter_fit(ax, x, y, color: str, label: str | None = None) -> dict[str, float]:
-    """Scatter of the finite (x, y) pairs, their least-squares line and an r / ρ / n box; returns the stats."""
-    a, b = paired(x, y)
-    st = correlations(a, b)
-    ax.scatter(a, b, s=10, alpha=0.7 if a.size < 300 else 0.3, color=color, edgecolors="none", label=label,
-               rasterized=True)
-    if np.isfinite(st["slope"]):
-        xs = np.linspace(a.min(), a.max(), 50)
-        ax.plot(xs, st["slope"] * xs + st["intercept"], color="black", lw=1.2, label="least-squares fit")
-    ax.text(0.03, 0.97, f"r = {st['pearson_r']:.3f} (p = {st['pearson_p']:.2g})\n"
-            f"ρ = {st['spearman_rho']:.3f} (p = {st['spearman_p']:.2g})\nn = {st['n']}",
-            transform=ax.transAxes, va="top", fontsize=8, bbox={"boxstyle": "round", "fc": "white", "alpha": 0.8})
-    return st
+def _fmt(v: float) -> str:
+    return "–" if not np.isfinite(v) else f"{v:.2f}"
+
+
+def scatter_fit(ax, x, y, color: str, groups=None) -> dict[str, dict[str, float]]:
+    """Scatter of the finite (x, y) pairs, one marker per image group, with each group's least-squares line
+    and statistics (n, Pearson r, Spearman ρ) in a legend placed where it hides the fewest points.
+
+    ``groups``: a label per row (``scenes`` / ``photos``, vlmc.plot.data.image_groups) or None (one group,
+    ``all``). Returns ``{group: correlations(...)}``.
+    """
+    frame = pd.DataFrame({"x": pd.to_numeric(pd.Series(list(x)), errors="coerce"),
+                          "y": pd.to_numeric(pd.Series(list(y)), errors="coerce"),
+                          "g": list(groups) if groups is not None else ["all"] * len(list(x))})
+    frame = frame[np.isfinite(frame["x"]) & np.isfinite(frame["y"])]
+    present = [g for g in (*GROUP_ORDER, "all") if g in set(frame["g"])]
+    present += sorted(set(frame["g"]) - set(present))
+    out = {}
+    for g in present:
+        sub = frame[frame["g"] == g]
+        st = correlations(sub["x"], sub["y"])
+        out[g] = st
+        name = GROUP_LABELS.get(g, "images" if g == "all" else g)
+        text = f"{name}, n = {st['n']}: r = {_fmt(st['pearson_r'])}, ρ = {_fmt(st['spearman_rho'])}"
+        ax.scatter(sub["x"], sub["y"], s=14, alpha=0.75 if len(sub) < 300 else 0.3, color=color,
+                   marker=GROUP_MARKERS.get(g, "o"), edgecolors="none" if g != "photos" else "black",
+                   linewidths=0.4, label=text, rasterized=True)
+        if np.isfinite(st["slope"]):
+            xs = np.linspace(sub["x"].min(), sub["x"].max(), 50)
+            ax.plot(xs, st["slope"] * xs + st["intercept"], color="black", lw=1.0,
+                    ls="-" if g != "photos" else "--")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi + 0.06 * (len(present) + 1) * (hi - lo))  # headroom: the legend finds an empty band
+    ax.legend(loc="best", fontsize=6.5, handletextpad=0.3, borderaxespad=0.3)
+    return out
 
 
 def panel_grid(n: int, width: float = 4.2, height: float = 3.6, ncols: int | None = None):
-    """A figure with ``n`` axes (row-major, up to 3 per row by default); unused axes hidden."""
-    ncols = ncols or min(n, 3)
+    """A figure with ``n`` axes (row-major; by default 2 per row for 4 panels, else up to 3); unused axes hidden."""
+    ncols = ncols or (2 if n == 4 else min(n, 3))
     nrows = max(1, math.ceil(n / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False,
                              layout="constrained")

@@ -384,6 +384,31 @@ def find_image(image_dir: Path | None, shard: str, key: str, hint: str = "") -> 
     return None
 
 
+ERANK_COLUMNS = {False: ("{s}_effective_rank", "{s}_erank"),
+                 True: ("{s}_effective_rank_normalized", "{s}_erank_norm_min_t1_d", "{s}_erank_norm")}
+
+
+def erank_column(columns, space: str, normalized: bool) -> str | None:
+    """The per_image.csv column of the raw (or normalised) effective rank of ``space`` (``pre`` / ``post``),
+    under any of the names extract_knn has used; None when absent."""
+    return next((c.format(s=space) for c in ERANK_COLUMNS[normalized] if c.format(s=space) in columns), None)
+
+
+def n_images(run: KnnRun) -> int | None:
+    """N of a geometry run: the overlap JSON's ``n_images``, else the rows of per_image.csv."""
+    if run.summary is not None and run.summary.n_images:
+        return int(run.summary.n_images)
+    return len(run.per_image) if run.per_image is not None else None
+
+
+def chance_knor(run: KnnRun, k: int) -> float:
+    """E[KNOR@k] of random neighbourhoods: the JSON's ``chance_knor`` when given, else k / (N − 1)."""
+    if run.summary is not None and k in run.summary.chance:
+        return run.summary.chance[k]
+    n = n_images(run)
+    return k / (n - 1) if n and n > 1 else float("nan")
+
+
 def knor_table(run: KnnRun) -> pd.DataFrame:
     """``pair, k, mean, median, std`` of a model: the JSON's per-k summaries, else derived from
     ``per_image.csv``'s ``<pair>_knor<k>`` columns (std with ddof=0, as extract_knn's summaries)."""
@@ -404,3 +429,33 @@ def perturb_modes(perturb_dir: Path) -> list[str]:
     """The perturbation modes (other than ``none``) with at least one ``perturb_*`` CSV."""
     modes = {m["mode"] for f in perturb_dir.rglob("perturb_*.csv") if (m := _PERTURB_NAME.match(f.stem))}
     return [m for m in PERTURB_MODES if m in modes and m != "none"]
+
+
+# -- image groups -----------------------------------------------------------------------------------
+
+
+def image_groups(df: pd.DataFrame, image_dir: Path | None = None) -> pd.Series | None:
+    """``scenes`` / ``photos`` per row: ``scenes`` where the image's reference caption states a whole testbed
+    scene (:func:`vlmc.data.scenes.is_scene_caption`), else ``photos``.
+
+    The caption is the row's ``caption_gt`` (caption and perturbation CSVs), else ``<image_dir>/<shard>/<key>.txt``.
+    None when no row has a caption (the figure then shows one group).
+    """
+    from vlmc.data.scenes import is_scene_caption
+
+    if "caption_gt" in df.columns:
+        caps = df["caption_gt"].fillna("").astype(str)
+    elif image_dir is not None and image_dir.is_dir():
+        caps = pd.Series([_caption_file(image_dir, s, k) for s, k in zip(df["shard"], df["key"], strict=True)],
+                         index=df.index)
+    else:
+        return None
+    if not (caps.str.strip() != "").any():
+        return None
+    return caps.map(lambda c: "scenes" if is_scene_caption(c) else "photos")
+
+
+def _caption_file(image_dir: Path, shard: str, key: str) -> str:
+    folder = image_dir if shard == "_root" else image_dir / shard
+    path = folder / f"{key}.txt"
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""

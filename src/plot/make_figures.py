@@ -67,7 +67,7 @@ def plan(in_dir: Path, out: list[str], res: list[str]) -> list[tuple[str, str, l
         steps.append(("plot_caption_recon", plot_caption_recon, base + out + res))
         if have["recon"]:
             steps.append(("plot_caption_recon_pre", plot_caption_recon_pre, base + out + res))
-    if has_column(pims, ("post_effective_rank",)) and (caps or have["perturb"]):  # extract_knn --svd_per_image_csv
+    if has_column(pims, ("post_effective_rank", "post_erank")) and (caps or have["perturb"]):  # extract_knn --svd_per_image_csv
         steps.append(("plot_erank_vs_clip", plot_erank_vs_clip, base + out + res))
     if have["perturb"]:
         for mode in perturb_modes(dirs["perturb"]):

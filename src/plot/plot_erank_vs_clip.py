@@ -7,7 +7,14 @@ there are no caption CSVs), ``clipscore_original`` of the scored perturbation CS
 over the files, where it is the same caption). Rows are joined on (shard, key).
 
 Writes ``<out_dir>/erank_vs_clip/erank_vs_clip_all.png`` (all models side by side; with ``--per_model``
-also ``erank_vs_clip_<model>.png``) and ``<results_dir>/erank_vs_clip_correlations.csv`` / ``.tex``.
+also ``erank_vs_clip_<model>.png``) and ``<results_dir>/erank_vs_clip_correlations.csv`` / ``.tex``
+(one row per model and image group: ``all``, ``scenes``, ``photos``).
+
+Synthetic testbed scenes and photos are different populations (photo CLIPScores sit near 0 under the
+testbed CLIP), so every panel marks them apart (circles: scenes, triangles: photos; a scene is an image
+whose reference caption ``caption_gt`` / ``<key>.txt`` states a whole testbed scene) and gives r and ρ per
+group in a legend placed where it hides the fewest points; pooled, a correlation mostly measures the
+split between the groups.
 
 Example:
     python src/plot/plot_erank_vs_clip.py --in_dir sample --space post
@@ -31,9 +38,18 @@ from vlmc.plot.common import (
     require_dir,
     save_figure,
     scatter_fit,
+    wrap,
     write_table,
 )
-from vlmc.plot.data import add_stage_args, load_knn, read_captions, read_perturb, stage_dir
+from vlmc.plot.data import (
+    add_stage_args,
+    erank_column,
+    image_groups,
+    load_knn,
+    read_captions,
+    read_perturb,
+    stage_dir,
+)
 from vlmc.utils.cli import UsageError, entry_point, make_parser
 
 log = logging.getLogger("vlmc.plot.erank")
@@ -50,19 +66,22 @@ def clip_scores(args) -> tuple[pd.DataFrame, str]:
         if "clipscore_post_direct" not in df.columns:
             raise UsageError(f"{cap_dir}: caption CSVs have no clipscore_post_direct column")
         df = df.rename(columns={"clipscore_post_direct": "clipscore"})
-        label = "CLIPScore of the post_direct caption"
+        label = "CLIPScore of the own caption (post_direct)"
     else:
         df = read_perturb(require_dir(pert_dir, "perturb folder"))
-        df = df.groupby(["model", "shard", "key"], as_index=False)["clipscore_original"].mean()
+        extra = {"caption_gt": "first"} if "caption_gt" in df.columns else {}
+        df = df.groupby(["model", "shard", "key"], as_index=False).agg(clipscore_original=("clipscore_original", "mean"),
+                                                                      **{c: (c, f) for c, f in extra.items()})
         df = df.rename(columns={"clipscore_original": "clipscore"})
         label = "CLIPScore of the unperturbed caption"
-    return df[["model", "shard", "key", "clipscore"]], label
+    keep = ["model", "shard", "key", "clipscore"] + (["caption_gt"] if "caption_gt" in df.columns else [])
+    return df[keep], label
 
 
 def build_parser():
     p = make_parser(__doc__)
     add_io_args(p, tables=True)
-    add_stage_args(p, "knn", "captions", "perturb")
+    add_stage_args(p, "knn", "captions", "perturb", "images")
     p.add_argument("--space", choices=("post", "pre"), default="post", help="effective rank of E_post or E_pre")
     p.add_argument("--normalized", action="store_true", help="use effective rank / min(T-1, D)")
     p.add_argument("--clip_source", choices=("auto", "captions", "perturb"), default="auto",
@@ -72,41 +91,55 @@ def build_parser():
     return p
 
 
+def joined(args) -> tuple[pd.DataFrame, str, str]:
+    """``model, shard, key, erank, clipscore[, group]`` rows, the erank column's name and the CLIPScore label."""
+    runs = load_knn(require_dir(stage_dir(args, "knn"), "knn folder"), args.metric)
+    clip, ylabel = clip_scores(args)
+    frames, col = [], None
+    for m, run in runs.items():
+        c = erank_column(run.per_image.columns, args.space, args.normalized) if run.per_image is not None else None
+        if c is None:
+            log.warning("%s: no %s effective rank in per_image.csv; skipped", m, args.space)
+            continue
+        col = col or c
+        frames.append(run.per_image[["shard", "key", c]].rename(columns={c: "erank"}).assign(model=m))
+    if not frames:
+        raise UsageError(f"no per_image.csv with a {args.space} effective rank"
+                         f"{' (normalised)' if args.normalized else ''} column")
+    df = pd.concat(frames).merge(clip, on=["model", "shard", "key"], how="inner")
+    groups = image_groups(df, stage_dir(args, "images"))
+    df["group"] = groups.to_numpy() if groups is not None else "all"
+    return df, col, ylabel
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    col = f"{args.space}_effective_rank" + ("_normalized" if args.normalized else "")
-    runs = load_knn(require_dir(stage_dir(args, "knn"), "knn folder"), args.metric)
-    clip, ylabel = clip_scores(args)
-    frames = []
-    for m, run in runs.items():
-        if run.per_image is None or col not in run.per_image.columns:
-            log.warning("%s: no %s in per_image.csv; skipped", m, col)
-            continue
-        frames.append(run.per_image[["shard", "key", col]].assign(model=m))
-    if not frames:
-        raise UsageError(f"no per_image.csv with column {col}")
-    df = pd.concat(frames).merge(clip, on=["model", "shard", "key"], how="inner")
+    df, col, ylabel = joined(args)
     models = pick_models(df["model"].unique(), args.models) if len(df) else []
     if not models:
         raise UsageError("no image has both an effective rank and a CLIPScore (no (model, shard, key) in common)")
-    xlabel = f"{args.space.capitalize()}-connector effective rank" + (" / min(T−1, D)" if args.normalized else "")
+    side = "E_pre" if args.space == "pre" else "E_post"
+    xlabel = f"{side} effective rank" + (" / min(T−1, D)" if args.normalized else "")
     out = f"{args.out_dir}/erank_vs_clip"
     rows = []
-    fig_all, axes = panel_grid(len(models), 4.2, 3.8, ncols=min(len(models), 4))
+    fig_all, axes = panel_grid(len(models), 4.6, 3.8)
     for ax_all, m in zip(axes, models, strict=True):
         sub = df[df["model"] == m]
         fig, (ax,) = panel_grid(1, 5.5, 4.5) if args.per_model else (None, (None,))
         for a in (ax, ax_all) if ax else (ax_all,):
-            scatter_fit(a, sub[col], sub["clipscore"], model_color(m))
-            a.set(title=model_label(m), xlabel=xlabel, ylabel=f"{ylabel} (0–2.5)")
+            stats = scatter_fit(a, sub["erank"], sub["clipscore"], model_color(m), sub["group"])
+            a.set(title=model_label(m), xlabel=xlabel, ylabel=wrap(f"{ylabel} (0–2.5)", 34))
         if fig is not None:
             save_figure(fig, out, f"erank_vs_clip_{model_slug(m)}", args.pdf, args.dpi)
-        rows.append({"model": m, "x": col, "y": "clipscore", **correlations(sub[col], sub["clipscore"])})
-    fig_all.suptitle(f"Per-image {xlabel.lower()} vs {ylabel} (line: least squares)")
+        rows += [{"model": m, "group": "all", "x": col, "y": "clipscore",
+                  **correlations(sub["erank"], sub["clipscore"])}]
+        rows += [{"model": m, "group": g, "x": col, "y": "clipscore", **st} for g, st in stats.items() if g != "all"]
+    fig_all.suptitle(wrap(f"Per-image {xlabel} vs {ylabel}; markers: image group, lines: least squares per group",
+                          100))
     save_figure(fig_all, out, "erank_vs_clip_all", args.pdf, args.dpi)
     write_table(pd.DataFrame(rows), args.results_dir, "erank_vs_clip_correlations",
-                ["model", "x", "n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p"])
+                ["model", "group", "x", "n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p"])
     return 0
 
 

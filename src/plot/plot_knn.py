@@ -3,10 +3,14 @@
 Reads ``<knn_dir>/<model>/overlap_top<k>_<metric>.json`` and ``per_image.csv`` (see vlmc.plot.data) and
 writes to ``<out_dir>/knn/``:
 
-    single_dataset_topk_all.png   KNOR(pre, post) vs k, one line per model (dotted: chance_knor, else k/(N-1))
+    single_dataset_topk_all.png   KNOR(pre, post) vs k, one line per model
     triway_knor_lines.png         per model: KNOR vs k for pre-post and <ref>-pre / <ref>-post
     triway_knor_bars_k<k>.png     the same pairs at one k, bars per model (error bars: ±1 std over images)
     three_way_counts_k<k>.png     share of the k neighbours in ref∩pre∩post, ref∩pre only, ... (per ref)
+
+Every KNOR figure draws the chance level E[KNOR@k] = k/(N−1) (the JSON's chance_knor when given) as a
+dotted grey line. k ≥ N − 1 is left out (the neighbourhood is then the whole set and KNOR = 1 for any
+embedding); the bar charts use one k (``--k``; see its help).
     spectra_<model>.png           mean singular values and cumulative energy fraction, pre vs post
     energy_spectrum_all.png       cumulative energy of every model, pre (dashed) vs post (solid)
     effective_rank_summary.png    per-image effective rank (raw, normalised) and top-1 energy, pre vs post
@@ -24,9 +28,11 @@ import logging
 import sys
 
 import numpy as np
+import pandas as pd
 from matplotlib.patches import Patch
 
 from vlmc.plot.common import (
+    CHANCE_STYLE,
     PRE_POST_COLORS,
     add_io_args,
     model_color,
@@ -37,8 +43,19 @@ from vlmc.plot.common import (
     require_dir,
     save_figure,
 )
-from vlmc.plot.data import THREE_WAY, KnnRun, add_stage_args, knor_table, load_knn, stage_dir
-from vlmc.utils.cli import entry_point, make_parser
+from vlmc.plot.data import (
+    THREE_WAY,
+    KnnRun,
+    add_stage_args,
+    chance_knor,
+    erank_column,
+    knor_table,
+    load_knn,
+    n_images,
+    stage_dir,
+)
+from vlmc.plot.figcheck import REFERENCE_GID
+from vlmc.utils.cli import UsageError, entry_point, make_parser
 
 log = logging.getLogger("vlmc.plot.knn")
 
@@ -58,42 +75,60 @@ def pair_style(pair: str) -> dict:
             "marker": "o" if side == "pre" else "s"}
 
 
+def meaningful(run: KnnRun) -> pd.DataFrame:
+    """The run's KNOR table without the k ≥ N − 1 rows (there every neighbourhood is the whole set: KNOR = 1)."""
+    t = knor_table(run)
+    n = n_images(run)
+    return t[t["k"] < n - 1].reset_index(drop=True) if n else t
+
+
+def draw_chance(ax, ks, values, first: bool, **style) -> None:
+    """The chance level E[KNOR@k] = k / (N − 1) as a reference line (label "chance …", read back by tests)."""
+    ax.plot(ks, values, gid=REFERENCE_GID, label="chance k/(N−1)" if first else "_chance k/(N−1)",
+            **{**CHANCE_STYLE, **style})
+
+
 def plot_pre_post(runs: dict[str, KnnRun], out, args) -> None:
     fig, (ax,) = panel_grid(1, 6.5, 4.5)
+    chance: dict[tuple, list[float]] = {}  # one chance curve per distinct (ks, N): drawn once, after the models
     for m, run in runs.items():
-        t = knor_table(run)
+        t = meaningful(run)
         t = t[t["pair"] == "pre_post"]
         if len(t):
             ax.plot(t["k"], t["mean"], marker="o", color=model_color(m), label=model_label(m))
-            chance = run.summary.chance if run.summary else {}
-            n = run.summary.n_images if run.summary else None
-            base = [chance.get(int(k), k / (n - 1) if n and n > 1 else np.nan) for k in t["k"]]
-            ax.plot(t["k"], base, ls=":", color=model_color(m), alpha=0.6)
-    ks = sorted({int(k) for r in runs.values() for k in knor_table(r)["k"]})
+            ks = tuple(int(k) for k in t["k"])
+            chance.setdefault((ks, n_images(run)), [chance_knor(run, k) for k in ks])
+    for i, ((ks, _), values) in enumerate(chance.items()):
+        draw_chance(ax, ks, values, i == 0)
+    ks = sorted({int(k) for r in runs.values() for k in meaningful(r)["k"]})
     ax.set_xticks(ks)
-    ax.set(xlabel="k (neighbours)", ylabel="KNOR@k (fraction of k shared)", ylim=(0, 1.02),
-           title="Pre- vs post-connector neighbourhood overlap (dotted: chance level)")
-    ax.legend()
+    ax.set(xlabel="k (neighbours)", ylabel="KNOR@k (fraction of the k neighbours shared)", ylim=(0, 1.02),
+           title="Pre- vs post-connector neighbourhood overlap")
+    ax.legend(loc="best")
     save_figure(fig, out, "single_dataset_topk_all", args.pdf, args.dpi)
 
 
 def plot_triway_lines(runs: dict[str, KnnRun], out, args) -> None:
-    fig, axes = panel_grid(len(runs), 4.2, 3.8)
+    fig, axes = panel_grid(len(runs), 4.4, 3.8)
     for ax, (m, run) in zip(axes, runs.items(), strict=True):
-        t = knor_table(run)
+        t = meaningful(run)
         for pair, g in t.groupby("pair", sort=True):
             ax.plot(g["k"], g["mean"], label=pair_label(pair), **pair_style(pair))
-        ax.set_xticks(sorted(t["k"].unique()))
-        ax.set(title=model_label(m), xlabel="k (neighbours)", ylabel="KNOR@k (fraction of k)", ylim=(0, 1.02))
-        ax.legend()
-    fig.suptitle("KNOR across k: reference ↔ pre, reference ↔ post, pre ↔ post")
+        ks = sorted(int(k) for k in t["k"].unique())
+        draw_chance(ax, ks, [chance_knor(run, k) for k in ks], True)
+        ax.set_xticks(ks)
+        ax.set(title=f"{model_label(m)} (N = {n_images(run)})", xlabel="k (neighbours)",
+               ylabel="KNOR@k (fraction of k)", ylim=(0, 1.02))
+        ax.legend(loc="best")
+    fig.suptitle("KNOR across k: reference ↔ pre, reference ↔ post, pre ↔ post (dotted: chance)")
     save_figure(fig, out, "triway_knor_lines", args.pdf, args.dpi)
 
 
 def plot_triway_bars(runs: dict[str, KnnRun], k: int, out, args) -> None:
     tables = {m: knor_table(r) for m, r in runs.items()}
-    pairs = sorted({p for t in tables.values() for p in t["pair"]}, key=lambda p: (p == "pre_post", p.rsplit("_", 1)[0], p.endswith("_post")))
-    fig, (ax,) = panel_grid(1, max(6.0, 1.8 * len(runs)), 4.5)
+    pairs = sorted({p for t in tables.values() for p in t["pair"]},
+                   key=lambda p: (p == "pre_post", p.rsplit("_", 1)[0], p.endswith("_post")))
+    fig, (ax,) = panel_grid(1, max(6.5, 1.8 * len(runs)), 4.5)
     width = 0.8 / max(len(pairs), 1)
     for j, pair in enumerate(pairs):
         vals = [t[(t["pair"] == pair) & (t["k"] == k)] for t in tables.values()]
@@ -102,10 +137,13 @@ def plot_triway_bars(runs: dict[str, KnnRun], k: int, out, args) -> None:
         x = np.arange(len(runs)) + (j - (len(pairs) - 1) / 2) * width
         ax.bar(x, mean, width, yerr=std, capsize=2, label=pair_label(pair), color=pair_style(pair)["color"],
                alpha=0.85, hatch="//" if pair.endswith("_post") else None, edgecolor="white")
+    for i, run in enumerate(runs.values()):  # chance across each model's group of bars
+        draw_chance(ax, [i - 0.45, i + 0.45], [chance_knor(run, k)] * 2, i == 0, lw=1.6)
     ax.set_xticks(np.arange(len(runs)), [model_label(m) for m in runs])
-    ax.set(ylabel=f"KNOR@{k} (fraction of k; ±1 std over images)", ylim=(0, 1.05),
+    ax.set(ylabel=f"KNOR@{k} (±1 std over images)", ylim=(0, 1.05),
            title=f"Neighbourhood overlap at k = {k}: reference vs pre / post connector")
-    ax.legend(ncol=min(len(pairs), 3))
+    ax.legend(ncol=min(len(pairs) + 1, 4), loc="upper center", fontsize=7)
+    ax.set_ylim(0, 1.2)
     save_figure(fig, out, f"triway_knor_bars_k{k}", args.pdf, args.dpi)
 
 
@@ -115,7 +153,7 @@ def plot_three_way(runs: dict[str, KnnRun], k: int, out, args) -> None:
     if not rows:
         log.warning("no three-way counts at k=%d in the overlap JSONs; three_way_counts figure skipped", k)
         return
-    fig, (ax,) = panel_grid(1, max(6.0, 1.4 * len(rows)), 4.5)
+    fig, (ax,) = panel_grid(1, max(6.5, 1.4 * len(rows)), 4.5)
     colors = {"all3": "#4d4d4d", "ref_pre_only": PRE_POST_COLORS["pre"], "ref_post_only": PRE_POST_COLORS["post"],
               "pre_post_only": "#8fbc8f"}
     names = {"all3": "ref ∩ pre ∩ post", "ref_pre_only": "ref ∩ pre only", "ref_post_only": "ref ∩ post only",
@@ -125,10 +163,12 @@ def plot_three_way(runs: dict[str, KnnRun], k: int, out, args) -> None:
         v = np.array([r[c] / k for _, r in rows], dtype=float)
         ax.bar(range(len(rows)), v, bottom=bottom, color=colors[c], label=names[c])
         bottom += np.nan_to_num(v)
+    for i, (m, _) in enumerate(rows):  # a pair's KNOR at chance would put k/(N−1) of the k in its two segments
+        draw_chance(ax, [i - 0.45, i + 0.45], [chance_knor(runs[m], k)] * 2, i == 0, lw=1.6)
     ax.set_xticks(range(len(rows)), [f"{model_label(m)}\n({r['ref']})" for m, r in rows])
-    ax.set(ylabel=f"mean share of the k = {k} neighbours", ylim=(0, 1.05),
+    ax.set(ylabel=f"mean share of the k = {k} neighbours", ylim=(0, 1.25),
            title=f"Three-way neighbourhood agreement at k = {k} (reference, pre, post)")
-    ax.legend()
+    ax.legend(ncol=3, loc="upper center", fontsize=7)
     save_figure(fig, out, f"three_way_counts_k{k}", args.pdf, args.dpi)
 
 
@@ -151,12 +191,12 @@ def plot_spectra(m: str, run: KnnRun, topn: int, out, args) -> None:
             axes[1].plot(np.arange(1, len(kinds["energy"]) + 1), np.cumsum(kinds["energy"]), **style)
     axes[0].set(yscale="log", xlabel="component index i", title="Singular-value spectrum")
     axes[1].set(xlabel="number of components i", ylim=(0, 1.02), title="Cumulative energy",
-                ylabel="cumulative energy fraction (first i components)")
+                ylabel="energy fraction of the first i")
     for f in (0.8, 0.9):
         axes[1].axhline(f, color="gray", lw=0.8, ls=":")
     for ax in axes:
         ax.legend()
-    fig.suptitle(f"{model_label(m)}: token-centred spectrum per image, mean over images")
+    fig.suptitle(f"{model_label(m)}: token-centred spectrum, mean over images")
     save_figure(fig, out, f"spectra_{model_slug(m)}", args.pdf, args.dpi)
 
 
@@ -180,12 +220,18 @@ def plot_energy_all(runs: dict[str, KnnRun], out, args) -> None:
 
 
 def plot_erank(runs: dict[str, KnnRun], out, args) -> None:
-    stats = [("effective_rank", "Effective rank", "effective rank exp(H(p))"),
-             ("effective_rank_normalized", "Normalised effective rank", "effective rank / min(T−1, D)"),
-             ("top1_energy_ratio", "Top-1 energy", r"top-1 energy fraction $s_1^2 / \sum_j s_j^2$")]
     have = {m: r.per_image for m, r in runs.items() if r.per_image is not None}
-    stats = [st for st in stats
-             if any(f"{side}_{st[0]}" in d.columns for side in ("pre", "post") for d in have.values())]
+    cols = {c for d in have.values() for c in d.columns}
+
+    def column(stat: str, side: str) -> str:
+        if stat in ("raw", "norm"):
+            return erank_column(cols, side, stat == "norm") or f"{side}_erank_{stat}"
+        return f"{side}_{stat}"
+
+    stats = [("raw", "Effective rank", "effective rank exp(H(p))"),
+             ("norm", "Normalised effective rank", "effective rank / min(T−1, D)"),
+             ("top1_energy_ratio", "Top-1 energy", r"top-1 energy $s_1^2 / \sum_j s_j^2$")]
+    stats = [st for st in stats if any(column(st[0], side) in cols for side in ("pre", "post"))]
     if not stats:
         log.warning("no per_image.csv with pre_/post_effective_rank; effective_rank_summary skipped")
         return
@@ -193,7 +239,7 @@ def plot_erank(runs: dict[str, KnnRun], out, args) -> None:
     for ax, (s, title, label) in zip(axes, stats, strict=True):
         for i, (m, d) in enumerate(have.items()):
             for j, side in enumerate(("pre", "post")):
-                col = f"{side}_{s}"
+                col = column(s, side)
                 if col in d.columns and d[col].notna().any():
                     bp = ax.boxplot([d[col].dropna()], positions=[i + (j - 0.5) * 0.38], widths=0.32,
                                     patch_artist=True, showfliers=False, medianprops={"color": "black"})
@@ -202,21 +248,35 @@ def plot_erank(runs: dict[str, KnnRun], out, args) -> None:
         ax.set_xticks(range(len(have)), [model_label(m) for m in have])
         ax.set(ylabel=label, title=title)
     axes[0].legend(handles=[Patch(color=c, label=side) for side, c in PRE_POST_COLORS.items()])
-    fig.suptitle("Per-image spectral statistics of E_pre vs E_post (boxes: quartiles, whiskers 1.5 IQR)")
+    fig.suptitle("Per-image spectral statistics of E_pre vs E_post (boxes: quartiles, whiskers: 1.5 IQR)")
     save_figure(fig, out, "effective_rank_summary", args.pdf, args.dpi)
 
 
-def common_k(runs: dict[str, KnnRun], wanted: int | None) -> int | None:
-    ks = [set(knor_table(r)["k"].astype(int)) for r in runs.values()]
-    ks = [s for s in ks if s]
-    if not ks:
-        return None
-    shared = set.intersection(*ks)
+def choose_k(runs: dict[str, KnnRun], wanted: int | None) -> int | None:
+    """The k of the bar charts: ``wanted``, else the largest k every model has with k ≤ N/20, else the
+    smallest k every model has below N − 1 (logged). None (figures skipped) when no k is below N − 1.
+
+    At k ≥ N − 1 every neighbourhood is the whole set (KNOR = 1 for every pair), so such a k is refused.
+    """
+    n = min(n_images(r) or 0 for r in runs.values())
+    shared = set.intersection(*[set(knor_table(r)["k"].astype(int)) for r in runs.values()])
     if wanted is not None:
+        if wanted >= n - 1:
+            raise UsageError(f"--k {wanted}: KNOR at k >= N - 1 = {n - 1} is 1 by construction (N = {n} images)")
         if wanted not in shared:
-            log.warning("--k %d not available for every model (shared: %s)", wanted, sorted(shared))
+            raise UsageError(f"--k {wanted} not available for every model (shared: {sorted(shared)})")
         return wanted
-    return max(shared) if shared else max(max(s) for s in ks)
+    usable = sorted(k for k in shared if k < n - 1)
+    if not usable:
+        log.warning("no k below N - 1 = %d shared by every model (shared: %s); KNOR bar charts skipped", n - 1,
+                    sorted(shared))
+        return None
+    small = [k for k in usable if k <= n / 20]
+    if small:
+        return small[-1]
+    log.info("no shared k <= N/20 = %.3g (N = %d); bar charts at the smallest, k = %d (chance %.3f)", n / 20, n,
+             usable[0], usable[0] / (n - 1))
+    return usable[0]
 
 
 def build_parser():
@@ -224,7 +284,9 @@ def build_parser():
     add_io_args(p)
     add_stage_args(p, "knn")
     p.add_argument("--metric", default="l2", choices=("l2", "cosine"), help="which overlap_top<k>_<metric>.json")
-    p.add_argument("--k", type=int, default=None, help="k of the bar charts (default: largest k all models share)")
+    p.add_argument("--k", type=int, default=None,
+                   help="k of the bar charts; default: the largest k every model has with k <= N/20, else the "
+                        "smallest below N - 1 (k >= N - 1 is refused: KNOR = 1 there)")
     p.add_argument("--topn", type=int, default=100, help="spectral components shown in the spectra panels")
     return p
 
@@ -236,14 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     found = load_knn(knn_dir, args.metric)
     runs = {m: found[m] for m in pick_models(found, args.models)}
     out = f"{args.out_dir}/knn"
-    k = common_k(runs, args.k)
-    if k is None:
-        log.warning("no KNOR values (JSON per_k or per_image <pair>_knor<k>); KNOR figures skipped")
+    if not any(len(meaningful(r)) for r in runs.values()):
+        log.warning("no KNOR values at k < N - 1 (JSON per_k or per_image <pair>_knor<k>); KNOR figures skipped")
     else:
         plot_pre_post(runs, out, args)
         plot_triway_lines(runs, out, args)
-        plot_triway_bars(runs, k, out, args)
-        plot_three_way(runs, k, out, args)
+        k = choose_k(runs, args.k)
+        if k is not None:
+            plot_triway_bars(runs, k, out, args)
+            plot_three_way(runs, k, out, args)
     for m, run in runs.items():
         plot_spectra(m, run, args.topn, out, args)
     plot_energy_all(runs, out, args)

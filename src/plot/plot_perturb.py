@@ -7,7 +7,8 @@ the mean, ``--n_boot`` resamples, fixed ``--seed``):
     --mode drop    clipscore_drop = CLIPScore(original) − CLIPScore(perturbed), and
                    bertscore_drop_gt = BERTScore-F1(original vs gt) − BERTScore-F1(perturbed vs gt)
                    (positive = the perturbed caption is worse)
-    --mode score   clipscore_original (dashed) and clipscore_perturbed (solid), and
+    --mode score   clipscore_perturbed (solid) with the unperturbed clipscore_original as one dashed level
+                   per model (no band, so the levels stay apart), and
                    bertscore_f1 (BERTScore-F1 of the perturbed caption against the original one)
 
 A panel whose column is absent or all NaN (e.g. no reference captions) is left out with a warning.
@@ -30,14 +31,17 @@ from vlmc.plot.common import (
     BOOT_SEED,
     add_io_args,
     bootstrap_ci,
+    label,
     model_color,
     model_label,
     panel_grid,
     pick_models,
     require_dir,
     save_figure,
+    wrap,
 )
 from vlmc.plot.data import add_stage_args, read_perturb, stage_dir
+from vlmc.plot.figcheck import REFERENCE_GID
 from vlmc.utils.cli import UsageError, entry_point, make_parser
 
 log = logging.getLogger("vlmc.plot.perturb")
@@ -48,13 +52,13 @@ LEVEL_LABEL = {
     "orthogonal": "blend α toward a random rotation X·Q",
     "noise": "signal-to-noise ratio (dB; lower = more noise)",
 }
-PANELS = {
-    "drop": [("clipscore_drop", "ΔCLIPScore (original − perturbed; 0–2.5 scale)", None),
-             ("bertscore_drop_gt", "ΔBERTScore-F1 vs gt (original − perturbed)", None),
-             ("attr_acc_drop", "Δ attribute accuracy (original − perturbed; scenes)", None)],
-    "score": [("clipscore_perturbed", "CLIPScore (0–2.5; dashed: unperturbed)", "clipscore_original"),
-              ("bertscore_f1", "BERTScore-F1, perturbed vs original caption", None),
-              ("attr_acc_perturbed", "attribute accuracy (0–1, scenes; dashed: unperturbed)", "attr_acc_original")],
+PANELS = {  # (column, axis label, column of the unperturbed reference drawn as a dashed level)
+    "drop": [("clipscore_drop", "CLIPScore drop, unperturbed − perturbed (0–2.5 scale)", None),
+             ("bertscore_drop_gt", "BERTScore-F1 drop vs reference, unperturbed − perturbed", None),
+             ("attr_acc_drop", "attribute-accuracy drop, unperturbed − perturbed (scenes)", None)],
+    "score": [("clipscore_perturbed", "CLIPScore (0–2.5)", "clipscore_original"),
+              ("bertscore_f1", "BERTScore F1, perturbed vs unperturbed caption", None),
+              ("attr_acc_perturbed", "attribute accuracy (0–1, scenes)", "attr_acc_original")],
 }
 
 
@@ -70,9 +74,10 @@ def curve(df: pd.DataFrame, col: str, n_boot: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["level", "n", "mean", "lo", "hi"])
 
 
-def draw(ax, c: pd.DataFrame, color: str, label: str | None, ls: str = "-") -> None:
-    ax.plot(c["level"], c["mean"], marker="o", ms=4, ls=ls, color=color, label=label)
-    ax.fill_between(c["level"], c["lo"], c["hi"], color=color, alpha=0.18, lw=0)
+def draw(ax, c: pd.DataFrame, color: str, label: str | None) -> None:
+    """The mean per level (markers) and its bootstrap 95% band."""
+    ax.plot(c["level"], c["mean"], marker="o", ms=4, color=color, label=label)
+    ax.fill_between(c["level"], c["lo"], c["hi"], color=color, alpha=0.15, lw=0)
 
 
 def build_parser():
@@ -115,15 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         for m in models:
             sub = df[df["model"] == m]
             draw(ax, curve(sub, col, args.n_boot, args.seed), model_color(m), model_label(m))
-            if ref and ref in sub.columns:
-                draw(ax, curve(sub, ref, args.n_boot, args.seed), model_color(m), None, ls="--")
+            if ref and ref in sub.columns and sub[ref].notna().any():  # one level per model, no band: readable
+                ax.axhline(float(sub[ref].mean()), color=model_color(m), lw=1.0, ls="--", alpha=0.8,
+                           gid=REFERENCE_GID)
         if args.mode == "drop":
-            ax.axhline(0, color="gray", lw=0.8, ls="--")
+            ax.axhline(0, color="gray", lw=0.8, ls="--", gid=REFERENCE_GID)
         if levels.min() > 0 and levels.max() / levels.min() > 20:
             ax.set_xscale("log")
-        ax.set(xlabel=LEVEL_LABEL[args.perturb], ylabel=ylabel, title=col)
-        ax.legend()
-    fig.suptitle(f"{args.perturb} perturbation of E_post: mean over images, bootstrap 95% CI band")
+        title = label(col) + (" (dashed: unperturbed)" if ref and ref in df.columns else "")
+        ax.set(xlabel=wrap(LEVEL_LABEL[args.perturb], 40), ylabel=wrap(ylabel, 36), title=title)
+        ax.legend(loc="best")
+    fig.suptitle(f"{args.perturb.capitalize()} perturbation of E_post: mean over images, bootstrap 95% band")
     save_figure(fig, args.out_dir, f"{args.perturb}_{args.mode}", args.pdf, args.dpi)
     return 0
 

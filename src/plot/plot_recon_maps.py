@@ -83,20 +83,24 @@ def plot_model(model: str, lm: dict, hints: dict, args) -> None:
         return
     crops = [lm["maps"][i][: lm["grids"][i][0], : lm["grids"][i][1]] for i in idx]
     vmin, vmax = np.nanmin([np.nanmin(c) for c in crops]), np.nanmax([np.nanmax(c) for c in crops])
-    fig, axes = plt.subplots(2, len(idx), figsize=(2.8 * len(idx) + 0.8, 5.8), squeeze=False, layout="constrained")
+    imgs = [load_image(find_image(args.image_dir_path, lm["shards"][i], lm["keys"][i],
+                                  hints.get((model, lm["shards"][i], lm["keys"][i]), "")), args.center_crop) for i in idx]
+    missing = [f"{lm['shards'][i]}/{lm['keys'][i]}" for i, img in zip(idx, imgs, strict=True) if img is None]
+    rows = 2 if len(missing) < len(idx) else 1  # no image at all: the maps alone
+    fig, axes = plt.subplots(rows, len(idx), figsize=(2.8 * len(idx) + 0.8, 2.9 * rows + 0.4), squeeze=False,
+                             layout="constrained")
     im_artist = None
-    for j, (i, loss) in enumerate(zip(idx, crops, strict=True)):
-        shard, key = lm["shards"][i], lm["keys"][i]
-        path = find_image(args.image_dir_path, shard, key, hints.get((model, shard, key), ""))
-        img = load_image(path, args.center_crop)
-        top, bottom = axes[0, j], axes[1, j]
-        if img is not None:
-            top.imshow(img)
-        else:
-            top.text(0.5, 0.5, "image not found", ha="center", va="center", transform=top.transAxes)
-        top.set_title(f"{shard}/{key}\nmean loss {np.nanmean(loss):.3g}", fontsize=8)
-        top.axis("off")
-        if loss.shape[1] > 1 and loss.shape[0] > 1:
+    for j, (i, loss, img) in enumerate(zip(idx, crops, imgs, strict=True)):
+        name = f"{lm['shards'][i]}/{lm['keys'][i]}\nmean loss {np.nanmean(loss):.3g}"
+        top, bottom = axes[0, j], axes[-1, j]
+        if rows == 2:
+            if img is not None:
+                top.imshow(img)
+                top.set_title(name, fontsize=7.5)
+                top.axis("off")
+            else:  # shown in the map's title instead of a blank panel
+                top.set_visible(False)
+        if loss.shape[0] > 1 and loss.shape[1] > 1:
             if img is not None:
                 bottom.imshow(img)
                 extent = (-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5)  # the image's own pixel extent
@@ -104,14 +108,20 @@ def plot_model(model: str, lm: dict, hints: dict, args) -> None:
                 extent = None
             im_artist = bottom.imshow(loss, cmap=CMAP, vmin=vmin, vmax=vmax, alpha=0.6 if img is not None else 1.0,
                                       extent=extent, interpolation="nearest")
-            bottom.set_title(f"loss on the {loss.shape[0]}×{loss.shape[1]} patch grid", fontsize=8)
             bottom.axis("off")
         else:  # non-spatial tokens: a strip
             flat = loss.ravel()
             bottom.bar(np.arange(flat.size), flat, color="#7a0177")
             bottom.set(xlabel="token index (no spatial grid)", ylabel="MSE (std. units)", ylim=(0, vmax * 1.05))
+        spatial = loss.shape[0] > 1 and loss.shape[1] > 1
+        grid = f"loss on the {loss.shape[0]}×{loss.shape[1]} patch grid" if spatial else "loss per token"
+        bottom.set_title(grid if (rows == 2 and img is not None) else f"{name}\n{grid}", fontsize=7.5)
+    if missing:
+        log.warning("%s: %d of %d example images not found (%s): neither <image_dir>/<shard>/<key>.* (image_dir: %s) "
+                    "nor an image_path in the caption CSVs", model, len(missing), len(idx), ", ".join(missing),
+                    args.image_dir_path or "none")
     if im_artist is not None:
-        fig.colorbar(im_artist, ax=axes[1, :].tolist(), shrink=0.8, label=CBAR_LABEL)
+        fig.colorbar(im_artist, ax=axes[-1, :].tolist(), shrink=0.8, label=CBAR_LABEL)
     fig.suptitle(f"{model_label(model)}: per-patch reconstruction loss of E_pre (held-out examples, low → high loss)")
     save_figure(fig, f"{args.out_dir}/recon_maps", f"recon_maps_{model_slug(model)}", args.pdf, args.dpi)
 
@@ -135,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         raise UsageError(f"{recon_dir}: no <model>/loss_maps.pt")
     image_dir = stage_dir(args, "images")
-    args.image_dir_path = image_dir if image_dir.is_dir() else None
-    if args.image_dir_path is None:
-        log.warning("image folder %s not found: maps are drawn without images unless CSVs give image_path", image_dir)
+    args.image_dir_path = image_dir if image_dir.is_dir() else None  # a missing image is reported per figure
     hints = image_hints(args)
     for m in pick_models(files, args.models):
         plot_model(m, read_loss_maps(files[m]), hints, args)

@@ -77,8 +77,48 @@ def setup_logging() -> None:
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is not news
 
 
+class _LineWriter:
+    """A tqdm ``file`` for logs: each refresh becomes one line (tqdm's carriage returns dropped)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(iterable=None, *, interval: float = 10.0, **kwargs):
+    """A tqdm bar on stderr that is never silent: live on a terminal; in a log (stderr not a TTY) one line
+    every ``interval`` seconds (and at the end). ``kwargs`` go to tqdm (``total``, ``desc``, ``unit``, ``disable``)."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    kwargs.setdefault("file", sys.stderr if tty else _LineWriter(sys.stderr))
+    if not tty:
+        kwargs.setdefault("mininterval", interval)
+        kwargs.setdefault("ascii", True)
+    return tqdm(iterable, **kwargs)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every default in ``--help`` and keeps the description's line breaks."""
+    """Shows each default once in ``--help`` and keeps the description's line breaks.
+
+    ``(default: X)`` is appended unless the help already states its default (it contains ``default``), the
+    flag is required, the default is None or ``""`` (the help says what leaving it out means) or the flag is
+    a switch (``store_true`` / ``store_false``: off unless given).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" in text or "default" in text.lower() or action.required or action.default in (None, "")
+                or action.default is argparse.SUPPRESS or isinstance(action.default, bool)):
+            return text
+        return super()._get_help_string(action)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
