@@ -12,8 +12,8 @@ Here:
   it; the manifest's sha256 covers every byte): every store file is saved in a pool thread whose
   (thread-local) torch setting says so, whichever thread asks. The file is otherwise exactly
   ``torch.save``'s to a file object: read it with ``torch.load(..., weights_only=True, mmap=True)``.
-* ``save_hashed_many`` writes the files of one chunk (``pre``, ``post``, modules), one after the other
-  or (``concurrent``) at once, for a disk faster than one sha256 stream.
+* ``save_hashed_many`` writes the files of one chunk (``pre``, ``post``, modules), one after the other,
+  or at once where there are cores for several sha256 streams (``CONCURRENT_FILES``).
 * Each large buffer is written in 16 MB slices, and the kernel is asked to start writing each slice
   to the disk at once (``sync_file_range``), so the disk works while the rest is hashed and written
   and the final ``fsync`` finds little left to do.
@@ -157,18 +157,23 @@ def save_hashed(obj: Any, path: str | os.PathLike) -> tuple[int, str]:
     return _FILES.submit(_save_hashed_here, obj, Path(path)).result()
 
 
-def save_hashed_many(items: Sequence[tuple[Any, Path]], concurrent: bool = False) -> list[tuple[int, str]]:
+# Save a chunk's files at the same time when there are cores for their sha256 streams: one stream
+# (~1 GB/s) is slower than a fast disk (1.3 GB/s on the H200 machine of issue #14). On 2 cores it was
+# slower than one file after the other (bench/bench_store.py's concurrent column, README).
+CONCURRENT_FILES = (os.cpu_count() or 1) >= 4
+
+
+def save_hashed_many(items: Sequence[tuple[Any, Path]], concurrent: bool | None = None) -> list[tuple[int, str]]:
     """``save_hashed`` of every ``(obj, path)``; results in order.
 
     Args:
         items: what to save where.
-        concurrent: save the files at the same time (one sha256 stream each: for a disk faster than one
-            sha256 stream). Off by default: slower on the 2-core machine (``bench/bench_store.py``'s
-            ``concurrent`` column; figures in README).
+        concurrent: save the files at the same time (one sha256 stream each) or one after the other;
+            default ``CONCURRENT_FILES``.
 
     Every file is finished (written or failed) before the first error is re-raised.
     """
-    if not concurrent:
+    if not (CONCURRENT_FILES if concurrent is None else concurrent):
         return [save_hashed(obj, p) for obj, p in items]
     futures = [_FILES.submit(_save_hashed_here, obj, Path(p)) for obj, p in items]
     done = [_result_or_error(f) for f in futures]

@@ -126,7 +126,7 @@ def build_parser():
                    help="training/validation batches: device (the split held in device memory), prefetch (a "
                    "background thread gathers the next batches into pinned memory), workers (DataLoader with "
                    "--num_workers); auto: device on a GPU when the split fits in half its free memory, else "
-                   "prefetch; workers on the CPU (default: auto)")
+                   "prefetch; workers on the CPU")
     m = p.add_argument_group("model")
     m.add_argument("--model_type", default="mlp", choices=MODEL_TYPES, help="reconstructor")
     m.add_argument("--hidden_size", type=cli.positive_int, default=None, help="hidden width (default: mlp 2048; transformer 512, or its data's widest side rounded up to 128 when narrower)")
