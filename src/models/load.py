@@ -109,12 +109,13 @@ def load_vlm(
     elif os.path.sep in resolved and not Path(resolved).exists():
         raise UsageError(f"{family}: model path {resolved} does not exist")
     vision_only = vision_only and partial.supported(adapter, resolved, device)
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}  # adapters may predate it
     if vision_only:
         model, processor, _ = partial.load_vision_only(adapter, resolved, dtype, device, attn_implementation)
     elif resolved.startswith(CONFIG_PREFIX):
-        model, processor = adapter.build_from_config(name, dtype, device, attn_implementation)
+        model, processor = adapter.build_from_config(name, dtype, device, **attn)
     else:
-        model, processor = adapter.load_pretrained(resolved, dtype, device, attn_implementation)
+        model, processor = adapter.load_pretrained(resolved, dtype, device, **attn)
     model.eval()
     return VLM(adapter=adapter, model=model, processor=processor, source=resolved, device=device, dtype=dtype,
                vision_only=vision_only)  # fmt: skip

@@ -82,9 +82,11 @@ def key_renamer(model: nn.Module) -> Callable[[str], str]:
     Only plain renamings are applied (the vision towers and connectors of the supported families need
     no tensor conversion); keys already in the model's layout pass through unchanged.
     """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
-
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # a transformers without conversion mappings: checkpoint keys are the model's
+        return lambda key: key
     rules: list[tuple[re.Pattern[str], str, str]] = []  # (source pattern, target, scope prefix)
     for t in get_model_conversion_mapping(model):
         if type(t) is WeightRenaming:
@@ -130,9 +132,12 @@ def read_vision_tensors(
 
 def build_skeleton(model_cls: type[nn.Module], config: Any, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
     """The whole model on ``meta`` (no memory; weights not initialised)."""
-    from transformers import initialization as init
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
 
-    with torch.device("meta"), init.no_init_weights():
+    with torch.device("meta"), no_init_weights():
         model = model_cls._from_config(config, dtype=dtype, **kwargs)
     return model.eval()
 
