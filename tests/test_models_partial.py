@@ -210,6 +210,7 @@ def test_stage1_checkpoint_without_vision_tensors_exits_2(tmp_path):
     assert proc.returncode == 2 and "vision-side tensor" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_stage1_vision_only_store_equals_full_model_store(tmp_path):
     """Stage 1's default (vision-only) writes the same chunk files as --full_model; LM --modules load all."""
     from vlmc.data.scenes import write_scenes
