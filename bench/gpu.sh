@@ -86,7 +86,7 @@ for fam in $FAMILIES; do
   if [[ "$fam" == qwen2.5vl && "$SMOKE" != 1 ]]; then n=$(( N / 4 )); limit=$(( LIMIT_X + 15 )); fi
   args=(--models "$fam" --model-path "$src" --device "$DEVICE" --dtype "$DTYPE" --n "$n" --batch_size "$BATCH"
         --num_workers "$WORKERS" --threads 0 --repeats "$REPEATS" --new_tokens 0 --save_every 256
-        --variants forward,bare,ours,ours_workers --image_root "$IMAGES" --tmp_dir "$RESULTS"
+        --variants forward,bare,ours,ours_workers --preprocess device --image_root "$IMAGES" --tmp_dir "$RESULTS"
         --json "$RESULTS/extract_$fam.json")
   [[ -n "$IMG" ]] && args+=(--img_size "$IMG")
   echo "== stage 1: $fam ($src)"
