@@ -258,3 +258,14 @@ def test_vision_only_bf16_is_bit_identical(family):
     b = part.adapter.encode(part, part.adapter.preprocess(part.processor, images, None))
     assert a.post[0].dtype == torch.bfloat16
     assert all(torch.equal(x, y) for x, y in zip(a.pre + a.post, b.pre + b.post, strict=True))
+
+
+def test_only_safetensors_folders_and_config_sources_load_vision_only(tmp_path):
+    ad = get_adapter("llava")
+    cpu = torch.device("cpu")
+    assert partial.supported(ad, resolve_source(ad, "tiny"), cpu)
+    assert partial.supported(ad, "config:llava-1.5-7b", cpu)
+    assert not partial.supported(ad, "config:llava-1.5-7b", torch.device("meta"))
+    assert not partial.supported(ad, "llava-hf/llava-1.5-7b-hf", cpu)  # an HF id: loaded whole
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    assert not partial.supported(ad, str(tmp_path), cpu)  # no safetensors: loaded whole

@@ -278,7 +278,11 @@ def load_vision_only(
 
 def supported(adapter: Any, source: str, device: torch.device, config_prefix: str = "config:") -> bool:
     """Whether ``source`` can be loaded vision-only: the family declares its vision side and the source
-    is ``config:`` or a local folder (an HF id is loaded whole), on a real device (not ``meta``)."""
+    is ``config:`` or a local folder of safetensors (an HF id or a ``.bin`` checkpoint is loaded whole), on
+    a real device (not ``meta``)."""
     if not getattr(adapter, "vision_prefixes", ()) or device.type == "meta":
         return False
-    return source.startswith(config_prefix) or Path(source).is_dir()
+    if source.startswith(config_prefix):
+        return True
+    folder = Path(source)
+    return (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
