@@ -97,7 +97,8 @@ def run_timings(args) -> dict:
     if faiss is not None:
         faiss.omp_set_num_threads(args.threads)
     dev = resolve_device(args.device)
-    X = torch.randn(args.n, args.d, generator=torch.Generator().manual_seed(args.seed)).to(dev)
+    gen = torch.Generator(device=dev).manual_seed(args.seed)  # on the device: no host-side matrix to copy
+    X = torch.randn(args.n, args.d, generator=gen, device=dev)
     Xnp = X.cpu().numpy() if dev.type == "cpu" else None
     block = args.block_mb or auto_block_mb(dev)
     auto = args.block_mb or None  # 0 → let knn() pick (the default path under test)

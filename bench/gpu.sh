@@ -19,9 +19,11 @@
 #   PYTHON              interpreter (default: the checkout's .venv/bin/python if usable, else python3)
 #   VLMC_GPU_SMOKE=1    CPU smoke mode: tiny models, 32 images, small kNN/training sizes
 #   GPU_FAMILIES        families to run (default: all five)
-#   GPU_N               images per family (default 512; qwen2.5vl gets half: its windowed tower is slow)
+#   GPU_N               images per family (default 512; qwen2.5vl a quarter: its windowed tower runs at
+#                       ~60 img/s on an H200, and gets 15 s more)
 #   GPU_WORKERS         DataLoader decoding workers (default: CPUs - 2, at most 12)
-#   GPU_EXTRACT_LIMIT   seconds per family (default 48), GPU_KNN_LIMIT (45), GPU_TRAIN_LIMIT (45)
+#   GPU_EXTRACT_LIMIT   seconds per family (default 45), GPU_KNN_LIMIT (40), GPU_TRAIN_LIMIT (40)
+# Budget on one H200: 4 x 45 + 60 + 40 + 40 s + set-up ~ 5.5 min (the limits are caps, not estimates).
 # On a machine without the project's wheels installed, put them in <checkout>/.whl (see
 # /work/shared/GPU.md): they are installed into $HOME/site first; `vlmc` is made importable from src/.
 # Fetch them on a machine with PyPI access (the GPU machine has torch 2.11 and transformers 5.17):
@@ -64,14 +66,14 @@ if [[ "$SMOKE" == 1 ]]; then
   DEVICE=cpu; DTYPE=fp32; N="${GPU_N:-32}"; BATCH=8; WORKERS="${GPU_WORKERS:-1}"; IMG=""; REPEATS=1
   KNN=(--n 2000 --d 64 --k 10)
   TRAIN=(--grid 4 --d_pre 16 --d_post 32 --n 32 --batch_size 8 --steps 2 --workers 0 --model_types mlp)
-  LIMIT_X="${GPU_EXTRACT_LIMIT:-120}"
+  LIMIT_X="${GPU_EXTRACT_LIMIT:-120}"; LIMIT_KT=120
 else
   DEVICE=cuda; DTYPE=bf16; N="${GPU_N:-512}"; BATCH=32; IMG=336; REPEATS=2
   WORKERS="${GPU_WORKERS:-$(( NCPU > 14 ? 12 : (NCPU > 2 ? NCPU - 2 : 1) ))}"
   KNN=(--n 200000 --d 4096 --k 100); TRAIN=(--grid 24 --d_pre 1024 --d_post 4096 --n 256 --batch_size 32)
-  LIMIT_X="${GPU_EXTRACT_LIMIT:-48}"
+  LIMIT_X="${GPU_EXTRACT_LIMIT:-45}"; LIMIT_KT=40
 fi
-LIMIT_K="${GPU_KNN_LIMIT:-45}"; LIMIT_T="${GPU_TRAIN_LIMIT:-45}"
+LIMIT_K="${GPU_KNN_LIMIT:-$LIMIT_KT}"; LIMIT_T="${GPU_TRAIN_LIMIT:-$LIMIT_KT}"
 echo "gpu.sh: device=$DEVICE dtype=$DTYPE n=$N batch=$BATCH workers=$WORKERS results=$RESULTS" | tee -a "$RESULTS/env.txt"
 
 # -- 1. stage 1, one process per family (one failing family leaves the others' figures) ------------
@@ -80,14 +82,15 @@ IMAGES="$RESULTS/images"
   || { echo "gpu.sh: writing the benchmark images failed" >&2; exit 1; }
 for fam in $FAMILIES; do
   src="tiny"; [[ "$SMOKE" == 1 ]] || src="config:${CONFIG[$fam]}"
-  n="$N"; [[ "$fam" == qwen2.5vl && "$SMOKE" != 1 ]] && n=$(( N / 2 ))
+  n="$N"; limit="$LIMIT_X"
+  if [[ "$fam" == qwen2.5vl && "$SMOKE" != 1 ]]; then n=$(( N / 4 )); limit=$(( LIMIT_X + 15 )); fi
   args=(--models "$fam" --model-path "$src" --device "$DEVICE" --dtype "$DTYPE" --n "$n" --batch_size "$BATCH"
         --num_workers "$WORKERS" --threads 0 --repeats "$REPEATS" --new_tokens 0 --save_every 256
-        --variants forward,bare,ours,ours_workers --image_root "$IMAGES" --tmp_dir "$RESULTS"
+        --variants forward,bare,ours,ours_workers --preprocess device --image_root "$IMAGES" --tmp_dir "$RESULTS"
         --json "$RESULTS/extract_$fam.json")
   [[ -n "$IMG" ]] && args+=(--img_size "$IMG")
   echo "== stage 1: $fam ($src)"
-  timeout "$LIMIT_X" "$PY" bench/bench_extract.py "${args[@]}" >"$RESULTS/extract_$fam.txt" 2>"$RESULTS/extract_$fam.log"
+  timeout "$limit" "$PY" bench/bench_extract.py "${args[@]}" >"$RESULTS/extract_$fam.txt" 2>"$RESULTS/extract_$fam.log"
   rc=$?; [[ $rc == 0 ]] || echo "   $fam: exit $rc (see $RESULTS/extract_$fam.log)"
 done
 rm -rf "$IMAGES"

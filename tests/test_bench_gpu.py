@@ -44,8 +44,19 @@ def test_gpu_sh_smoke_mode_on_cpu(tmp_path):
     table = (tmp_path / "table.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| llava"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert all(c not in ("", "missing") for c in cells[1:4]) and float(cells[3]) > 0  # forward, bare, ours
+    assert all(c not in ("", "-", "missing") for c in cells[1:5]) and float(cells[3]) > 0  # forward, bare, ours x2
     assert "kNN N=2000" in table and "| torch |" in table
     rows = json.loads((tmp_path / "extract_llava.json").read_text())
-    assert rows[0]["vision_only"] and rows[0]["disk_mb_s"] > 0
+    assert rows[0]["vision_only"] and rows[0]["preprocess"] == "device" and rows[0]["disk_mb_s"] > 0
     assert not (tmp_path / "images").exists()
+
+
+@pytest.mark.parametrize("script", ["bench_extract.py", "bench_knn.py"])
+def test_benches_refuse_cuda_without_a_gpu(script):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--device", "cuda", "--n", "8"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "Traceback" not in proc.stderr

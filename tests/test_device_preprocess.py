@@ -83,6 +83,7 @@ def test_preprocess_location_choice():
         resolve_preprocess_on("gpu", torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_stage1_store_identical_with_device_preprocessing(tmp_path):
     from vlmc.data.scenes import write_scenes
 

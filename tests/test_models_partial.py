@@ -210,6 +210,7 @@ def test_stage1_checkpoint_without_vision_tensors_exits_2(tmp_path):
     assert proc.returncode == 2 and "vision-side tensor" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_stage1_vision_only_store_equals_full_model_store(tmp_path):
     """Stage 1's default (vision-only) writes the same chunk files as --full_model; LM --modules load all."""
     from vlmc.data.scenes import write_scenes
@@ -257,3 +258,14 @@ def test_vision_only_bf16_is_bit_identical(family):
     b = part.adapter.encode(part, part.adapter.preprocess(part.processor, images, None))
     assert a.post[0].dtype == torch.bfloat16
     assert all(torch.equal(x, y) for x, y in zip(a.pre + a.post, b.pre + b.post, strict=True))
+
+
+def test_only_safetensors_folders_and_config_sources_load_vision_only(tmp_path):
+    ad = get_adapter("llava")
+    cpu = torch.device("cpu")
+    assert partial.supported(ad, resolve_source(ad, "tiny"), cpu)
+    assert partial.supported(ad, "config:llava-1.5-7b", cpu)
+    assert not partial.supported(ad, "config:llava-1.5-7b", torch.device("meta"))
+    assert not partial.supported(ad, "llava-hf/llava-1.5-7b-hf", cpu)  # an HF id: loaded whole
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    assert not partial.supported(ad, str(tmp_path), cpu)  # no safetensors: loaded whole

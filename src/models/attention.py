@@ -17,18 +17,18 @@ KNOWN = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attent
 
 def installed() -> dict[str, bool]:
     """Each known implementation → whether this environment can run it."""
-    from transformers.utils import (
-        is_flash_attn_2_available,
-        is_flash_attn_3_available,
-        is_torch_flex_attn_available,
-    )
+    from transformers import utils
+
+    def probe(name: str) -> bool:
+        check = getattr(utils, name, None)  # older transformers lack some probes: not available then
+        return bool(check()) if check is not None else False
 
     return {
         "sdpa": True,
         "eager": True,
-        "flash_attention_2": bool(is_flash_attn_2_available()),
-        "flash_attention_3": bool(is_flash_attn_3_available()),
-        "flex_attention": bool(is_torch_flex_attn_available()),
+        "flash_attention_2": probe("is_flash_attn_2_available"),
+        "flash_attention_3": probe("is_flash_attn_3_available"),
+        "flex_attention": probe("is_torch_flex_attn_available"),
     }
 
 

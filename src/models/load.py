@@ -126,12 +126,13 @@ def load_vlm(
     # an HF id is a local snapshot folder by now: vision-only loading applies to it as to any folder
     location = src.spec if src.kind == "config" else str(src.path)
     vision_only = vision_only and partial.supported(adapter, location, device)
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}  # adapters may predate it
     if vision_only:
         model, processor, _ = partial.load_vision_only(adapter, location, dtype, device, attn_implementation)
     elif src.kind == "config":
-        model, processor = adapter.build_from_config(str(src.name), dtype, device, attn_implementation)
+        model, processor = adapter.build_from_config(str(src.name), dtype, device, **attn)
     else:
-        model, processor = adapter.load_pretrained(str(src.path), dtype, device, attn_implementation)
+        model, processor = adapter.load_pretrained(str(src.path), dtype, device, **attn)
     name = src.spec if src.kind == "config" else (src.repo_id if src.kind == "hub" else str(src.path))
     model.eval()
     return VLM(adapter=adapter, model=model, processor=processor, source=name, device=device, dtype=dtype,

@@ -82,9 +82,11 @@ def key_renamer(model: nn.Module) -> Callable[[str], str]:
     Only plain renamings are applied (the vision towers and connectors of the supported families need
     no tensor conversion); keys already in the model's layout pass through unchanged.
     """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
-
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # a transformers without conversion mappings: checkpoint keys are the model's
+        return lambda key: key
     rules: list[tuple[re.Pattern[str], str, str]] = []  # (source pattern, target, scope prefix)
     for t in get_model_conversion_mapping(model):
         if type(t) is WeightRenaming:
@@ -130,9 +132,12 @@ def read_vision_tensors(
 
 def build_skeleton(model_cls: type[nn.Module], config: Any, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
     """The whole model on ``meta`` (no memory; weights not initialised)."""
-    from transformers import initialization as init
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
 
-    with torch.device("meta"), init.no_init_weights():
+    with torch.device("meta"), no_init_weights():
         model = model_cls._from_config(config, dtype=dtype, **kwargs)
     return model.eval()
 
@@ -273,7 +278,11 @@ def load_vision_only(
 
 def supported(adapter: Any, source: str, device: torch.device, config_prefix: str = "config:") -> bool:
     """Whether ``source`` can be loaded vision-only: the family declares its vision side and the source
-    is ``config:`` or a local folder (an HF id is loaded whole), on a real device (not ``meta``)."""
+    is ``config:`` or a local folder of safetensors (an HF id or a ``.bin`` checkpoint is loaded whole), on
+    a real device (not ``meta``)."""
     if not getattr(adapter, "vision_prefixes", ()) or device.type == "meta":
         return False
-    return source.startswith(config_prefix) or Path(source).is_dir()
+    if source.startswith(config_prefix):
+        return True
+    folder = Path(source)
+    return (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
