@@ -446,7 +446,7 @@ def reference_names() -> dict[str, Named]:
     return names
 
 
-REFERENCE_SOURCE_HELP = source_help(list(reference_names()), open_clip=True, default=f"Default: {DEFAULT_REFERENCE}")
+REFERENCE_SOURCE_HELP = source_help(list(reference_names()), open_clip=True)
 
 
 def resolve_hf_source(model_id: str, revision: str | None = None) -> Source:

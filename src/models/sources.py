@@ -60,7 +60,7 @@ def source_help(names: Sequence[str], open_clip: bool = False, config: bool = Fa
         extra.append("config:<name> (published dimensions, random weights, no download)")
     extra.append("or a name: " + ", ".join(names))
     text = GRAMMAR.format(extra=", ".join(extra))
-    return f"{text}. {default}".strip()
+    return f"{text}. {default}".strip() if default else text
 
 
 @dataclass(frozen=True)
