@@ -128,7 +128,7 @@ def main() -> None:
         mb = sum(p.stat().st_size for p in (work / "read" / "store").rglob("*.pt")) / 2**20
         print(f"read ({args.n} images, {args.grid}x{args.grid} tokens, d_pre {args.d_pre}, d_post {args.d_post}, fp16,"
               f" {mb:.0f} MiB; best of {args.repeats}):")
-        print("| stage | s, hash (default) | s, size only | hash/size | sha256 of the store alone / stage |")
+        print("| stage | s, VLMC_VERIFY=hash | s, VLMC_VERIFY=size | hash/size | sha256 of the store alone / stage (size) |")
         print("|---|---|---|---|---|")
         for name, (th, ts, h) in cases.items():
             print(f"| {name} | {th:.2f} | {ts:.2f} | {th / ts:.3f} | {100 * h / ts:.1f} % |")

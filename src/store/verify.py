@@ -38,15 +38,16 @@ LEVELS = ("size", "hash")
 
 _STAGE_LEVEL = ["size"]  # what this process's stage chose (set_read_level); a resume always hashes
 
-VERIFY_HELP = ("also check each chunk's sha256 against the manifest (size, keys, rows and finite values are always "
-               "checked; the hash costs more than 5 %% of this stage's time, see bench/bench_verify.py)")
+VERIFY_HELP = ("also check each chunk's sha256 against the manifest (size, keys, rows, pre/post keys and finite "
+               "values are always checked); off by default where the hash costs more than 5 %% of the stage's time "
+               "(bench/bench_verify.py)")
 
 
 def set_read_level(level: str) -> None:
     """The check a stage applies to every chunk it reads: ``hash`` (size + sha256) or ``size``.
 
-    A stage picks ``hash`` where hashing costs < 5 % of its time (stage 4: ~1 %), else ``size`` unless
-    its ``--verify`` asks for the hash (bench/bench_verify.py measures both). ``$VLMC_VERIFY`` overrides.
+    A stage picks ``hash`` where hashing costs < 5 % of its time (stage 4, stage 3 with token spectra:
+    ~1-2 %), else ``size`` unless its ``--verify`` asks for the hash (bench/bench_verify.py measures both). ``$VLMC_VERIFY`` overrides.
     """
     if level not in LEVELS:
         raise UsageError(f"unknown verification level {level!r}; choose one of {', '.join(LEVELS)}")

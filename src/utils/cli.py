@@ -63,6 +63,8 @@ def _one_line(e: BaseException) -> str:
         if e.errno == errno.ENOSPC:
             text += " (free some space or choose another output folder, then rerun to resume)"
         return text
+    if isinstance(e, UsageError):
+        return str(e)
     return " ".join(str(e).split("\n")[0].split()) or type(e).__name__
 
 
