@@ -60,7 +60,12 @@ def build_parser():
     p.add_argument("--save", default="both", choices=["tokens", "pooled", "both"], help="store token matrices, their mean, or both")
     p.add_argument("--caption", action="store_true", help="also generate a caption per image (runs the LM; stored in post chunks)")
     p.add_argument("--max_new_tokens", type=int, default=32, help="caption length limit with --caption")
-    p.add_argument("--modules", nargs="+", default=[], metavar="GLOB", help="also store outputs of modules matching these Unix globs")
+    p.add_argument("--modules", nargs="+", default=[], metavar="GLOB",
+                   help="also store, per image, the output of every module matching these Unix globs (fnmatch over "
+                   "--list-modules names; '*' spans dots): vision tower / connector modules as the tower computes them "
+                   "(canonical token order), language-model modules at the image-token positions of a forward of the "
+                   "captioning prompt (--prompt). A matched module that cannot be captured per image stops the run "
+                   "before any image is read")
     p.add_argument("--list-modules", "--list_modules", dest="list_modules", action="store_true", help="print every module name of each model and exit")
     return p
 
@@ -115,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     for m in models:
         vlm = load_vlm(m, sources[m], dtype, device)
         encoder = VLMEncoder(vlm, args.img_size, args.modules, args.caption, args.prompt, args.max_new_tokens)
-        if args.modules and not encoder.module_names:
-            raise UsageError(f"{m}: no module matches {' '.join(args.modules)} (see --list-modules)")
         run_shards(encoder, records, out_dir / m, cfg, desc=m)
     return 0
 
