@@ -52,7 +52,14 @@ from vlmc.train.export_recon import (
     reproject,
     resolve_model_dir,
 )
-from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, parse_csv_list, resolve_device
+from vlmc.utils.cli import (
+    UsageError,
+    ensure_writable_dir,
+    entry_point,
+    make_parser,
+    parse_csv_list,
+    resolve_device,
+)
 from vlmc.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
 from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
 
