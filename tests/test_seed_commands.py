@@ -161,3 +161,38 @@ def test_seed_flags_hidden_from_help(capsys) -> None:
     text = build_parser().format_help()
     assert "--compare_post_vs_recon" not in text and "--recon_stats_path" not in text
     assert "seed_compat.md" in text
+
+
+# the seed's wrapper calls: its images, one tiny llava, the offline tiny CLIP (the wrappers' defaults are the
+# cluster's; these settings map the seed's data and checkpoints onto the test's, nothing else)
+WRAPPER_ENV = {"ROOT": SEED_ROOT, "MODELS": "llava", "MODEL_PATH": "tiny", "MODEL_ID": "tiny-clip", "CLIP_MODEL": "tiny",
+               "EPOCHS": "2", "DEVICE": "cpu"}
+
+
+@pytest.mark.slow
+def test_every_seed_sbatch_command_runs_under_bash(tmp_path) -> None:
+    """Each ``sbatch scripts/<wrapper>.sh …`` line of the seed, run as a job script under plain bash (the
+    wrappers are valid sbatch scripts that also run without Slurm), in README order, in a seed-layout folder."""
+    from vlmc.data.scenes import write_scenes
+
+    (tmp_path / "scripts").symlink_to(REPO / "scripts")
+    (tmp_path / "src").symlink_to(REPO / "src")
+    (tmp_path / "logs").mkdir()
+    write_scenes(tmp_path / SEED_ROOT / "00000", 10, size=64)
+    write_scenes(tmp_path / SEED_ROOT / "00001", 3, size=64, first_index=10)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "VLMC_PYTHON": sys.executable, **WRAPPER_ENV}
+    cmds = [c for c in seed_commands() if c.argv[0] == "sbatch"]
+    assert [c.script for c in cmds] == [f"scripts/{w}.sh" for w in
+                                        ("vec", "clip", "cal", "emb", "export_recon", "perturb", "score_perturb")]
+    for cmd in cmds:
+        res = subprocess.run(["bash", *cmd.argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=900)
+        assert res.returncode == 0, f"{cmd}\nexit {res.returncode}\n{res.stderr[-3000:]}"
+    d = tmp_path / "data"
+    assert json.loads((d / "vector/llava/00001/manifest.json").read_text())["complete"]
+    assert (d / "output/knn_out/llava/per_image.csv").is_file()
+    assert (d / "output/recon/llava_mlp/best_model.pt").is_file()
+    assert json.loads((d / "vector_recon/llava_recon/00000/manifest.json").read_text())["complete"]
+    rows = _rows(d / "perturb_out/perturb_llava_lowrank_0.01.csv")
+    assert len(rows) == 13 and any(k.startswith("clipscore") and rows[0][k] for k in rows[0])
