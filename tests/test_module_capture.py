@@ -145,3 +145,16 @@ def test_cli_stores_vision_and_language_modules(tmp_path):
     assert bad.returncode == 2
     err = [line for line in bad.stderr.splitlines() if "error:" in line]
     assert len(err) == 1 and "never runs" in err[0] and "Traceback" not in bad.stderr
+
+
+def test_output_head_is_captured_over_image_positions():
+    """The LM's output head is a language-side module too: full logits at the image positions (the prompt
+    forward computes last-position logits only when the head is not asked for)."""
+    vlm = load_vlm("llava", "tiny")
+    enc = VLMEncoder(vlm, None, ["lm_head"])
+    assert enc.plan.language == ["lm_head"]
+    ims = images()[:2]
+    with torch.inference_mode():
+        out = enc.encode(enc.preprocess(ims), ims)
+    vocab = vlm.model.get_output_embeddings().weight.shape[0]
+    assert [tuple(t.shape) for t in out.vectors["lm_head"]] == [(p.shape[0], vocab) for p in out.vectors["post"]]

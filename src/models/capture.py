@@ -129,7 +129,7 @@ def language_captures(
 
     inputs = to_model(vlm.adapter.prompt_inputs(vlm, images, prompt, img_size), vlm.device, vlm.dtype)
     with record_calls(vlm.model, names) as calls:
-        vlm.model(**inputs, use_cache=False)
+        prompt_forward(vlm, inputs, names)
     positions = image_positions(vlm, inputs["input_ids"])
     rows = {}
     for name in names:
@@ -138,6 +138,15 @@ def language_captures(
             raise UsageError(f"module {name} ran {len(outs)} times in one prompt forward (expected once)")
         rows[name] = language_rows(outs[0], positions)
     return rows
+
+
+def prompt_forward(vlm: VLM, inputs: dict[str, Any], names: Sequence[str]) -> None:
+    """One forward of the prompt, no KV cache; logits only for the last position unless the output head is
+    captured (all-position logits of a 150k-word vocabulary would dwarf everything else at real scale)."""
+    head = vlm.model.get_output_embeddings()
+    head_name = next((n for n, m in vlm.model.named_modules() if m is head), None) if head is not None else None
+    wants_head = head_name is not None and any(n == head_name or n.startswith(head_name + ".") for n in names)
+    vlm.model(**inputs, use_cache=False, **({} if wants_head else {"logits_to_keep": 1}))
 
 
 def plan_modules(vlm: VLM, patterns: Sequence[str], img_size: int | None, prompt: str | None) -> ModulePlan:
@@ -191,7 +200,7 @@ def _probe_language(
 
     inputs = to_model(vlm.adapter.prompt_inputs(vlm, images, prompt, img_size), vlm.device, vlm.dtype)
     with torch.no_grad(), record_calls(vlm.model, names) as calls:
-        vlm.model(**inputs, use_cache=False)
+        prompt_forward(vlm, inputs, names)
     positions = image_positions(vlm, inputs["input_ids"])
     counts = positions.sum(1).tolist()
     want = [p.shape[0] for p in cap.post]
