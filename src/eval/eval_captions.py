@@ -120,10 +120,10 @@ def check_args(args) -> None:
 
 def _seed_recon_flag(args, flag: str, folder: Path) -> None:
     """The seed named the reconstructor by its checkpoint or stats file: take that file's folder as --recon_dir."""
-    log.warning("%s %s: the seed's reconstructor file; using its folder %s as --recon_dir", flag, getattr(args, flag[2:]),
-                folder)
     if args.recon_dir and Path(args.recon_dir).resolve() != folder.resolve():
         raise UsageError(f"{flag} (folder {folder}) and --recon_dir {args.recon_dir} name different reconstructors")
+    log.warning("%s %s: the seed's reconstructor file; using its folder %s as --recon_dir", flag, getattr(args, flag[2:]),
+                folder)
     args.recon_dir = str(folder)
 
 

@@ -1,7 +1,7 @@
 """Stage 1: extract E_pre (connector input) and E_post (connector output) for every image.
 
 Runs only the vision tower and the connector of each model (never the language model unless
---caption asks for a caption too) and writes, per model and shard:
+--caption asks for a caption or --modules for a language-model module too) and writes, per model and shard:
 
     <out_dir>/<model>/<shard>/pre_vectors_<NNNNN>.pt   {"keys", "vecs" [N,T,D], "pooled" [N,D]}
     <out_dir>/<model>/<shard>/post_vectors_<NNNNN>.pt
@@ -14,6 +14,8 @@ Examples:
     python src/extract/extract_vectors.py --root sample/images --models llava --model-path tiny
     python src/extract/extract_vectors.py --root data/images --models all --device cuda --dtype bf16
     python src/extract/extract_vectors.py --models llava --model-path tiny --list-modules
+    python src/extract/extract_vectors.py --models qwen2.5vl --model-path tiny \
+        --modules 'model.visual.blocks.*.mlp' 'model.language_model.layers.*.mlp'
 """
 
 from __future__ import annotations
