@@ -28,6 +28,7 @@ NOT the reconstructor any more: that is ``--recon_dir``). Captions are greedy, b
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import time
@@ -59,6 +60,7 @@ log = logging.getLogger("vlmc.eval_captions")
 
 BASE_COLUMNS = ("key", "shard", "image_path", "caption_gt", "caption_post_direct")
 RECON_COLUMNS = ("caption_recon", "reproj_mse", "reproj_cosine", "split")
+RECON_SUFFIXES = (".pt", ".pth", ".ckpt")  # a --model_path file with one of these is the seed's reconstructor
 
 
 def build_parser():
@@ -70,10 +72,13 @@ def build_parser():
     p.add_argument("--image_dir", default="sample/images", help="the images the store was extracted from (see above)")
     p.add_argument("--embed_model", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
     p.add_argument("--model_path", "--model-path", dest="model_path", default=None,
-                   help=f"VLM weights: {VLM_SOURCE_HELP}. Default: the store manifest's source at its recorded commit")
+                   help=f"VLM weights: {VLM_SOURCE_HELP}. Default: the store manifest's source at its recorded commit. "
+                   "A *.pt/*.pth/*.ckpt file is the seed's reconstructor checkpoint: its folder is taken as --recon_dir "
+                   "(docs/seed_compat.md)")
     p.add_argument("--recon_dir", default=None,
                    help="train_recon --out_dir (best_model.pt, normalization.safetensors, split.json); unset: no caption_recon")
-    p.add_argument("--recon_stats_path", default=None, help="deprecated (the seed's stats file): its folder is taken as --recon_dir")
+    # the seed's flags, kept for its command lines (docs/seed_compat.md), not listed in --help
+    p.add_argument("--recon_stats_path", default=None, help=argparse.SUPPRESS)
     p.add_argument("--split", default="val", choices=["val", "all"],
                    help="with --recon_dir: val = only images the reconstructor did not train on (its held-out "
                    "images; every image of a store other than its training store); all = every image of the store")
@@ -90,7 +95,7 @@ def build_parser():
     p.add_argument("--with_image_caption", action="store_true", help="also caption_image: the model's caption from the pixels")
     p.add_argument("--with_clipscore", action="store_true", help="score the CSV with CLIPScore when done (as score_captions.py)")
     p.add_argument("--with_bertscore", action="store_true", help="score the CSV with BERTScore when done (as score_captions.py)")
-    p.add_argument("--compare_post_vs_recon", action="store_true", help="the seed's flag; always on (ignored)")
+    p.add_argument("--compare_post_vs_recon", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the reconstructor")
     p.add_argument("--dtype", default="auto", help="VLM compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
     p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
@@ -110,16 +115,23 @@ def check_args(args) -> None:
         raise UsageError("--batch_size, --save_every and --caption_max_new_tokens must be >= 1")
     if args.shard_limit < 0 or args.max_items < 0:
         raise UsageError("--shard_limit and --max_items must be >= 0")
-    if args.model_path and args.model_path.endswith((".pt", ".pth", ".ckpt")):
-        raise UsageError(f"--model_path {args.model_path} looks like a reconstructor checkpoint; --model_path is the VLM "
-                         "source now: pass the reconstructor's folder as --recon_dir")
+    if args.model_path and args.model_path.endswith(RECON_SUFFIXES):  # the seed's meaning: the reconstructor
+        _seed_recon_flag(args, "--model_path", Path(args.model_path).parent)
+        args.model_path = None
     if args.recon_stats_path:
         stats = Path(args.recon_stats_path)
-        folder = stats if stats.is_dir() else stats.parent
-        log.warning("--recon_stats_path is deprecated: using its folder %s as --recon_dir", folder)
-        if args.recon_dir and Path(args.recon_dir).resolve() != folder.resolve():
-            raise UsageError(f"--recon_stats_path (folder {folder}) and --recon_dir {args.recon_dir} disagree")
-        args.recon_dir = str(folder)
+        _seed_recon_flag(args, "--recon_stats_path", stats if stats.is_dir() else stats.parent)
+    if args.compare_post_vs_recon and not args.recon_dir:
+        raise UsageError("--compare_post_vs_recon needs a reconstructor: pass its folder as --recon_dir")
+
+
+def _seed_recon_flag(args, flag: str, folder: Path) -> None:
+    """The seed named the reconstructor by its checkpoint or stats file: take that file's folder as --recon_dir."""
+    if args.recon_dir and Path(args.recon_dir).resolve() != folder.resolve():
+        raise UsageError(f"{flag} (folder {folder}) and --recon_dir {args.recon_dir} name different reconstructors")
+    log.warning("%s %s: the seed's reconstructor file; using its folder %s as --recon_dir", flag, getattr(args, flag[2:]),
+                folder)
+    args.recon_dir = str(folder)
 
 
 def select(args, device: torch.device):

@@ -46,9 +46,23 @@ from vlmc.models.base import VLM
 from vlmc.models.load import VLM_SOURCE_HELP
 from vlmc.store.verify import VERIFY_HELP, set_read_level
 from vlmc.train.data import Sample, make_loader
-from vlmc.train.export_recon import ReconRun, load_connector_vlm, open_run, reconstruct, reproject
+from vlmc.train.export_recon import (
+    ReconRun,
+    load_connector_vlm,
+    open_run,
+    reconstruct,
+    reproject,
+    resolve_model_dir,
+)
 from vlmc.utils import cli
-from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, resolve_device
+from vlmc.utils.cli import (
+    UsageError,
+    ensure_writable_dir,
+    entry_point,
+    make_parser,
+    parse_csv_list,
+    resolve_device,
+)
 from vlmc.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
 from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
 
@@ -61,9 +75,12 @@ METRICS = ("mse_pre", "cosine_pre", "reproj_mse", "reproj_cosine")
 def build_parser():
     """The stage-6 argument parser."""
     p = make_parser(__doc__)
-    p.add_argument("--model_dir", required=True, help="the train_recon --out_dir")
+    p.add_argument("--model_dir", default=None, help="the train_recon --out_dir; default: the one run of --embed_model under "
+                   "data/output/recon/<model>_<type> or the seed's data/output/out/out_<model>[_mlp]_norm")
     p.add_argument("--embed_model", default=None, help="model name (default: the checkpoint's)")
     p.add_argument("--vec_dir", default=None, help="stage-1 store (default: the shard folders recorded at training time)")
+    p.add_argument("--shards", default=None, help="comma list of shards of the store to score (held-out images only; "
+                   "default: the store's). Shards beside the training store's folder count too (the seed's call)")
     p.add_argument("--out_dir", default=None, help="output folder (default data/output/recon_eval/<model>)")
     p.add_argument("--batch_size", type=cli.positive_int, default=32, help="images per forward pass")
     p.add_argument("--limit", type=cli.nonneg_int, default=0, help="score at most this many held-out images (store order); 0 = all")
@@ -215,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.limit < 0 or args.save_every < 1:
         raise UsageError("--batch_size and --save_every must be >= 1, --limit >= 0")
     device = resolve_device(args.device)
-    run = open_run(args.model_dir, device, args.vec_dir, args.embed_model)
+    run = open_run(resolve_model_dir(args.model_dir, args.embed_model), device, args.vec_dir, args.embed_model,
+                   parse_csv_list(args.shards) or None)
     held_out = run.part("val")
     if args.limit:
         held_out = held_out[: args.limit]

@@ -1,7 +1,7 @@
 """Stage 1: extract E_pre (connector input) and E_post (connector output) for every image.
 
 Runs only the vision tower and the connector of each model (never the language model unless
---caption asks for a caption too) and writes, per model and shard:
+--caption asks for a caption or --modules for a language-model module too) and writes, per model and shard:
 
     <out_dir>/<model>/<shard>/pre_vectors_<NNNNN>.pt   {"keys", "vecs" [N,T,D], "pooled" [N,D]}
     <out_dir>/<model>/<shard>/post_vectors_<NNNNN>.pt
@@ -14,6 +14,8 @@ Examples:
     python src/extract/extract_vectors.py --root sample/images --models llava --model-path tiny
     python src/extract/extract_vectors.py --root data/images --models all --device cuda --dtype bf16
     python src/extract/extract_vectors.py --models llava --model-path tiny --list-modules
+    python src/extract/extract_vectors.py --models qwen2.5vl --model-path tiny \
+        --modules 'model.visual.blocks.*.mlp' 'model.language_model.layers.*.mlp'
 """
 
 from __future__ import annotations
@@ -69,7 +71,12 @@ def build_parser():
     p.add_argument("--save", default="both", choices=["tokens", "pooled", "both"], help="store token matrices, their mean, or both")
     p.add_argument("--caption", action="store_true", help="also generate a caption per image (runs the LM; stored in post chunks)")
     p.add_argument("--max_new_tokens", type=cli.positive_int, default=32, help="caption length limit with --caption")
-    p.add_argument("--modules", nargs="+", default=[], metavar="GLOB", help="also store outputs of modules matching these Unix globs")
+    p.add_argument("--modules", nargs="+", default=[], metavar="GLOB",
+                   help="also store, per image, the output of every module matching these Unix globs (fnmatch over "
+                   "--list-modules names; '*' spans dots): vision tower / connector modules as the tower computes them "
+                   "(canonical token order), language-model modules at the image-token positions of a forward of the "
+                   "captioning prompt (--prompt). A matched module that cannot be captured per image stops the run "
+                   "before any image is read")
     p.add_argument(
         "--full_model",
         action="store_true",
@@ -165,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
             vlm = load_for_extraction(m, sources[m], dtype, device, args, revisions[m])
             encoder = VLMEncoder(vlm, args.img_size, args.modules, args.caption, args.prompt, args.max_new_tokens,
                                  preprocess_on=resolve_preprocess_on(args.preprocess, device))  # fmt: skip
-            if args.modules and not encoder.module_names:
-                raise UsageError(f"{m}: no module matches {' '.join(args.modules)} (see --list-modules)")
             t0 = time.perf_counter()
             results = run_shards(encoder, records, out_dir / m, cfg, desc=m)
             seconds, written = time.perf_counter() - t0, sum(r.written for r in results)

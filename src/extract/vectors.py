@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from vlmc.extract.runner import Encoded
-from vlmc.models.base import VLM, Captured, capture_modules, match_modules
+from vlmc.models.base import VLM, Captured
+from vlmc.models.capture import ModulePlan, language_captures, plan_modules, vision_captures
 from vlmc.utils.cli import UsageError
 
 
@@ -17,9 +18,10 @@ class VLMEncoder:
     """Captures E_pre/E_post (and optional ``--modules`` outputs and captions) for a batch.
 
     Args:
-        vlm: the loaded model.
+        vlm: the loaded model (with its language model when ``caption`` or a language-side module is wanted).
         img_size: square resize, or ``None`` for the processor's own size.
-        modules: Unix globs of extra modules whose outputs are stored too.
+        modules: Unix globs of extra modules whose outputs are stored too, vision or language side
+            (``vlmc.models.capture``; a module that cannot be captured per image raises ``UsageError`` here).
         caption: also generate a caption per image (runs the LM).
         prompt: caption instruction (``None`` → the family's default).
         max_new_tokens: caption length limit.
@@ -43,10 +45,12 @@ class VLMEncoder:
         self.vlm = vlm
         self.preprocess_on = preprocess_on
         self.img_size = img_size
-        self.module_names = match_modules(vlm.model, modules) if modules else []
         self.caption = caption
         self.prompt = prompt or vlm.adapter.default_prompt
         self.max_new_tokens = max_new_tokens
+        # matched, probed and sorted into vision / language side now: what cannot be captured stops the run here
+        self.plan = plan_modules(vlm, modules, img_size, self.prompt) if modules else ModulePlan()
+        self.module_names = self.plan.names
 
     def meta(self) -> dict[str, Any]:
         vlm = self.vlm
@@ -59,16 +63,17 @@ class VLMEncoder:
             "compute_dtype": str(vlm.dtype).replace("torch.", ""),
             "pool": "mean",
             "correspondence": str(vlm.adapter.correspondence),
-            "prompt": self.prompt if self.caption else None,
+            "prompt": self.prompt if self.caption or self.plan.language else None,
             "img_size": self.img_size,
             "modules": self.module_names,
+            "module_sides": self.plan.sides(),
             "kinds": ["pre", "post", *self.module_names],
         }
 
     @property
     def needs_images(self) -> bool:
-        """Only captions need the decoded images in ``encode`` (the runner then ships them from its workers)."""
-        return self.caption
+        """Captions and language-side modules need the decoded images in ``encode`` (shipped from the workers)."""
+        return self.caption or bool(self.plan.language)
 
     def preprocess(self, images: list[Image.Image]) -> dict[str, Any]:
         if self.preprocess_on == "device":
@@ -80,20 +85,19 @@ class VLMEncoder:
         if UINT8_KEY in inputs:
             inputs = device_inputs(vlm, inputs[UINT8_KEY], self.img_size)
         inputs = {k: v.to(vlm.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        if self.module_names:
-            with capture_modules(vlm.model, self.module_names) as mods:
-                cap = vlm.adapter.encode(vlm, inputs)
-        else:  # no hooks to place: skip capture_modules' walk over every module of the model
+        if self.plan.vision:
+            cap, mods = vision_captures(vlm, inputs, self.plan.vision, len(images))
+        else:  # no hooks to place: skip the walk over every module of the model
             cap, mods = vlm.adapter.encode(vlm, inputs), {}
+        if self.plan.language:
+            mods.update(language_captures(vlm, images, self.plan.language, self.prompt, self.img_size))
         enc = Encoded(
             vectors={"pre": cap.pre, "post": cap.post},
             extras={"pre": {"grids": cap.pre_grid}, "post": {"grids": cap.post_grid}},
             shapes=shape_meta(cap),
         )
-        for name, out in mods.items():
-            if out.shape[0] != len(images):
-                raise UsageError(f"module {name} output {tuple(out.shape)} is not per image (first dim != batch)")
-            enc.vectors[name] = list(out.detach())
+        for name in self.module_names:  # every planned module, every batch: none is ever dropped
+            enc.vectors[name] = mods[name]
         if self.caption:
             enc.extras["post"]["captions"] = vlm.adapter.generate(
                 vlm, images, self.prompt, self.max_new_tokens, img_size=self.img_size

@@ -229,6 +229,29 @@ class FamilyAdapter:
         """The model's real connector applied to E_pre given in canonical order; E_post in canonical order."""
         raise NotImplementedError
 
+    def vision_module_rows(
+        self, vlm: VLM, name: str, out: Tensor | None, pixel_inputs: dict[str, Tensor], n: int
+    ) -> list[Tensor]:
+        """Per-image rows of module ``name``'s output captured during ``encode`` (``--modules``).
+
+        Default: a batch-first output (``[n, ...]``), row ``i`` per image. Families whose tower runs
+        on flat token sequences (Qwen) split them per image and restore canonical order.
+
+        Raises:
+            UsageError: the output is not per image.
+        """
+        if out is None or out.ndim < 1 or out.shape[0] != n:
+            shape = None if out is None else tuple(out.shape)
+            raise UsageError(f"module {name} output {shape} is not per image (first dim != batch {n})")
+        return list(out.unbind(0))
+
+    def image_token_id(self, vlm: VLM) -> int:
+        """The prompt token the LM replaces by E_post (one per E_post token): ``config.image_token_id``."""
+        token = getattr(vlm.model.config, "image_token_id", None)
+        if token is None:
+            raise UsageError(f"{self.name}: the model config names no image_token_id")
+        return int(token)
+
     # -- language path ---------------------------------------------------------------------------
     def prompt_inputs(
         self, vlm: VLM, images: Sequence[Image.Image], prompt: str | None = None, img_size: int | None = None

@@ -60,6 +60,7 @@ from vlmc.utils.cli import (
     ensure_writable_dir,
     entry_point,
     make_parser,
+    parse_csv_list,
     parse_dtype,
     resolve_device,
 )
@@ -133,6 +134,42 @@ def open_run(
     return ReconRun(model, spec, meta, std, load_split(d / SPLIT_FILE), store, index_samples(store), d)
 
 
+# where the seed's train_recon runs lived (its export/eval scripts found them there by --embed_model)
+SEED_RUN_DIRS = ("data/output/out/out_{m}_mlp_norm", "data/output/out/out_{m}_norm", "data/output/out/out_{m}")
+
+
+def default_model_dirs(embed_model: str) -> list[Path]:
+    """Run folders ``--model_dir`` defaults to for ``--embed_model``, in the order they are looked for.
+
+    train_recon's own default ``data/output/recon/<model>_<model_type>`` for every model type, then the
+    seed's layout (``data/output/out/out_<model>_mlp_norm``, ``…_norm``, ``out_<model>``), relative to
+    the working directory.
+    """
+    from vlmc.train.reconstructors import MODEL_TYPES
+
+    ours = [Path(f"data/output/recon/{embed_model}_{t}") for t in MODEL_TYPES]
+    return ours + [Path(d.format(m=embed_model)) for d in SEED_RUN_DIRS]
+
+
+def resolve_model_dir(model_dir: str | None, embed_model: str | None) -> str:
+    """``--model_dir``, or the one existing default run folder of ``--embed_model`` (the seed's call).
+
+    Raises:
+        UsageError: neither flag given, no default folder exists, or several do (ambiguous).
+    """
+    if model_dir:
+        return model_dir
+    if not embed_model:
+        raise UsageError("pass --model_dir (the train_recon --out_dir) or --embed_model to find its default run folder")
+    found = [d for d in default_model_dirs(embed_model) if (d / STATS_FILE).exists()]
+    if len(found) != 1:
+        tried = ", ".join(str(d) for d in default_model_dirs(embed_model))
+        what = f"several runs of {embed_model} ({', '.join(map(str, found))})" if found else f"no run of {embed_model} in {tried}"
+        raise UsageError(f"{what}: pass --model_dir")
+    log.info("--model_dir not given: using %s", found[0])
+    return str(found[0])
+
+
 def _open_training_store(meta: dict[str, Any], vec_dir: str | None, embed_model: str | None, shards) -> Store:
     name = embed_model or meta.get("embed_model")
     if vec_dir:
@@ -194,13 +231,16 @@ def reproject(vlm: VLM, pre: Sequence[Tensor], grids: Sequence[tuple[int, int]])
 def build_parser():
     """The stage-5 argument parser."""
     p = make_parser(__doc__)
-    p.add_argument("--model_dir", required=True, help="the train_recon --out_dir (best_model.pt, normalization.safetensors, split.json)")
+    p.add_argument("--model_dir", default=None, help="the train_recon --out_dir (best_model.pt, normalization.safetensors, "
+                   "split.json); default: the one run of --embed_model under data/output/recon/<model>_<type> or the "
+                   "seed's data/output/out/out_<model>[_mlp]_norm")
     p.add_argument("--vec_dir", default=None, help="stage-1 store (default: the shard folders recorded at training time)")
     p.add_argument("--embed_model", default=None, help="model name (default: the checkpoint's)")
     p.add_argument("--out_base", default="data/vector_recon", help="output base; files go to <out_base>/<out_name>/<shard>/")
     p.add_argument("--out_name", default=None, help="model folder name (default: <embed_model>_recon)")
     p.add_argument("--model-path", "--model_path", dest="model_path", default=None,
                    help=f"VLM weights for the connector: {VLM_SOURCE_HELP}. Default: the stage-1 manifest's source at its recorded commit")
+    p.add_argument("--shards", default=None, help="comma list of shards of the store to export (default: the store's)")
     p.add_argument("--split", default="val", choices=["val", "all", "train"], help="val: images the reconstructor did not train on; train; all")
     p.add_argument("--batch_size", type=cli.positive_int, default=32, help="images per forward pass")
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="DataLoader workers")
@@ -300,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.num_workers < 0:
         raise UsageError("--batch_size must be >= 1 and --num_workers >= 0")
     device = resolve_device(args.device)
-    run = open_run(args.model_dir, device, args.vec_dir, args.embed_model)
+    run = open_run(resolve_model_dir(args.model_dir, args.embed_model), device, args.vec_dir, args.embed_model,
+                   parse_csv_list(args.shards) or None)
     args.out_name = args.out_name or f"{run.store.model}_recon"
     args.store_dtype = args.store_dtype or run.store.store_dtype
     parse_dtype(args.store_dtype)

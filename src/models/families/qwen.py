@@ -218,6 +218,9 @@ def _on(index: Tensor, device: torch.device) -> Tensor:
     return index if index.device == device else index.to(device)
 
 
+PATCH_EMBED = "model.visual.patch_embed"  # runs before the window permutation (Qwen2.5-VL)
+
+
 class QwenMergerAdapter(FamilyAdapter):
     """Shared logic of Qwen's patch-merger VLMs; subclasses give classes, configs and window use."""
 
@@ -497,6 +500,31 @@ class QwenMergerAdapter(FamilyAdapter):
         )
         self._extra_captures(out, grids, captured)
         return captured
+
+    def vision_module_rows(
+        self, vlm: VLM, name: str, out: Tensor | None, pixel_inputs: dict[str, Tensor], n: int
+    ) -> list[Tensor]:
+        """Split a tower / merger module's flat ``(sum of tokens, ...)`` output per image, canonical order.
+
+        Patch-level outputs (``sum h*w`` rows: patch embedding, blocks, ``ln_q``) are reordered like
+        E_pre: the patch embedding's in processor order, everything after it in the tower's window
+        order (Qwen2.5-VL); merged outputs (``sum h*w/4`` rows: the merger, its MLP, deepstack mergers)
+        like E_post. Anything else is not per image.
+        """
+        visual = vlm.model.model.visual
+        grids = self._grids(pixel_inputs["image_grid_thw"].cpu())
+        pre_sizes, post_sizes = [h * w for h, w in grids], [h * w // 4 for h, w in grids]
+        rows = None if out is None or out.ndim < 1 else out.shape[0]
+        if rows == sum(pre_sizes):
+            before_windows = name == PATCH_EMBED or name.startswith(PATCH_EMBED + ".")
+            index, _ = canonical_orders(tuple(grids), None if before_windows else self._window(visual))
+            return self._split(out[_on(index, out.device)], pre_sizes)
+        if rows == sum(post_sizes):
+            _, perm = canonical_orders(tuple(grids), self._window(visual))
+            return self._split(out if perm is None else out[_on(perm, out.device)], post_sizes)
+        shape = None if out is None else tuple(out.shape)
+        raise UsageError(f"module {name} output {shape} is not per image: its first dim is neither the batch's "
+                         f"{sum(pre_sizes)} patches nor its {sum(post_sizes)} merged tokens")
 
     def _extra_captures(self, out: Any, grids: list[tuple[int, int]], captured: Captured) -> None:
         """Family-specific extras of the vision output (Qwen3-VL: deepstack features)."""
