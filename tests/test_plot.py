@@ -136,7 +136,7 @@ def test_optional_flags(tree, tmp_path):
     for m in ("llava", "qwen25vl"):
         assert_png(figs / "erank_vs_clip" / f"erank_vs_clip_{m}.png")
     corr = pd.read_csv(tmp_path / "erank_vs_clip_correlations.csv")
-    assert set(corr["x"]) == {"pre_effective_rank_normalized"}
+    assert set(corr["x"]) == {"pre_effective_rank_norm_min_t1_d"}
 
 
 # -- compute_summary's numbers equal an independent recomputation ---------------------------------
@@ -158,7 +158,7 @@ def test_knn_summary_matches_inputs(tree, outputs):
                 assert summ.loc[m, f"{pair}_knor{k}_mean"] == pytest.approx(pim[f"{pair}_knor{k}"].mean(), abs=1e-12)
                 row = long[(long["model"] == m) & (long["pair"] == pair) & (long["k"] == k)]
                 assert row["median"].item() == pytest.approx(want["median"], abs=1e-12)
-        for col in ("pre_effective_rank", "post_effective_rank_normalized", "post_top1_energy_ratio", "pre_k90_energy"):
+        for col in ("pre_effective_rank", "post_effective_rank_norm_min_t1_d", "post_top1_energy_ratio", "pre_k90_energy"):
             assert summ.loc[m, f"{col}_mean"] == pytest.approx(pim[col].mean(), rel=1e-12)
         for pair in ("pre_post", "clip_post"):
             for key in ("cka_debiased", "procrustes_residual", "dist_spearman"):

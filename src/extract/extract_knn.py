@@ -77,6 +77,7 @@ from vlmc.extract.geometry import (
     parse_refs,
     shard_groups,
     token_spectra,
+    with_self,
     write_per_image_csv,
 )
 from vlmc.metrics.knn import resolve_backend
@@ -97,8 +98,15 @@ def build_parser():
     p.add_argument("--out_dir", required=True, help="output folder")
     p.add_argument("--k", default="10,50,100", help="comma-separated neighbourhood sizes (clipped to N-1)")
     p.add_argument("--metric", default="l2", choices=["l2", "cosine"], help="distance for kNN and distance correlations")
-    p.add_argument("--pool", default="mean", choices=["mean", "cls", "max"], help="pooling of pre/post tokens")
+    p.add_argument("--pool", default="mean", choices=["mean", "first", "max", "cls"],
+                   help="pooling of pre/post tokens: mean; first = the first stored token; max = per-dim max; cls = "
+                        "the CLS token, refused unless the store's manifest marks its first token as one (no "
+                        "stage-1 family stores a CLS token: CLS is dropped as the model does)")
     p.add_argument("--per_shard", action="store_true", help="neighbours only within each shard (seed protocol)")
+    p.add_argument("--count_self", action="store_true",
+                   help="count the query as its own first neighbour, as the seed's faiss IndexFlatL2.search(X, k) "
+                        "did (default: excluded). Per image, KNOR_self@k = (1 + (k-1)*KNOR_excl@(k-1)) / k; "
+                        "k is then clipped to N (or the shard size) instead of N-1")
     p.add_argument("--pairs_sample", type=int, default=100_000, help="max pairs for distance correlations")
     p.add_argument("--svd_per_image_csv", action="store_true", help="per-image token spectra in per_image.csv + spectra.json")
     p.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch", "hybrid"], help="kNN backend")
@@ -131,14 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     if n < 2:
         raise UsageError(f"only {n} image(s) present in every space (dropped: {al.n_dropped})")
     groups = shard_groups(al.ids) if args.per_shard else None
-    ks = effective_ks(ks_req, n, groups)
+    ks = effective_ks(ks_req, n, groups, args.count_self)
     kmax = ks[-1]
-    log.info("%d aligned images, %s protocol, k=%s, metric=%s, backend=%s, device=%s", n,
-             "per-shard" if groups else "global", ks, args.metric, backend, device)
+    log.info("%d aligned images, %s protocol, k=%s, metric=%s, backend=%s, device=%s%s", n,
+             "per-shard" if groups else "global", ks, args.metric, backend, device,
+             ", query counted (--count_self)" if args.count_self else "")
 
-    nn = {name: neighbours(X, kmax, metric=args.metric, backend=backend, device=device, groups=groups)
+    k_search = max(kmax - 1, 1) if args.count_self else kmax
+    nn = {name: neighbours(X, k_search, metric=args.metric, backend=backend, device=device, groups=groups)
           for name, X in al.X.items()}
-    per_k, cols = overlap_metrics(nn, list(refs), ks, groups, n)
+    if args.count_self:
+        nn = {name: with_self(v, kmax) for name, v in nn.items()}
+    per_k, cols = overlap_metrics(nn, list(refs), ks, groups, n, args.count_self)
 
     pairs = {"pre_post": ("pre", "post")}
     for r in refs:
@@ -162,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         "n": n, "n_images": n, "n_dropped": al.n_dropped, "n_per_shard": n_per_shard, "refs": list(refs),
         "ks": ks, "k_requested": ks_req, "per_k": per_k, "global": glob,
         "settings": {"pre_pt": str(args.pre_pt), "post_pt": str(args.post_pt), "refs": refs, "pool": args.pool,
-                     "metric": args.metric, "protocol": "per_shard" if groups else "global", "backend": backend,
+                     "metric": args.metric, "protocol": "per_shard" if groups else "global",
+                     "count_self": bool(args.count_self), "backend": backend,
                      "device": str(device), "seed": args.seed, "pairs_sample": args.pairs_sample,
                      "svd_per_image_csv": bool(args.svd_per_image_csv)},
     }

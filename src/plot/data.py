@@ -221,6 +221,8 @@ def read_per_image(path: Path) -> pd.DataFrame:
     """stage 3 ``per_image.csv``: required ``shard, key``; every other numeric column converted."""
     df = read_csv(path)
     require(df, ID, path)
+    # stores before the normaliser was named in the column: <side>_effective_rank_normalized
+    df = df.rename(columns={f"{s}_effective_rank_normalized": f"{s}_effective_rank_norm_min_t1_d" for s in ("pre", "post")})
     return numeric(df, _numeric_like(df))
 
 

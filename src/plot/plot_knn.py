@@ -181,7 +181,7 @@ def plot_energy_all(runs: dict[str, KnnRun], out, args) -> None:
 
 def plot_erank(runs: dict[str, KnnRun], out, args) -> None:
     stats = [("effective_rank", "Effective rank", "effective rank exp(H(p))"),
-             ("effective_rank_normalized", "Normalised effective rank", "effective rank / min(T−1, D)"),
+             ("effective_rank_norm_min_t1_d", "Normalised effective rank", "effective rank / min(T−1, D)"),
              ("top1_energy_ratio", "Top-1 energy", r"top-1 energy fraction $s_1^2 / \sum_j s_j^2$")]
     have = {m: r.per_image for m, r in runs.items() if r.per_image is not None}
     stats = [st for st in stats

@@ -314,7 +314,15 @@ class ShardReader:
         return keys, vecs
 
     def pooled(self, kind: str, pool: str = "mean") -> tuple[list[str], Tensor]:
-        """Keys and one vector per image: the stored mean, or ``mean|max|cls`` computed from tokens."""
+        """Keys and one vector per image: the stored mean, or ``mean|max|first|cls`` computed from tokens.
+
+        ``cls`` is refused (UsageError) unless the manifest says the first stored ``kind`` token is a CLS
+        token (``"cls_token": {kind: true}``); no stage-1 adapter stores one (CLS is dropped as the model
+        does), so ``first`` names the first stored token honestly.
+        """
+        if pool == "cls" and not (self.manifest.get("cls_token") or {}).get(kind, False):
+            raise UsageError(f"--pool cls: the {kind} tokens in {self.dir} have no CLS token (the manifest does not "
+                             "mark one; stored tokens are the patch grid); --pool first takes the first stored token")
         keys, parts = [], []
         for chunk in self.chunks(kind):
             keys += chunk["keys"]
@@ -330,7 +338,8 @@ class ShardReader:
 
 
 def pool_tokens(x: Tensor, pool: str) -> Tensor:
-    """Pool a ``[T, D]`` token matrix in float32: ``mean``, ``max`` or ``cls`` (= the first stored token)."""
+    """Pool a ``[T, D]`` token matrix in float32: ``mean``, ``max``, ``first`` (the first stored token) or
+    ``cls`` (the same row; callers check that it is a CLS token, see ``ShardReader.pooled``)."""
     if x.dim() != 2:
         raise ValueError(f"pool_tokens expects a [T, D] token matrix, got shape {tuple(x.shape)}")
     x = x.float()
@@ -338,9 +347,9 @@ def pool_tokens(x: Tensor, pool: str) -> Tensor:
         return x.mean(0)
     if pool == "max":
         return x.amax(0)
-    if pool == "cls":
+    if pool in ("first", "cls"):
         return x[0]
-    raise UsageError(f"unknown pool {pool!r}; choose mean, max or cls")
+    raise UsageError(f"unknown pool {pool!r}; choose mean, max, first or cls")
 
 
 def find_shard_dirs(path: str | os.PathLike) -> list[Path]:
