@@ -47,7 +47,14 @@ from tqdm import tqdm
 
 from vlmc.models.base import VLM
 from vlmc.train.data import Sample, make_loader
-from vlmc.train.export_recon import ReconRun, check_held_out, load_connector_vlm, open_run, reconstruct, reproject
+from vlmc.train.export_recon import (
+    ReconRun,
+    check_held_out,
+    load_connector_vlm,
+    open_run,
+    reconstruct,
+    reproject,
+)
 from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, resolve_device
 from vlmc.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
 from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = check_held_out(run, args.image_root)
     held_out = run.part("test")
     if not held_out:
-        raise UsageError(f"no held-out images: the split's test part is empty and every image of the store was "
+        raise UsageError("no held-out images: the split's test part is empty and every image of the store was "
                          "fitted or selected on (train with a test part, or pass --vec_dir of another store)")
     if args.limit:
         held_out = held_out[: args.limit]
