@@ -7,13 +7,22 @@ Writes to ``--results_dir`` (each only when its stage folder exists):
                                      with ``_median``/``_std`` in the CSV); means over images of every
                                      numeric per_image.csv column (``<col>_mean``); the JSON's global
                                      scalars (CKA, Procrustes, distance correlations; dots → ``_``)
-    knn_knor_per_k.csv/.tex          long form: model, pair, k, mean, median, std
+    knn_knor_per_k.csv/.tex          long form: model, pair, k, mean, median, std, ci95_lo, ci95_hi (bootstrap
+                                     over images), chance (KNOR of random neighbourhoods: k/(N−1), or the
+                                     JSON's chance_knor); the wide table has <pair>_knor<k>_ci95_lo/_hi,
+                                     knor<k>_chance and <col>_ci95_lo/_hi beside every <col>_mean
     recon_summary.csv/.tex           stage 6, per model and metric (mse_pre, cosine_pre, reproj_*)
     caption_summary.csv/.tex         stage 7, per model and column (clipscore_drop*, bertscore_drop*, attr_acc*,
                                      clipscore_post_direct, clipscore_recon, bertscore_f1_recon_vs_post_direct)
     testbed_summary.csv/.tex         one row per model, from the tables above: attr_acc and CLIPScore of the
                                      model's own and reconstructed captions (recon_keeps = ratio), both per
-                                     perturbation level, pre→post KNOR@10, normalised effective ranks
+                                     perturbation level, pre→post KNOR@10 (+ knor10_chance), raw effective
+                                     ranks (pre_erank, post_erank) and normalised ones (pre_erank_norm_min_t1_d,
+                                     post_…: divided by min(T−1, D)); every value with _ci95_lo / _ci95_hi
+    paired_tests.csv/.tex            family vs family on the images both scored: section, column, mode, level,
+                                     model_a, model_b, n, mean_a, mean_b, diff (a − b), diff_ci95_lo/hi
+                                     (bootstrap over the shared images), p_perm (two-sided sign-flip
+                                     permutation test; vlmc.metrics.bootstrap.paired_test)
     perturb_summary.csv/.tex         stage 8, per model, mode, level and column (clipscore_drop,
                                      bertscore_drop_gt, bertscore_f1, clipscore_original, clipscore_perturbed,
                                      attr_acc_original, attr_acc_perturbed, attr_acc_drop; attr_acc: scenes only)
@@ -46,8 +55,10 @@ from vlmc.plot.common import (
     describe,
     pick_models,
     require_dir,
+    sort_models,
     write_table,
 )
+from vlmc.metrics.bootstrap import paired_test
 from vlmc.plot.data import (
     SUBDIRS,
     add_stage_args,
@@ -147,6 +158,59 @@ def perturb_summary(args, models_wanted: str) -> None:
                 "perturb_summary", ["model", "mode", "level", "column", *STATS_TEX])
 
 
+PAIRED_COLUMNS = {
+    "knn": r"pre_post_knor\d+|(pre|post)_effective_rank(_norm_min_t1_d)?",
+    "captions": r"attr_acc_post_direct|attr_acc_recon|clipscore_post_direct|clipscore_recon|bertscore_f1_recon_vs_post_direct",
+    "perturb": r"attr_acc_perturbed|clipscore_perturbed",
+}
+PAIRED_FIELDS = ["section", "column", "mode", "level", "model_a", "model_b", "n", "mean_a", "mean_b", "diff",
+                 "diff_ci95_lo", "diff_ci95_hi", "p_perm"]
+
+
+def paired_rows(section: str, df: pd.DataFrame, args, by: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Family-vs-family paired tests on the images both families scored (joined on ``shard, key``).
+
+    For every column matching ``PAIRED_COLUMNS[section]``, every group of ``by`` and every pair of models
+    (in model order): ``vlmc.metrics.bootstrap.paired_test`` of a − b (bootstrap interval of the mean
+    difference over the shared images, sign-flip permutation p-value; seeded with ``--seed``)."""
+    rows = []
+    cols = [c for c in df.columns if re.fullmatch(PAIRED_COLUMNS[section], c) and df[c].notna().any()]
+    groups = df.groupby(list(by), sort=True) if by else [((), df)]
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        where = dict(zip(by, key, strict=True))
+        models = sort_models(g["model"].unique())
+        for c in cols:
+            wide = g.pivot_table(index=["shard", "key"], columns="model", values=c, aggfunc="first")
+            for i, a in enumerate(models):
+                for b in models[i + 1:]:
+                    if a in wide and b in wide:
+                        t = paired_test(wide[a].to_numpy(), wide[b].to_numpy(), args.n_boot, args.seed)
+                        rows.append({"section": section, "column": c, "mode": where.get("mode", ""),
+                                     "level": where.get("level", np.nan), "model_a": a, "model_b": b, **t})
+    return rows
+
+
+def paired_summary(args, models_wanted: str, present: list[str]) -> None:
+    """``paired_tests.csv/.tex``: every family-vs-family difference with its interval and p-value."""
+    rows: list[dict[str, Any]] = []
+    if "knn" in present:
+        runs = load_knn(stage_dir(args, "knn"), args.metric)
+        frames = [r.per_image.assign(model=m) for m in pick_models(runs, models_wanted)
+                  if (r := runs[m]).per_image is not None]
+        if frames:
+            rows += paired_rows("knn", pd.concat(frames, ignore_index=True), args)
+    for section, reader, by in (("captions", read_captions, ()), ("perturb", read_perturb, ("mode", "level"))):
+        if section in present:
+            df = reader(stage_dir(args, section))
+            rows += paired_rows(section, df[df["model"].isin(pick_models(df["model"].unique(), models_wanted))],
+                                args, by)
+    if rows:
+        write_table(pd.DataFrame(rows, columns=PAIRED_FIELDS), args.results_dir, "paired_tests",
+                    ["column", "mode", "level", "model_a", "model_b", "n", "diff", "diff_ci95_lo", "diff_ci95_hi",
+                     "p_perm"])
+
+
 SECTIONS = {"knn": knn_summary, "recon": recon_summary, "captions": caption_summary, "perturb": perturb_summary}
 
 
@@ -174,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             SECTIONS[s](args, args.models)
         else:
             log.warning("no %s folder under %s: %s summary skipped", "|".join(SUBDIRS[s]), args.in_dir, s)
+    paired_summary(args, args.models, present)
     testbed_summary(Path(args.results_dir))
     return 0
 
