@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vlmc.metrics.bootstrap import paired_test
 from vlmc.plot.common import (
     BOOT_N,
     BOOT_SEED,
@@ -58,7 +59,6 @@ from vlmc.plot.common import (
     sort_models,
     write_table,
 )
-from vlmc.metrics.bootstrap import paired_test
 from vlmc.plot.data import (
     SUBDIRS,
     add_stage_args,
