@@ -11,7 +11,7 @@
 # Settings (environment, defaults in brackets): MODEL [first argument, else llava], VEC [data/vector],
 # ROOT [sample/images: the images the store was extracted from; needed for the prompt's image tokens],
 # MODEL_TYPE [mlp], RECON_DIR [data/output/recon/<MODEL>_<MODEL_TYPE> (the emb.sh OUT) when it exists;
-# empty = no caption_recon], SPLIT [val], OUT [data/output/captions/<MODEL>], CACHE_DIR [empty =
+# empty = no caption_recon], SPLIT [test: images neither fitted nor selected on], OUT [data/output/captions/<MODEL>], CACHE_DIR [empty =
 # <OUT>/cache; point it at perturb.sh's cache to share caption_post_direct = caption_original],
 # MODEL_PATH [empty = the source recorded by stage 1], DEVICE [auto], BATCH_SIZE, MAX_NEW_TOKENS
 # [CLI defaults], SHARDS [all, comma list], SCORES [empty; comma list of clipscore,bertscore = --with_*],
@@ -56,7 +56,7 @@ if [[ -z ${RECON_DIR+x} ]]; then
     RECON_DIR=
   fi
 fi
-SPLIT=${SPLIT:-val}
+SPLIT=${SPLIT:-test}
 OUT=${OUT:-$VLMC_ROOT/data/output/captions/$MODEL}
 MODEL_PATH=${MODEL_PATH:-}
 DEVICE=${DEVICE:-auto}

@@ -2,14 +2,14 @@
 # Stage 5: export reconstructed vectors (src/train/export_recon.py) in the stage-1 layout:
 # Ê_pre = reconstructor(E_post) and Ê_post = the model's own connector(Ê_pre), as model <MODEL>_recon.
 #
-#   sbatch scripts/export_recon.sh llava                     # held-out (val) images of the llava mlp run
+#   sbatch scripts/export_recon.sh llava                     # held-out (test) images of the llava mlp run
 #   SPLIT=all sbatch scripts/export_recon.sh qwen2.5vl       # every image of the store
 #   MODEL_TYPE=linear bash scripts/export_recon.sh llava     # no Slurm: runs inline, in this shell
 #
 # Settings (environment, defaults in brackets): MODEL [first argument, else llava], MODEL_TYPE [mlp],
 # MODEL_DIR [data/output/recon/<MODEL>_<MODEL_TYPE>, the emb.sh OUT], VEC [empty: the store it trained on;
 # another stage-1 store, e.g. of a held-out image set: its images count as held out], OUT_BASE [data/vector_recon],
-# SPLIT [val], MODEL_PATH [empty = the source recorded by stage 1; 'tiny', a folder or an HF id],
+# SPLIT [test: images neither fitted nor selected on], MODEL_PATH [empty = the source recorded by stage 1; 'tiny', a folder or an HF id],
 # DEVICE [auto], BATCH_SIZE [CLI default], EXTRA_ARGS (more CLI flags); arguments after the model name
 # go to export_recon.py too. Relative paths are relative to the directory you submit from.
 # Account/partition: not set here. sbatch reads SBATCH_ACCOUNT / SBATCH_PARTITION / SBATCH_GRES ... from
@@ -43,7 +43,7 @@ MODEL=${MODEL:-llava}
 MODEL_TYPE=${MODEL_TYPE:-mlp}
 MODEL_DIR=${MODEL_DIR:-$VLMC_ROOT/data/output/recon/${MODEL}_${MODEL_TYPE}}
 OUT_BASE=${OUT_BASE:-$VLMC_ROOT/data/vector_recon}
-SPLIT=${SPLIT:-val}
+SPLIT=${SPLIT:-test}
 VEC=${VEC:-}
 MODEL_PATH=${MODEL_PATH:-}
 DEVICE=${DEVICE:-auto}

@@ -1,8 +1,9 @@
 """Stage 5: export reconstructed vectors in the stage-1 layout, so later stages read them as another model.
 
-For every image of the chosen split (``--split val``: the images the reconstructor did not train on,
-i.e. its validation images, or every image of a store other than its training one; ``all``: every
-image of the store) writes, per shard:
+For every image of the chosen split (``--split test``, the default: the images the reconstructor was
+neither fitted nor selected on, i.e. its split's test images, or every image of a store other than its
+training one, id collisions evaluated or refused, see ``--image_root``; ``val``: the selection images;
+``all``: every image of the store) writes, per shard:
 
     <out_base>/<model>_recon/<shard>/pre_vectors_<NNNNN>.pt   Ê_pre = reconstructor(E_post), de-standardised
     <out_base>/<model>_recon/<shard>/post_vectors_<NNNNN>.pt  Ê_post = connector(Ê_pre), the model's REAL connector
