@@ -161,7 +161,7 @@ def perturb_summary(args, models_wanted: str) -> None:
 PAIRED_COLUMNS = {
     "knn": r"pre_post_knor\d+|(pre|post)_effective_rank(_norm_min_t1_d)?",
     "captions": r"attr_acc_post_direct|attr_acc_recon|clipscore_post_direct|clipscore_recon|bertscore_f1_recon_vs_post_direct",
-    "perturb": r"attr_acc_perturbed|clipscore_perturbed",
+    "perturb": r"attr_acc_perturbed|clipscore_perturbed|attr_acc_drop|clipscore_drop",
 }
 PAIRED_FIELDS = ["section", "column", "mode", "level", "model_a", "model_b", "n", "mean_a", "mean_b", "diff",
                  "diff_ci95_lo", "diff_ci95_hi", "p_perm"]
@@ -186,8 +186,10 @@ def paired_rows(section: str, df: pd.DataFrame, args, by: tuple[str, ...] = ()) 
                 for b in models[i + 1:]:
                     if a in wide and b in wide:
                         t = paired_test(wide[a].to_numpy(), wide[b].to_numpy(), args.n_boot, args.seed)
+                        level = where.get("level")
                         rows.append({"section": section, "column": c, "mode": where.get("mode", ""),
-                                     "level": where.get("level", np.nan), "model_a": a, "model_b": b, **t})
+                                     "level": "" if level is None else f"{float(level):g}", "model_a": a,
+                                     "model_b": b, **t})
     return rows
 
 
