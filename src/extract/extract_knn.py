@@ -11,6 +11,11 @@ present in pre, post and every ref are used, and how many each space lost is log
 (``n_dropped``). Pre/post vectors are pooled with ``--pool`` (``mean`` uses the stored mean when present);
 reference stores hold one vector per image and are used as stored.
 
+Neighbours exclude the query by id; ``--count_self`` counts it as the first neighbour of its own list,
+as the seed's faiss ``IndexFlatL2.search(X, k)`` did, so per image
+KNOR_self@k = (1 + (k-1)·KNOR_excl@(k-1)) / k. Ties are broken by index among equal float32 scores (see
+``vlmc.metrics.knn``: exact distance ties can be reordered by fp32 rounding).
+
 Protocols: by default ONE GLOBAL gallery: the neighbours of an image are searched among all aligned images
 of all shards. ``--per_shard`` is the seed's protocol: neighbours only within the image's own shard (then
 k is clipped to the smallest shard's size - 1). ``--k`` is clipped to N - 1 (global) with a warning.
@@ -27,19 +32,19 @@ Outputs (all written atomically into ``--out_dir``; k = the effective, clipped k
      "refs": ["<ref>", ...],
      "ks": [k, ...], "k_requested": [k, ...],
      "per_k": {"<k>": {
-         "pre_post":     {"mean", "median", "std", "n"},      # KNOR(pre, post) over images (std ddof=0)
-         "<ref>_pre":    {"mean", "median", "std", "n"},      # KNOR(ref, pre)
-         "<ref>_post":   {"mean", "median", "std", "n"},      # KNOR(ref, post)
+         "pre_post":     {"mean", "median", "std", "n", "ci95_lo", "ci95_hi"},  # KNOR(pre, post) over images
+         "<ref>_pre":    {same keys},                         # KNOR(ref, pre)   (std ddof=0; ci95 = percentile
+         "<ref>_post":   {same keys},                         # KNOR(ref, post)   bootstrap, 1000, seed 0)
          "three_way":    {"<ref>": {"all3", "ref_pre_only", "ref_post_only", "pre_post_only"}},  # mean counts
          "pre_post_detail": {"rank_displacement": {"mean", "median", "std", "n"},   # pre's top-k ranked by post
                              "jaccard":           {"mean", "median", "std", "n"}},  # mutual-kNN Jaccard
-         "chance_knor": float}},                                # E[KNOR] of random neighbourhoods
+         "chance_knor": float}},   # E[KNOR] of random neighbourhoods: k/(N-1); --count_self (1+(k-1)^2/(N-1))/k
      "global": {
          "pre_post": {"cka_debiased", "cka", "procrustes_residual", "dist_pearson", "dist_spearman", "dist_n_pairs"},
          "<ref>_pre":  {same keys}, "<ref>_post": {same keys},
          "spectra": {"pre": {"energy_mean_normalized": [...]}, "post": {...}}},   # only with --svd_per_image_csv
      "settings": {"pre_pt", "post_pt", "refs": {"<ref>": path}, "pool", "metric", "protocol": "global"|"per_shard",
-                  "backend", "device", "seed", "pairs_sample", "svd_per_image_csv"}}
+                  "count_self", "backend", "device", "seed", "pairs_sample", "svd_per_image_csv"}}
 
 NaN values (e.g. a constant space) are written as ``null``. ``cka_debiased`` is the unbiased-HSIC linear
 CKA, ``cka`` the biased one; ``procrustes_residual`` is the relative orthogonal-Procrustes residual (0 =
@@ -49,8 +54,8 @@ pairs, or ``--pairs_sample`` seeded random pairs when there are more (see ``vlmc
 ``per_image.csv`` — one row per aligned image, columns in this order:
 ``shard, key`` (written verbatim: read with ``dtype=str`` so "000010000" stays a string), then per k
 ``pre_post_knor<k>``, then per ref and k ``<ref>_pre_knor<k>``, ``<ref>_post_knor<k>``; with
-``--svd_per_image_csv`` also, for side in (pre, post): ``<side>_effective_rank``,
-``<side>_effective_rank_normalized``, ``<side>_top1_energy_ratio``, ``<side>_top5_energy_ratio``,
+``--svd_per_image_csv`` also, for side in (pre, post): ``<side>_effective_rank`` (raw),
+``<side>_effective_rank_norm_min_t1_d`` (divided by min(T-1, D)), ``<side>_top1_energy_ratio``, ``<side>_top5_energy_ratio``,
 ``<side>_top10_energy_ratio``, ``<side>_k80_energy``, ``<side>_k90_energy``, ``<side>_cos_mean``,
 ``<side>_cos_std``, ``<side>_cos_median`` (token spectra of the un-pooled [T, D] matrix and pairwise token
 cosine concentration; definitions in ``vlmc.metrics.spectral``). Empty cell = NaN.
