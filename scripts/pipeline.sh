@@ -194,6 +194,9 @@ cal_stage() {
   local m
   for m in "${models[@]}"; do
     stage "cal-$m" cal.sh VEC="$GEOM_VEC" REF="clip:$GEOM_REF" OUT="$DATA/output/knn_out/$m" -- "$m"
+    if [[ -n $EVAL_ROOT ]]; then  # per-image spectra of ROOT's images too, for the erank-vs-CLIPScore figure
+      stage "cal-root-$m" cal.sh VEC="$DATA/vector" REF="clip:$DATA/clip_ref" OUT="$DATA/output/knn_root/$m" -- "$m"
+    fi
   done
 }
 # Stages 4-7 name a model's reconstructor folder <model>_<type>; 5-7 read the evaluation store (DATA/vector),

@@ -320,3 +320,17 @@ def test_tables_carry_intervals_chance_and_paired_tests(tree, outputs):
     j = runs[row["model_a"]].merge(runs[row["model_b"]], on=["shard", "key"])
     assert row["n"] == len(j)
     assert row["diff"] == pytest.approx((j["post_effective_rank_x"] - j["post_effective_rank_y"]).mean())
+
+
+def test_erank_vs_clip_reads_knn_root_when_geometry_is_on_an_evaluation_set(tree, tmp_path):
+    """pipeline EVAL_ROOT: knn_out holds the evaluation scenes, knn_root the captioned images' spectra."""
+    import shutil
+
+    from vlmc.plot.make_figures import plan
+
+    alt = tmp_path / "t"
+    shutil.copytree(tree, alt)
+    shutil.copytree(alt / "knn_out", alt / "knn_root")
+    steps = {name: argv for name, _, argv in plan(alt, ["--out_dir", "f"], ["--results_dir", "r"])}
+    assert steps["plot_erank_vs_clip"][-2:] == ["--knn_dir", str(alt / "knn_root")]
+    assert "--knn_dir" not in {name: argv for name, _, argv in plan(tree, [], [])}["plot_erank_vs_clip"]
