@@ -100,17 +100,23 @@ class ReconRun:
 
     def held_out(self, sample: Sample) -> bool:
         """Whether the reconstructor was neither fitted nor selected on this image."""
-        return sample.id not in self._seen_ids or sample.id in self.evaluable_collisions
+        return sample.id not in self.seen_ids or sample.id in self.evaluable_collisions
 
     def part_of(self, sample: Sample) -> str:
         """``test`` (held out), ``val`` or ``train``: the role this image played for the reconstructor."""
         if self.held_out(sample):
             return "test"
-        return "train" if sample.id in {tuple(x) for x in self.split["train"]} else "val"
+        return "train" if sample.id in self.train_ids else "val"
 
     @cached_property
-    def _seen_ids(self) -> frozenset[tuple[str, str]]:
+    def seen_ids(self) -> frozenset[tuple[str, str]]:
+        """Ids the reconstructor was fitted (train) or selected (val) on."""
         return frozenset(tuple(x) for x in self.split["train"] + self.split["val"])
+
+    @cached_property
+    def train_ids(self) -> frozenset[tuple[str, str]]:
+        """Ids the reconstructor was fitted on."""
+        return frozenset(tuple(x) for x in self.split["train"])
 
     def is_training_store(self) -> bool:
         """Whether the store read now is the one the reconstructor was trained on (same shard folders)."""
@@ -134,7 +140,7 @@ def check_held_out(run: ReconRun, image_root: str | None) -> dict[str, int]:
         UsageError: refused collisions or leaked content, with their count.
     """
     other = not run.is_training_store()
-    colliding = [s for s in run.samples if s.id in run._seen_ids] if other else []
+    colliding = [s for s in run.samples if s.id in run.seen_ids] if other else []
     known = run.split.get("sha256") or {}
     if not (known and image_root):
         if colliding:
@@ -143,7 +149,7 @@ def check_held_out(run: ReconRun, image_root: str | None) -> dict[str, int]:
                              "cannot be told apart (train with --image_root and pass --image_root here)")
         return {"n_id_collisions": 0, "n_content_checked": 0}
     seen_content = set(known.values())
-    candidates = colliding + [s for s in run.samples if s.id not in run._seen_ids]
+    candidates = colliding + [s for s in run.samples if s.id not in run.seen_ids]
     mine = content_hashes(image_root, [s.id for s in candidates])
     leaked = [s.id for s in candidates if mine[f"{s.shard}/{s.key}"] in seen_content]
     if leaked:
