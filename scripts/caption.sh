@@ -38,7 +38,7 @@ setting -p VEC data/vector "stage-1 store root"
 setting -p ROOT data/images "the images the store was extracted from (the prompt's image tokens)" sample/images
 setting RECON_TYPE mlp "reconstructor type: names the default RECON_DIR"
 setting -e -p RECON_DIR "data/output/recon/<MODEL>_<RECON_TYPE>" "reconstructor (emb.sh OUT; when absent and not set: none); empty = no caption_recon"
-setting SPLIT val "val (held-out images) or all"
+setting SPLIT test "test (held out: neither fitted nor selected on) or all"
 setting -p OUT "data/output/captions/<MODEL>" "output folder"
 setting CACHE_DIR "" "caption cache; empty = OUT/cache (perturb.sh's cache shares caption_post_direct)"
 setting MODEL_PATH "" "VLM weights; empty = the source recorded by stage 1"

@@ -2,7 +2,7 @@
 # Stage 5: export reconstructed vectors (src/train/export_recon.py) in the stage-1 layout:
 # Ê_pre = reconstructor(E_post) and Ê_post = the model's own connector(Ê_pre), as model <MODEL>_recon.
 #
-#   sbatch scripts/export_recon.sh llava                     # held-out (val) images of the llava mlp run
+#   sbatch scripts/export_recon.sh llava                     # held-out (test) images of the llava mlp run
 #   SPLIT=all sbatch scripts/export_recon.sh qwen2.5vl       # every image of the store
 #   RECON_TYPE=linear bash scripts/export_recon.sh llava     # no Slurm: runs inline, in this shell
 #
@@ -35,7 +35,7 @@ setting RECON_TYPE mlp "reconstructor type: names the default MODEL_DIR"
 setting -p MODEL_DIR "data/output/recon/<MODEL>_<RECON_TYPE>" "the trained reconstructor (emb.sh OUT)"
 setting VEC "" "stage-1 store root; empty = the store it trained on (another store: all its images are held out)"
 setting -p OUT_BASE data/vector_recon "output root: OUT_BASE/<MODEL>_recon/<shard>/"
-setting SPLIT val "val (held-out images) or all"
+setting SPLIT test "test (held out: neither fitted nor selected on), val, train or all"
 setting MODEL_PATH "" "VLM weights for the re-projection; empty = the source recorded by stage 1"
 setting DEVICE auto "auto, cpu, cuda, cuda:N"
 setting BATCH_SIZE "" "batch size (empty: the CLI's default)"

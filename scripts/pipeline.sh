@@ -26,6 +26,10 @@
 # the rest; set: it trains on TRAIN_ROOT (extracted to DATA/vector_train) and stages 5-7 evaluate it on every
 # image of ROOT; the demo generates 2000 testbed training scenes into DATA/images_train], EPOCHS [CLI default;
 # demo 15; the demo also sets EMB_ARGS to --lr 1e-3 --num_layers 2], PERTURB [mask lowrank],
+# EVAL_ROOT [empty: stage 3 (geometry) runs over ROOT; set: stages 1-3 also run over EVAL_ROOT (DATA/vector_eval,
+# DATA/clip_ref_eval) and stage 3's knn_out comes from it, while captions stay on ROOT; the demo renders 2000
+# held-out testbed scenes (keys 30000-31999, disjoint from training; captions also seen in training are counted
+# in DATA/images_eval/scenes.json) into DATA/images_eval and sets K to 10,50,100 (k <= N/20)],
 # MASK_LEVELS [0,0.25,0.5,0.75], LOWRANK_LEVELS [1,0.5,0.25,0.05], ORTHOGONAL_LEVELS, NOISE_LEVELS, SLURM_ARGS (extra sbatch flags for every job, e.g. "--gres=none -c 2").
 # Job sizes: before submitting anything, each wrapper's wanted -c (its #VLMC line) is clamped to the partition's
 # largest node and its GPU dropped (--gres=none) where the partition has none, with a log line; a -c or
@@ -111,6 +115,18 @@ if [[ -n ${DEMO:-} ]]; then
     "$VLMC_PYTHON" "$VLMC_ROOT/src/data/scenes.py" --out "$TRAIN_ROOT" --n 2000 --seed 0 --workers 0
   fi
 fi
+# geometry at a meaningful N: the demo's stages 1-3 also run over 2000 held-out evaluation scenes
+if [[ -n ${DEMO:-} ]]; then
+  EVAL_ROOT=${EVAL_ROOT-$DATA/images_eval}
+  export K=${K:-10,50,100}
+  if [[ $EVAL_ROOT == "$DATA/images_eval" && ! -f $EVAL_ROOT/scenes.json ]]; then
+    log "== scenes: 2000 held-out evaluation scenes -> $EVAL_ROOT"
+    "$VLMC_PYTHON" "$VLMC_ROOT/src/data/scenes.py" --out "$EVAL_ROOT" --n 2000 --seed 0 --first-index 30000 \
+      --count-seen 8000 --workers 0 --no-progress
+  fi
+fi
+EVAL_ROOT=${EVAL_ROOT:+$(abspath "$EVAL_ROOT")}
+GEOM_VEC=$DATA/vector${EVAL_ROOT:+_eval} GEOM_REF=$DATA/clip_ref${EVAL_ROOT:+_eval}  # what stage 3 reads
 TRAIN_ROOT=${TRAIN_ROOT:+$(abspath "$TRAIN_ROOT")}
 [[ $TRAIN_ROOT != "$ROOT" ]] || die "TRAIN_ROOT is ROOT ($ROOT): leave TRAIN_ROOT empty to train on a seeded split of ROOT"
 TRAIN_VEC=$DATA/vector${TRAIN_ROOT:+_train}  # the store the reconstructors train on
@@ -159,6 +175,10 @@ fi
 mapfile -t shards < <(list_shards "$ROOT")
 nsh=${#shards[@]}
 ((nsh)) || die "no shards with images under $ROOT"
+if [[ -n $EVAL_ROOT ]]; then
+  mapfile -t eval_shards < <(list_shards "$EVAL_ROOT")
+  ((${#eval_shards[@]})) || die "no shards with images under EVAL_ROOT $EVAL_ROOT"
+fi
 if [[ -n $TRAIN_ROOT ]]; then
   mapfile -t train_shards < <(list_shards "$TRAIN_ROOT")
   ((${#train_shards[@]})) || die "no shards with images under TRAIN_ROOT $TRAIN_ROOT"
@@ -186,13 +206,25 @@ vec_stage() {
     if [[ -n $TRAIN_ROOT ]]; then
       ARRAY=0-$((${#train_shards[@]} - 1)) stage "vec-train-$m" vec.sh MODELS="$m" ROOT="$TRAIN_ROOT" OUT="$TRAIN_VEC"
     fi
+    if [[ -n $EVAL_ROOT ]]; then
+      ARRAY=0-$((${#eval_shards[@]} - 1)) stage "vec-eval-$m" vec.sh MODELS="$m" ROOT="$EVAL_ROOT" OUT="$GEOM_VEC"
+    fi
   done
 }
-clip_stage() { ARRAY=0-$((nsh - 1)) stage clip clip.sh REF_MODEL="$REF_MODEL" REF_TYPE=auto OUT="$DATA/clip_ref"; }
+clip_stage() {
+  ARRAY=0-$((nsh - 1)) stage clip clip.sh REF_MODEL="$REF_MODEL" REF_TYPE=auto OUT="$DATA/clip_ref"
+  if [[ -n $EVAL_ROOT ]]; then
+    ARRAY=0-$((${#eval_shards[@]} - 1)) stage clip-eval clip.sh REF_MODEL="$REF_MODEL" REF_TYPE=auto ROOT="$EVAL_ROOT" \
+      OUT="$GEOM_REF"
+  fi
+}
 cal_stage() {
   local m
   for m in "${models[@]}"; do
-    stage "cal-$m" cal.sh VEC="$DATA/vector" REF="clip:$DATA/clip_ref" OUT="$DATA/output/knn_out/$m" -- "$m"
+    stage "cal-$m" cal.sh VEC="$GEOM_VEC" REF="clip:$GEOM_REF" OUT="$DATA/output/knn_out/$m" -- "$m"
+    if [[ -n $EVAL_ROOT ]]; then  # per-image spectra of ROOT's images too, for the erank-vs-CLIPScore figure
+      stage "cal-root-$m" cal.sh VEC="$DATA/vector" REF="clip:$DATA/clip_ref" OUT="$DATA/output/knn_root/$m" -- "$m"
+    fi
   done
 }
 # Stages 4-7 name a model's reconstructor folder <model>_<type>; 5-7 read the evaluation store (DATA/vector),

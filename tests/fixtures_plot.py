@@ -92,7 +92,7 @@ def write_knn(root: Path, model: str, pairs, rng) -> None:
     for side, scale in (("pre", 40.0), ("post", 25.0)):
         er = rng.uniform(0.5, 1.0, n) * scale
         df[f"{side}_effective_rank"] = er
-        df[f"{side}_effective_rank_normalized"] = er / 63.0
+        df[f"{side}_effective_rank_norm_min_t1_d"] = er / 63.0
         top1 = rng.uniform(0.05, 0.4, n)
         df[f"{side}_top1_energy_ratio"] = top1
         df[f"{side}_top5_energy_ratio"] = np.minimum(top1 * 2.2, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -260,3 +261,18 @@ def test_cli_help_as_a_script():
     for flag in ("--out", "--n", "--shards", "--seed", "--size", "--first-index", "--workers", "--no-progress"):
         assert flag in res.stdout
     assert "(default: 1000)" in res.stdout and "(default: 224)" in res.stdout
+
+
+def test_captions_seen_in_training_are_counted(tmp_path):
+    """Held-out keys can repeat a training caption (finite grammar): the evaluation set's report counts them."""
+    from vlmc.data import scenes as S
+
+    train = {S.caption(S.make_scene(S.scene_key(i), 0)) for i in range(300)}
+    keys = [S.scene_key(30000 + i) for i in range(40)]
+    want = sum(S.caption(S.make_scene(k, 0)) in train for k in keys)
+    assert S.captions_seen(keys, 0, 300) == want
+    assert S.main(["--out", str(tmp_path / "ev"), "--n", "40", "--first-index", "30000", "--count-seen", "300",
+                   "--no-progress", "--size", "32"]) == 0
+    rep = json.loads((tmp_path / "ev" / "scenes.json").read_text())
+    assert rep["n"] == 40 and rep["captions_seen_in_training"]["count"] == want
+    assert rep["captions_seen_in_training"]["train_keys"] == [0, 300]

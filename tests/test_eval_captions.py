@@ -48,8 +48,8 @@ def rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def val_ids(t) -> set[tuple[str, str]]:
-    return {tuple(x) for x in json.loads((t["recon"] / "split.json").read_text())["val"]}
+def held_out_ids(t) -> set[tuple[str, str]]:
+    return {tuple(x) for x in json.loads((t["recon"] / "split.json").read_text())["test"]}
 
 
 def test_recon_writes_caption_recon_and_reproj_for_held_out_images(trained, tmp_path):
@@ -57,8 +57,8 @@ def test_recon_writes_caption_recon_and_reproj_for_held_out_images(trained, tmp_
     r = rows(tmp_path / "captions_llava.csv")
     assert list(r[0])[:8] == ["key", "shard", "image_path", "caption_gt", "caption_post_direct", "caption_recon",
                               "reproj_mse", "reproj_cosine"]
-    assert {(x["shard"], x["key"]) for x in r} == val_ids(trained) and len(r) == len(val_ids(trained))
-    assert all(x["caption_recon"] and x["caption_post_direct"] and x["caption_gt"] and x["split"] == "val" for x in r)
+    assert {(x["shard"], x["key"]) for x in r} == held_out_ids(trained) and len(r) == len(held_out_ids(trained)) > 0
+    assert all(x["caption_recon"] and x["caption_post_direct"] and x["caption_gt"] and x["split"] == "test" for x in r)
     for x in r:
         assert float(x["reproj_mse"]) >= 0 and -1 <= float(x["reproj_cosine"]) <= 1
     # the same reproj definitions as stage 6
@@ -75,8 +75,8 @@ def test_recon_writes_caption_recon_and_reproj_for_held_out_images(trained, tmp_
 def test_split_all_without_and_with_reconstructor(trained, tmp_path):
     assert run(trained, tmp_path / "all", "--recon_dir", str(trained["recon"]), "--split", "all") == 0
     r = rows(tmp_path / "all" / "captions_llava.csv")
-    assert len(r) == N and {x["split"] for x in r} == {"train", "val"}
-    assert {(x["shard"], x["key"]) for x in r if x["split"] == "val"} == val_ids(trained)
+    assert len(r) == N and {x["split"] for x in r} == {"train", "val", "test"}
+    assert {(x["shard"], x["key"]) for x in r if x["split"] == "test"} == held_out_ids(trained)
     assert run(trained, tmp_path / "plain", "--vec_dir", str(trained["vec"]), "--embed_model", "llava") == 0
     p = rows(tmp_path / "plain" / "captions_llava.csv")
     assert len(p) == N and "caption_recon" not in p[0]

@@ -23,7 +23,7 @@ from vlmc.extract.geometry import (
     parse_ref,
     shard_groups,
 )
-from vlmc.store.vectors import ShardWriter, digest_keys, pack
+from vlmc.store.vectors import ShardReader, ShardWriter, digest_keys, find_shard_dirs, pack
 from vlmc.utils.cli import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_orthogonal_post_gives_knor_1_cka_1_procrustes_0(tmp_path):
     knor_cols += [f"clip_{s}_knor{k}" for k in (3, 5, 59) for s in ("pre", "post")]
     assert cols[:2] == ["shard", "key"] and set(knor_cols) <= set(cols)
     for side in ("pre", "post"):
-        for c in ("effective_rank", "effective_rank_normalized", "top1_energy_ratio", "top5_energy_ratio",
+        for c in ("effective_rank", "effective_rank_norm_min_t1_d", "top1_energy_ratio", "top5_energy_ratio",
                   "top10_energy_ratio", "k80_energy", "k90_energy", "cos_mean", "cos_std", "cos_median"):
             assert f"{side}_{c}" in cols
     assert all(float(r["pre_post_knor59"]) == 1.0 for r in rows)
@@ -233,3 +233,50 @@ def test_bad_args_exit_2_with_one_line(tmp_path, case):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0], r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def random_store(tmp_path: Path, n: int = 40) -> Path:
+    """pre and post independent random tokens: KNOR near chance, every k informative."""
+    g = torch.Generator().manual_seed(1)
+    keys = [f"{i:09d}" for i in range(n)]
+    return write_vec_store(tmp_path / "rand", {"00000": pre_post({k: torch.randn(T, D, generator=g) for k in keys},
+                                                                 {k: torch.randn(T, D, generator=g) for k in keys})})
+
+
+def test_count_self_equals_the_formula_on_random_data(tmp_path):
+    """Per image: KNOR_self@k = (1 + (k-1)·KNOR_excl@(k-1)) / k (the seed's faiss search counted the query)."""
+    vec = random_store(tmp_path)
+    ks = "1,2,5,6,10,11,39,40"
+    assert run_cli("--pre_pt", vec, "--post_pt", vec, "--out_dir", tmp_path / "ex", "--k", ks, "--device", "cpu") == 0
+    assert run_cli("--pre_pt", vec, "--post_pt", vec, "--out_dir", tmp_path / "self", "--k", ks, "--count_self",
+                   "--device", "cpu") == 0
+    ex, me = read_rows(tmp_path / "ex" / "per_image.csv"), read_rows(tmp_path / "self" / "per_image.csv")
+    d = json.loads((tmp_path / "self" / "overlap_top40_l2.json").read_text())
+    assert d["ks"] == [1, 2, 5, 6, 10, 11, 39, 40] and d["settings"]["count_self"] is True  # capped at N, not N-1
+    assert json.loads((tmp_path / "ex" / "overlap_top39_l2.json").read_text())["ks"] == [1, 2, 5, 6, 10, 11, 39]
+    some_nontrivial = False
+    for a, b in zip(ex, me, strict=True):
+        assert float(b["pre_post_knor1"]) == 1.0
+        for k in (2, 6, 11, 40):
+            want = (1 + (k - 1) * float(a[f"pre_post_knor{k - 1}"])) / k
+            assert float(b[f"pre_post_knor{k}"]) == pytest.approx(want, abs=1e-12)
+            some_nontrivial |= 0 < float(a[f"pre_post_knor{k - 1}"]) < 1
+    assert some_nontrivial
+    n = 40
+    for k in (5, 10):  # chance with the query counted: (1 + (k-1)^2/(N-1)) / k
+        assert d["per_k"][str(k)]["chance_knor"] == pytest.approx((1 + (k - 1) ** 2 / (n - 1)) / k)
+        e = d["per_k"][str(k)]["pre_post"]
+        assert e["ci95_lo"] <= e["mean"] <= e["ci95_hi"]
+
+
+def test_pool_cls_refused_without_a_cls_token_first_is_the_first_token(tmp_path):
+    vec = random_store(tmp_path, n=12)
+    r = _cli("--pre_pt", vec, "--post_pt", vec, "--out_dir", tmp_path / "o", "--pool", "cls")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no CLS token" in r.stderr, r.stderr
+    assert run_cli("--pre_pt", vec, "--post_pt", vec, "--out_dir", tmp_path / "f", "--pool", "first", "--k", "3",
+                   "--device", "cpu") == 0
+    first = load_space("pre", vec, "pre", "first")
+    tokens = dict(zip(*ShardReader.open(find_shard_dirs(vec)[0]).tokens("pre"), strict=True))
+    for (_, key), row in zip(first.ids, first.X, strict=True):
+        assert torch.equal(row, tokens[key][0].float())
+

@@ -163,3 +163,25 @@ def test_shared_orthogonal_uses_one_q(x):
 def test_bad_arguments_are_usage_errors(x, mode, level, opts):
     with pytest.raises(UsageError):
         apply_perturbation(x, mode, level, 0, "k", **opts)
+
+
+@pytest.mark.parametrize("snr", [0.0, 10.0])
+def test_centred_noise_snr_is_against_the_token_varying_part(snr):
+    """A large shared mean token inflates the uncentred power: --centred measures SNR without it."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 128, generator=g) + 3.0 * torch.randn(1, 128, generator=g)  # a strong mean token
+    xc = x - x.mean(0, keepdim=True)
+    y = apply_perturbation(x, "noise", snr, 0, "img", centred=True)
+    measured = 10 * np.log10(float(xc.pow(2).mean()) / float((y - x).pow(2).mean()))
+    assert abs(measured - snr) < 0.2
+    gap = 10 * np.log10(float(x.pow(2).mean()) / float(xc.pow(2).mean()))  # how much harsher uncentred is
+    u = apply_perturbation(x, "noise", snr, 0, "img")
+    assert 10 * np.log10(float(xc.pow(2).mean()) / float((u - x).pow(2).mean())) == pytest.approx(snr - gap, abs=0.2)
+    assert gap > 5
+
+
+def test_orthogonal_half_blend_shrinks_token_norms_to_0_71():
+    x = torch.randn(32, 512, generator=torch.Generator().manual_seed(3))
+    y = apply_perturbation(x, "orthogonal", 0.5, 0, "img")
+    ratio = (y.norm(dim=1) / x.norm(dim=1)).mean().item()
+    assert ratio == pytest.approx(0.5**0.5, abs=0.02)  # the documented caveat

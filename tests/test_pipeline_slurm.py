@@ -217,7 +217,7 @@ def test_every_stage_left_its_outputs(dags):
     assert (out / "connector" / "llava_mlp" / "best_model.pt").is_file()
     captions = _csv_rows(out / "captions" / "llava" / "captions_llava.csv")
     assert len(captions) == 6 and all(r["caption_post_direct"] and r["clipscore_drop"] for r in captions), captions
-    assert {r["split"] for r in captions} == {"val"}  # none of ROOT's images trained the reconstructor
+    assert {r["split"] for r in captions} == {"test"}  # none of ROOT's images trained the reconstructor
     for level in ("0", "0.5"):
         rows = _csv_rows(out / "perturb_out" / f"perturb_llava_mask_{level}.csv")
         assert len(rows) == 6 and all(r["caption_perturbed"] and r["clipscore_drop"] for r in rows), rows[:1]

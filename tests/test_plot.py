@@ -48,7 +48,7 @@ EXPECTED_FIGURES = [
 ]
 TABLES = ["knn_summary_per_model", "knn_knor_per_k", "recon_summary", "caption_summary", "perturb_summary",
           "caption_recon_correlations", "caption_recon_pre_correlations", "erank_vs_clip_correlations",
-          "testbed_summary"]
+          "testbed_summary", "paired_tests"]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_optional_flags(tree, tmp_path):
     for m in ("llava", "qwen25vl"):
         assert_png(figs / "erank_vs_clip" / f"erank_vs_clip_{m}.png")
     corr = pd.read_csv(tmp_path / "erank_vs_clip_correlations.csv")
-    assert set(corr["x"]) == {"pre_effective_rank_normalized"}
+    assert set(corr["x"]) == {"pre_effective_rank_norm_min_t1_d"}
 
 
 # -- compute_summary's numbers equal an independent recomputation ---------------------------------
@@ -163,7 +163,7 @@ def test_knn_summary_matches_inputs(tree, outputs):
                 assert summ.loc[m, f"{pair}_knor{k}_mean"] == pytest.approx(pim[f"{pair}_knor{k}"].mean(), rel=SIG6)
                 row = long[(long["model"] == m) & (long["pair"] == pair) & (long["k"] == k)]
                 assert row["median"].item() == pytest.approx(want["median"], rel=SIG6)
-        for col in ("pre_effective_rank", "post_effective_rank_normalized", "post_top1_energy_ratio", "pre_k90_energy"):
+        for col in ("pre_effective_rank", "post_effective_rank_norm_min_t1_d", "post_top1_energy_ratio", "pre_k90_energy"):
             assert summ.loc[m, f"{col}_mean"] == pytest.approx(pim[col].mean(), rel=SIG6)
         for pair in ("pre_post", "clip_post"):
             for key in ("cka_debiased", "procrustes_residual", "dist_spearman"):
@@ -309,3 +309,42 @@ def test_script_entry_points(tmp_path):
     for p in procs:  # started together: two interpreter start-ups in parallel
         _, err = p.communicate(timeout=120)
         assert p.returncode == 2 and err.strip().count("\n") == 0 and "is not a folder" in err, err
+
+
+def test_tables_carry_intervals_chance_and_paired_tests(tree, outputs):
+    """Every KNOR value has its bootstrap interval and chance level beside it; family-vs-family claims have a
+    paired test whose numbers restate the per-image data."""
+    _, res = outputs
+    long = pd.read_csv(res / "knn_knor_per_k.csv")
+    assert long[["ci95_lo", "ci95_hi", "chance"]].notna().all().all()
+    assert (long["ci95_lo"] <= long["mean"] + 1e-12).all() and (long["mean"] <= long["ci95_hi"] + 1e-12).all()
+    wide = pd.read_csv(res / "knn_summary_per_model.csv").set_index("model")
+    for k in sorted(long["k"].unique()):
+        assert f"knor{k}_chance" in wide and f"pre_post_knor{k}_ci95_lo" in wide
+    tb = pd.read_csv(res / "testbed_summary.csv").set_index("model")
+    for c in ("pre_erank", "post_erank", "pre_erank_norm_min_t1_d", "attr_acc", "pre_post_knor10"):
+        assert f"{c}_ci95_lo" in tb and f"{c}_ci95_hi" in tb, c
+    pt = pd.read_csv(res / "paired_tests.csv", dtype={"mode": str})
+    assert {"knn", "captions", "perturb"} <= set(pt["section"])
+    assert ((pt["p_perm"] > 0) & (pt["p_perm"] <= 1)).all()
+    assert (pt["diff"] - (pt["mean_a"] - pt["mean_b"])).abs().max() < 1e-9
+    row = pt[(pt["section"] == "knn") & (pt["column"] == "post_effective_rank")].iloc[0]
+    runs = {m: pd.read_csv(tree / "knn_out" / m / "per_image.csv", dtype={"shard": str, "key": str})
+            for m in (row["model_a"], row["model_b"])}
+    j = runs[row["model_a"]].merge(runs[row["model_b"]], on=["shard", "key"])
+    assert row["n"] == len(j)
+    assert row["diff"] == pytest.approx((j["post_effective_rank_x"] - j["post_effective_rank_y"]).mean())
+
+
+def test_erank_vs_clip_reads_knn_root_when_geometry_is_on_an_evaluation_set(tree, tmp_path):
+    """pipeline EVAL_ROOT: knn_out holds the evaluation scenes, knn_root the captioned images' spectra."""
+    import shutil
+
+    from vlmc.plot.make_figures import plan
+
+    alt = tmp_path / "t"
+    shutil.copytree(tree, alt)
+    shutil.copytree(alt / "knn_out", alt / "knn_root")
+    steps = {name: argv for name, _, argv in plan(alt, ["--out_dir", "f"], ["--results_dir", "r"])}
+    assert steps["plot_erank_vs_clip"][-2:] == ["--knn_dir", str(alt / "knn_root")]
+    assert "--knn_dir" not in {name: argv for name, _, argv in plan(tree, [], [])}["plot_erank_vs_clip"]

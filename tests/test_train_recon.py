@@ -131,7 +131,7 @@ def test_best_checkpoint_is_the_best_epoch_not_the_last(tmp_path):
 
 def test_held_out_images_never_reach_training(tmp_path, monkeypatch):
     store = _store(tmp_path, "gelu", n=32)
-    seen: dict[str, list] = {"train": [], "stats": []}
+    seen: dict[str, list] = {"train": [], "stats": [], "selection": []}
     real_loader, real_stats = train_recon.make_loader, train_recon.compute_stats
 
     def spy_loader(samples, batch_size, shuffle, *a, **kw):
@@ -143,13 +143,21 @@ def test_held_out_images_never_reach_training(tmp_path, monkeypatch):
         seen["stats"] += [s.id for s in samples]
         return real_stats(samples, *a, **kw)
 
+    real_eval = train_recon.evaluate_loss
+
+    def spy_eval(model, samples, *a, **kw):
+        seen["selection"] += [s.id for s in samples]
+        return real_eval(model, samples, *a, **kw)
+
     monkeypatch.setattr(train_recon, "make_loader", spy_loader)
     monkeypatch.setattr(train_recon, "compute_stats", spy_stats)
+    monkeypatch.setattr(train_recon, "evaluate_loss", spy_eval)
     out = _train(store, tmp_path / "o", "--model_type", "mlp", "--hidden_size", "16", "--epochs", "1")
     split = json.loads((out / "split.json").read_text())
-    train, val = {tuple(x) for x in split["train"]}, {tuple(x) for x in split["val"]}
-    assert val and not train & val and len(train | val) == 32
+    train, val, test = ({tuple(x) for x in split[p]} for p in ("train", "val", "test"))
+    assert val and test and not (train & val or train & test or val & test) and len(train | val | test) == 32
     assert set(seen["train"]) == train and set(seen["stats"]) == train
+    assert set(seen["selection"]) == val  # the best epoch is chosen on val; test is never looked at
 
 
 def test_lr_schedule_counts_optimizer_steps_with_accumulation(tmp_path):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import multiprocessing
 import os
@@ -484,6 +485,28 @@ def generate_scenes(
     return written
 
 
+def captions_seen(keys: Sequence[str], seed: int, train_n: int, train_seed: int = 0) -> int:
+    """How many of the scenes ``keys`` (under ``seed``) have a caption identical to one of the training scenes
+    ``scene_key(0) … scene_key(train_n − 1)`` under ``train_seed`` (the testbed's training sets: keys from 0).
+
+    Keys are disjoint from training, but the caption grammar has finitely many sentences (one object: 540), so
+    a held-out image can still say what a training image said; geometry does not read captions, captioning does.
+    """
+    seen = {caption(make_scene(scene_key(i), train_seed)) for i in range(train_n)}
+    return sum(caption(make_scene(k, seed)) in seen for k in keys)
+
+
+def write_seen_report(out: str | Path, written: Sequence[tuple[str, str]], seed: int, first_index: int,
+                      train_n: int) -> dict[str, Any]:
+    """``<out>/scenes.json``: what was written and how many captions training already saw (atomic)."""
+    count = captions_seen([k for _, k in written], seed, train_n)
+    report = {"n": len(written), "seed": seed, "first_index": first_index,
+              "captions_seen_in_training": {"train_keys": [0, train_n], "train_seed": 0, "count": count,
+                                            "fraction": count / len(written)}}
+    atomic_write_text(Path(out) / "scenes.json", json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def _write_job(job: tuple[str | Path, str, str, int, int]) -> Path:
     return write_scene(*job)
 
@@ -521,7 +544,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=cli.nonneg_int, default=1, help="rendering processes (0: one per CPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--count-seen", type=int, default=0, metavar="N",
+        help="also write OUT/scenes.json counting the written scenes whose caption equals one of the training "
+             "scenes' (keys 0..N-1, seed 0; the testbed VLMs trained on N=8000); 0 = no report",
+    )
     args = parser.parse_args(argv)
+    if args.count_seen < 0:
+        raise UsageError(f"--count-seen must be >= 0, got {args.count_seen}")
     _validate(args.n, args.shards, args.size, args.first_index)
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
@@ -531,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers or os.cpu_count() or 1,
     )
     print(f"wrote {len(written)} scenes in {args.shards} shard(s) under {args.out}")
+    if args.count_seen:
+        seen = write_seen_report(args.out, written, args.seed, args.first_index, args.count_seen)
+        print(f"{seen['captions_seen_in_training']['count']} of {len(written)} captions also describe one of "
+              f"training scenes 0..{args.count_seen - 1} (seed 0): {Path(args.out) / 'scenes.json'}")
     return 0
 
 

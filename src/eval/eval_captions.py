@@ -1,8 +1,9 @@
 """Stage 7: captions from the stored E_post and from reconstructed embeddings, per image.
 
 For every selected image of a stage-1 store (with ``--recon_dir``: by default only the images the
-reconstructor did NOT train on: its split.json val images, or every image of another store;
-``--split all`` for every image):
+reconstructor was neither fitted nor selected on: its split.json test images, or every image of another
+store, an id collision with a train/val image evaluated when its file under --image_dir differs and refused
+otherwise, see train_recon --image_root; ``--split all`` for every image):
 
     caption_gt           the reference caption <key>.txt beside the image ("" if none)
     caption_post_direct  the stored E_post injected into the model (the reference condition; cached in
@@ -12,7 +13,7 @@ reconstructor did NOT train on: its split.json val images, or every image of ano
                          stats), mean over tokens × channels (as eval_recon.py)
     reproj_cosine        per-token cosine(connector(Ê_pre), E_post), mean over tokens (as eval_recon.py)
     caption_image        (--with_image_caption) the model's own caption from the pixels
-    split                (--recon_dir) train: the reconstructor trained on it; val: held out (never trained on)
+    split                (--recon_dir) train: fitted on; val: selected on (ridge, best epoch); test: held out
 
 into ``<out_dir>/captions_<model>.csv`` (columns key, shard, image_path, caption_gt,
 caption_post_direct[, caption_recon, reproj_mse, reproj_cosine, split][, caption_image], plus score
@@ -79,9 +80,9 @@ def build_parser():
                    help="train_recon --out_dir (best_model.pt, normalization.safetensors, split.json); unset: no caption_recon")
     # the seed's flags, kept for its command lines (docs/seed_compat.md), not listed in --help
     p.add_argument("--recon_stats_path", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--split", default="val", choices=["val", "all"],
-                   help="with --recon_dir: val = only images the reconstructor did not train on (its held-out "
-                   "images; every image of a store other than its training store); all = every image of the store")
+    p.add_argument("--split", default="test", choices=["test", "all"],
+                   help="with --recon_dir: test = only images the reconstructor was neither fitted nor selected on "
+                   "(its split's test part; every image of a store other than its training store); all = every image")
     p.add_argument("--out_dir", default="data/output/captions", help="output folder of captions_<model>.csv")
     p.add_argument("--cache_dir", default=None, help="caption_post_direct cache folder (default <out_dir>/cache)")
     p.add_argument("--batch_size", type=cli.positive_int, default=8, help="images per generate call")
@@ -143,13 +144,16 @@ def select(args, device: torch.device):
 
         if args.vec_dir and not Path(args.vec_dir).exists():
             raise UsageError(f"--vec_dir {args.vec_dir} does not exist")
+        from vlmc.train.export_recon import check_held_out
+
         run = open_run(args.recon_dir, device, args.vec_dir, args.embed_model)
+        check_held_out(run, args.image_dir)
         store, samples = run.store, run.part(args.split)
     else:
         store = inject.open_vectors(args.vec_dir or "data/vector", args.embed_model)
         samples = inject.store_samples(store)
-        if args.split == "val":
-            log.info("no --recon_dir: --split val has no held-out set to select; captioning every image")
+        if args.split == "test":
+            log.info("no --recon_dir: --split test has no held-out set to select; captioning every image")
     return store, inject.select_samples(samples, shards, args.shard_limit, args.max_items), run
 
 
@@ -252,7 +256,7 @@ def generate(args, vlm, run, cache, images, todo, path, prompt, img_size, stop) 
                     for j, (row, s) in enumerate(zip(new, batch, strict=True)):
                         row.update(caption_recon=caps[j], reproj_mse=fmt(float(m["reproj_mse"][j])),
                                    reproj_cosine=fmt(float(m["reproj_cosine"][j])),
-                                   split="val" if run.held_out(s) else "train")
+                                   split=run.part_of(s))
                 if args.with_image_caption:
                     own = inject.caption_from_images(vlm, ims, prompt, mnt, bs, img_size, [tuple(t.shape) for t in raw])
                     for row, c in zip(new, own, strict=True):

@@ -15,8 +15,11 @@ depends only on (seed, shard/key), never on the batch. Modes and level meanings:
     mask        probability of dropping each token (--fill zero|mean), in [0, 1]
     lowrank     retained fraction of min(T, D) in (0, 1], or an integer rank > 1
     orthogonal  blend alpha in [0, 1] between X and X·Q, Q Haar-random orthogonal (--shared_rotation:
-                one Q for all images; a QR of a 4096x4096 matrix per image costs seconds on a CPU)
-    noise       SNR in dB relative to the image's mean(X^2) ("inf" adds nothing)
+                one Q for all images; a QR of a 4096x4096 matrix per image costs seconds on a CPU).
+                Between 0 and 1 the blend also shrinks tokens: norms ~ sqrt((1-a)^2 + a^2), 0.71 at a = 0.5
+    noise       SNR in dB relative to the image's mean(X^2) ("inf" adds nothing): uncentred power, so the
+                shared mean token counts as signal and one nominal SNR is harsher on the token-varying part
+                by a model-dependent amount; --centred uses mean((X - mean token)^2) instead
 
 The model is the store manifest's family and source (``--model_path`` overrides the weights); captions
 are greedy, batched by token shape (a batch's captions equal the batch-1 captions), with the image size
@@ -72,6 +75,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="run seed; an image's draw depends on (seed, shard/key) only")
     p.add_argument("--fill", default="zero", choices=list(MASK_FILLS), help="mask: what a dropped token becomes")
     p.add_argument("--shared_rotation", action="store_true", help="orthogonal: one Q for all images (seeded by --seed)")
+    p.add_argument("--centred", action="store_true",
+                   help="noise: SNR against the token-centred power mean((X - mean token)^2) instead of mean(X^2) "
+                        "(default: off; recorded in the run's options, use its own --out_dir)")
     p.add_argument("--out_dir", default="data/perturb_out", help="output folder of perturb_<model>_<mode>_<level>.csv")
     p.add_argument("--cache_dir", default=None, help="caption_original cache folder (default <out_dir>/cache); "
                    "point stage 7's --cache_dir here to share it")
@@ -133,6 +139,8 @@ def perturb_opts(args) -> dict:
         return {"fill": args.fill}
     if args.mode == "orthogonal" and args.shared_rotation:
         return {"shared_seed": args.seed}
+    if args.mode == "noise" and args.centred:
+        return {"centred": True}
     return {}
 
 

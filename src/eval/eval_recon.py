@@ -1,7 +1,9 @@
 """Stage 6: score a trained reconstructor on its HELD-OUT images, per sample.
 
-For every image the reconstructor did not train on (the val images of its ``split.json``, or, with
-``--vec_dir`` naming another store, e.g. a held-out image set, every image of that store):
+For every held-out image: neither fitted nor selected on (the test images of its ``split.json``; with
+``--vec_dir`` naming another store, e.g. a held-out image set, every image of that store, where an id
+that collides with a train/val id is evaluated or refused with a count, never dropped; see
+``--image_root``). The val images chose the ridge strength / best epoch and are never reported:
 
     mse_pre        MSE(Ê_pre, E_pre) in the standardised space (train-split stats), mean over tokens × channels
     cosine_pre     cosine(Ê_pre, E_pre) per token in the original space, mean over tokens
@@ -14,7 +16,8 @@ Writes to ``--out_dir`` (default ``data/output/recon_eval/<model>``):
     per_shard/<shard>.csv      the same rows, one file per shard (the resume unit)
     loss_maps/<shard>.pt       {"keys", "shards", "grids" [N,2], "maps" [N,h,w]}: per-patch mse_pre on the pre grid
     loss_maps.pt               all shards together (NaN-padded when grids differ)
-    summary.json               means, counts, and whether reprojection ran
+    summary.json               means, split ("test"), n, n_id_collisions (evaluated: same id, other content),
+                               n_content_checked (held-out files hashed), and whether reprojection ran
 
 ``--resume`` keeps the rows already written (keyed by (shard, key) strings; no duplicates).
 ``--no_reproj`` skips the connector (reproj_* left empty, noted in summary.json). Nothing in the
@@ -48,6 +51,7 @@ from vlmc.store.verify import VERIFY_HELP, set_read_level
 from vlmc.train.data import Sample, make_loader
 from vlmc.train.export_recon import (
     ReconRun,
+    check_held_out,
     load_connector_vlm,
     open_run,
     reconstruct,
@@ -94,6 +98,10 @@ def build_parser():
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="DataLoader workers")
     p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--verify", action="store_true", help=VERIFY_HELP)
+    p.add_argument("--image_root", default=None,
+                   help="images of this store (<root>/<shard>/<key>.<ext>): with a split.json that records content hashes "
+                        "(train_recon --image_root), an id collision with a train/val image is evaluated when its file "
+                        "differs and refused when it is the same image; without, every collision is refused with a count")
     return p
 
 
@@ -220,7 +228,7 @@ def summarise(rows: Sequence[dict[str, str]], run: ReconRun, reproj: bool) -> di
         means[m] = sum(vals) / len(vals) if vals else None
     return {
         "model": run.store.model, "recon_type": run.spec.model_type, "model_dir": str(run.model_dir),
-        "split": "val", "n": len(rows), "means": means, "best_epoch": run.meta.get("epoch"),
+        "split": "test", "n": len(rows), "means": means, "best_epoch": run.meta.get("epoch"),
         "reproj": "ran" if reproj else "skipped (--no_reproj): reproj_* columns are empty",
     }
 
@@ -234,11 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     run = open_run(resolve_model_dir(args.model_dir, args.embed_model), device, args.vec_dir, args.embed_model,
                    parse_csv_list(args.shards) or None)
-    held_out = run.part("val")
+    counts = check_held_out(run, args.image_root)
+    held_out = run.part("test")
+    if not held_out:
+        raise UsageError("no held-out images: the split's test part is empty and every image of the store was "
+                         "fitted or selected on (train with a test part, or pass --vec_dir of another store)")
     if args.limit:
         held_out = held_out[: args.limit]
-    if {tuple(x) for x in run.split["train"]} & {tuple(x) for x in run.split["val"]}:
-        raise UsageError("split.json lists an image in both train and val")
     vlm = None if args.no_reproj else load_connector_vlm(run, args.model_path, args.dtype, device)
     if vlm is None:
         log.warning("--no_reproj: reproj_mse / reproj_cosine are not computed")
@@ -264,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     write_rows(out / "per_sample.csv", rows)
     atomic_torch_save(pack_maps([k for _, k, _ in all_maps], [s for s, _, _ in all_maps], [m for _, _, m in all_maps]),
                       out / "loss_maps.pt")
-    summary = summarise(rows, run, vlm is not None)
+    summary = {**summarise(rows, run, vlm is not None), **counts}
     atomic_write_json(out / "summary.json", summary)
     log.info("%d held-out images: %s → %s", len(rows), {k: v for k, v in summary["means"].items() if v is not None}, out)
     return 0

@@ -11,6 +11,11 @@ present in pre, post and every ref are used, and how many each space lost is log
 (``n_dropped``). Pre/post vectors are pooled with ``--pool`` (``mean`` uses the stored mean when present);
 reference stores hold one vector per image and are used as stored.
 
+Neighbours exclude the query by id; ``--count_self`` counts it as the first neighbour of its own list,
+as the seed's faiss ``IndexFlatL2.search(X, k)`` did, so per image
+KNOR_self@k = (1 + (k-1)·KNOR_excl@(k-1)) / k. Ties are broken by index among equal float32 scores (see
+``vlmc.metrics.knn``: exact distance ties can be reordered by fp32 rounding).
+
 Protocols: by default ONE GLOBAL gallery: the neighbours of an image are searched among all aligned images
 of all shards. ``--per_shard`` is the seed's protocol: neighbours only within the image's own shard (then
 k is clipped to the smallest shard's size - 1). ``--k`` is clipped to N - 1 (global) with a warning.
@@ -27,19 +32,19 @@ Outputs (all written atomically into ``--out_dir``; k = the effective, clipped k
      "refs": ["<ref>", ...],
      "ks": [k, ...], "k_requested": [k, ...],
      "per_k": {"<k>": {
-         "pre_post":     {"mean", "median", "std", "n"},      # KNOR(pre, post) over images (std ddof=0)
-         "<ref>_pre":    {"mean", "median", "std", "n"},      # KNOR(ref, pre)
-         "<ref>_post":   {"mean", "median", "std", "n"},      # KNOR(ref, post)
+         "pre_post":     {"mean", "median", "std", "n", "ci95_lo", "ci95_hi"},  # KNOR(pre, post) over images
+         "<ref>_pre":    {same keys},                         # KNOR(ref, pre)   (std ddof=0; ci95 = percentile
+         "<ref>_post":   {same keys},                         # KNOR(ref, post)   bootstrap, 1000, seed 0)
          "three_way":    {"<ref>": {"all3", "ref_pre_only", "ref_post_only", "pre_post_only"}},  # mean counts
          "pre_post_detail": {"rank_displacement": {"mean", "median", "std", "n"},   # pre's top-k ranked by post
                              "jaccard":           {"mean", "median", "std", "n"}},  # mutual-kNN Jaccard
-         "chance_knor": float}},                                # E[KNOR] of random neighbourhoods
+         "chance_knor": float}},   # E[KNOR] of random neighbourhoods: k/(N-1); --count_self (1+(k-1)^2/(N-1))/k
      "global": {
          "pre_post": {"cka_debiased", "cka", "procrustes_residual", "dist_pearson", "dist_spearman", "dist_n_pairs"},
          "<ref>_pre":  {same keys}, "<ref>_post": {same keys},
          "spectra": {"pre": {"energy_mean_normalized": [...]}, "post": {...}}},   # only with --svd_per_image_csv
      "settings": {"pre_pt", "post_pt", "refs": {"<ref>": path}, "pool", "metric", "protocol": "global"|"per_shard",
-                  "backend", "device", "seed", "pairs_sample", "svd_per_image_csv"}}
+                  "count_self", "backend", "device", "seed", "pairs_sample", "svd_per_image_csv"}}
 
 NaN values (e.g. a constant space) are written as ``null``. ``cka_debiased`` is the unbiased-HSIC linear
 CKA, ``cka`` the biased one; ``procrustes_residual`` is the relative orthogonal-Procrustes residual (0 =
@@ -49,8 +54,8 @@ pairs, or ``--pairs_sample`` seeded random pairs when there are more (see ``vlmc
 ``per_image.csv`` — one row per aligned image, columns in this order:
 ``shard, key`` (written verbatim: read with ``dtype=str`` so "000010000" stays a string), then per k
 ``pre_post_knor<k>``, then per ref and k ``<ref>_pre_knor<k>``, ``<ref>_post_knor<k>``; with
-``--svd_per_image_csv`` also, for side in (pre, post): ``<side>_effective_rank``,
-``<side>_effective_rank_normalized``, ``<side>_top1_energy_ratio``, ``<side>_top5_energy_ratio``,
+``--svd_per_image_csv`` also, for side in (pre, post): ``<side>_effective_rank`` (raw),
+``<side>_effective_rank_norm_min_t1_d`` (divided by min(T-1, D)), ``<side>_top1_energy_ratio``, ``<side>_top5_energy_ratio``,
 ``<side>_top10_energy_ratio``, ``<side>_k80_energy``, ``<side>_k90_energy``, ``<side>_cos_mean``,
 ``<side>_cos_std``, ``<side>_cos_median`` (token spectra of the un-pooled [T, D] matrix and pairwise token
 cosine concentration; definitions in ``vlmc.metrics.spectral``). Empty cell = NaN.
@@ -77,6 +82,7 @@ from vlmc.extract.geometry import (
     parse_refs,
     shard_groups,
     token_spectra,
+    with_self,
     write_per_image_csv,
 )
 from vlmc.metrics.knn import resolve_backend
@@ -100,8 +106,15 @@ def build_parser():
     p.add_argument("--out_dir", required=True, help="output folder")
     p.add_argument("--k", default="10,50,100", help="comma-separated neighbourhood sizes (clipped to N-1)")
     p.add_argument("--metric", default="l2", choices=["l2", "cosine"], help="distance for kNN and distance correlations")
-    p.add_argument("--pool", default="mean", choices=["mean", "cls", "max"], help="pooling of pre/post tokens")
+    p.add_argument("--pool", default="mean", choices=["mean", "first", "max", "cls"],
+                   help="pooling of pre/post tokens: mean; first = the first stored token; max = per-dim max; cls = "
+                        "the CLS token, refused unless the store's manifest marks its first token as one (no "
+                        "stage-1 family stores a CLS token: CLS is dropped as the model does)")
     p.add_argument("--per_shard", action="store_true", help="neighbours only within each shard (seed protocol)")
+    p.add_argument("--count_self", action="store_true",
+                   help="count the query as its own first neighbour, as the seed's faiss IndexFlatL2.search(X, k) "
+                        "did (default: excluded). Per image, KNOR_self@k = (1 + (k-1)*KNOR_excl@(k-1)) / k; "
+                        "k is then clipped to N (or the shard size) instead of N-1")
     p.add_argument("--pairs_sample", type=cli.positive_int, default=100_000, help="max pairs for distance correlations")
     p.add_argument("--svd_per_image_csv", action="store_true", help="per-image token spectra in per_image.csv + spectra.json")
     p.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch", "hybrid"], help="kNN backend")
@@ -138,14 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     if n < 2:
         raise UsageError(f"only {n} image(s) present in every space (dropped: {al.n_dropped})")
     groups = shard_groups(al.ids) if args.per_shard else None
-    ks = effective_ks(ks_req, n, groups)
+    ks = effective_ks(ks_req, n, groups, args.count_self)
     kmax = ks[-1]
-    log.info("%d aligned images, %s protocol, k=%s, metric=%s, backend=%s, device=%s", n,
-             "per-shard" if groups else "global", ks, args.metric, backend, device)
+    log.info("%d aligned images, %s protocol, k=%s, metric=%s, backend=%s, device=%s%s", n,
+             "per-shard" if groups else "global", ks, args.metric, backend, device,
+             ", query counted (--count_self)" if args.count_self else "")
 
-    nn = {name: neighbours(X, kmax, metric=args.metric, backend=backend, device=device, groups=groups)
+    k_search = max(kmax - 1, 1) if args.count_self else kmax
+    nn = {name: neighbours(X, k_search, metric=args.metric, backend=backend, device=device, groups=groups)
           for name, X in al.X.items()}
-    per_k, cols = overlap_metrics(nn, list(refs), ks, groups, n)
+    if args.count_self:
+        nn = {name: with_self(v, kmax) for name, v in nn.items()}
+    per_k, cols = overlap_metrics(nn, list(refs), ks, groups, n, args.count_self)
 
     pairs = {"pre_post": ("pre", "post")}
     for r in refs:
@@ -169,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         "n": n, "n_images": n, "n_dropped": al.n_dropped, "n_per_shard": n_per_shard, "refs": list(refs),
         "ks": ks, "k_requested": ks_req, "per_k": per_k, "global": glob,
         "settings": {"pre_pt": str(args.pre_pt), "post_pt": str(args.post_pt), "refs": refs, "pool": args.pool,
-                     "metric": args.metric, "protocol": "per_shard" if groups else "global", "backend": backend,
+                     "metric": args.metric, "protocol": "per_shard" if groups else "global",
+                     "count_self": bool(args.count_self), "backend": backend,
                      "device": str(device), "seed": args.seed, "pairs_sample": args.pairs_sample,
                      "svd_per_image_csv": bool(args.svd_per_image_csv)},
     }

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlmc.metrics.bootstrap import bootstrap_ci
 from vlmc.metrics.knn import knn
 from vlmc.metrics.overlap import (
     distance_correlation,
@@ -44,7 +45,7 @@ RESERVED_LABELS = ("pre", "post")
 # per-image spectral statistics: CSV suffix -> vlmc.metrics.spectral.spectral_stats key
 SPECTRAL_COLUMNS = {
     "effective_rank": "effective_rank",
-    "effective_rank_normalized": "effective_rank_normalized",
+    "effective_rank_norm_min_t1_d": "effective_rank_normalized",  # the normaliser, min(T-1, D), in the name
     "top1_energy_ratio": "top1_energy_ratio",
     "top5_energy_ratio": "top5_energy_ratio",
     "top10_energy_ratio": "top10_energy_ratio",
@@ -161,18 +162,23 @@ def shard_groups(ids: Sequence[Id]) -> dict[str, np.ndarray]:
     return {s: np.asarray(v, dtype=np.int64) for s, v in groups.items()}
 
 
-def effective_ks(ks: Sequence[int], n: int, groups: dict[str, np.ndarray] | None) -> list[int]:
-    """Requested ks clipped to N-1 (global) or to the smallest shard's size - 1 (per shard), warned."""
-    cap = n - 1 if groups is None else min(len(g) for g in groups.values()) - 1
-    if cap < 1:
+def effective_ks(ks: Sequence[int], n: int, groups: dict[str, np.ndarray] | None,
+                 count_self: bool = False) -> list[int]:
+    """Requested ks clipped to N-1 (global) or to the smallest shard's size - 1 (per shard), warned.
+
+    With ``count_self`` the query is one of its own k neighbours, so the cap is N (or the shard size).
+    """
+    size = n if groups is None else min(len(g) for g in groups.values())
+    if size < 2:
         what = "images" if groups is None else "images in the smallest shard"
-        raise UsageError(f"need at least 2 {what} for kNN, got {cap + 1}")
+        raise UsageError(f"need at least 2 {what} for kNN, got {size}")
+    cap = size if count_self else size - 1
     out = sorted({min(k, cap) for k in ks})
     if any(k > cap for k in ks):
-        log.warning("k clipped to %d (= %s - 1): requested %s, using %s; at k = %d every neighbourhood is all "
+        log.warning("k clipped to %d (= %s%s): requested %s, using %s; at k = %d every neighbourhood is all "
                     "other images, so KNOR there is 1 for any embedding (chance k/(N-1)); pass --k below %d "
                     "(e.g. k <= N/20) for a meaningful overlap", cap, "N" if groups is None else "smallest shard size",
-                    list(ks), out, cap, cap)
+                    "" if count_self else " - 1", list(ks), out, cap, cap)
     return out
 
 
@@ -186,6 +192,17 @@ def neighbours(X: torch.Tensor, k: int, *, metric: str, backend: str, device: to
         local = knn(X[torch.as_tensor(rows)], k, metric=metric, backend=backend, device=device).indices
         out[rows] = rows[local]
     return out
+
+
+def with_self(nn: np.ndarray, k: int) -> np.ndarray:
+    """The seed's self-inclusive lists at ``k``: each row's own index, then its first k-1 other neighbours.
+
+    faiss's ``IndexFlatL2.search(X, k)`` on X itself returns the query first (distance 0), so its KNOR@k
+    counts the query in both lists: KNOR_self@k = (1 + (k-1)·KNOR_excl@(k-1)) / k for every image.
+    (An exact duplicate at distance 0 may come before the query in faiss; here the query is always first.)
+    """
+    rows = np.arange(nn.shape[0], dtype=np.int64)[:, None]
+    return np.concatenate([rows, nn[:, : k - 1].astype(np.int64, copy=False)], axis=1)
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -206,6 +223,12 @@ def clean_json(obj):
     if isinstance(obj, float | np.floating):
         return _finite(obj)
     return obj
+
+
+def summarize_ci(values: np.ndarray) -> dict[str, float]:
+    """``summarize`` (mean, median, std ddof=0, n) plus the bootstrap 95 % interval of the mean."""
+    lo, hi = bootstrap_ci(values)
+    return {**summarize(values), "ci95_lo": lo, "ci95_hi": hi}
 
 
 def _safe(fn, *args, **kwargs):
@@ -231,16 +254,26 @@ def pair_global(A: torch.Tensor, B: torch.Tensor, *, metric: str, pairs_sample: 
     }
 
 
-def chance_knor(k: int, n: int, groups: dict[str, np.ndarray] | None) -> float:
-    """Expected KNOR@k of independent random neighbourhoods: k/(N-1), or its mean over images per shard."""
+def chance_knor(k: int, n: int, groups: dict[str, np.ndarray] | None, count_self: bool = False) -> float:
+    """Expected KNOR@k of independent random neighbourhoods: k/(N-1), or its mean over images per shard.
+
+    With ``count_self`` (the query is in both lists): (1 + (k-1)²/(N-1)) / k.
+    """
+    def one(size: int) -> float:
+        return (1 + (k - 1) ** 2 / (size - 1)) / k if count_self else k / (size - 1)
+
     if groups is None:
-        return k / (n - 1)
-    return float(sum(len(g) * k / (len(g) - 1) for g in groups.values()) / n)
+        return one(n)
+    return float(sum(len(g) * one(len(g)) for g in groups.values()) / n)
 
 
 def overlap_metrics(nn: dict[str, np.ndarray], refs: Sequence[str], ks: Sequence[int],
-                    groups: dict[str, np.ndarray] | None, n: int) -> tuple[dict, dict[str, np.ndarray]]:
-    """Per-k summaries (JSON ``per_k``) and per-image KNOR columns (CSV) from neighbour lists at max(ks)."""
+                    groups: dict[str, np.ndarray] | None, n: int,
+                    count_self: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
+    """Per-k summaries (JSON ``per_k``) and per-image KNOR columns (CSV) from neighbour lists at max(ks).
+
+    Every KNOR summary carries a seeded 95 % bootstrap interval over images (``ci95_lo``, ``ci95_hi``;
+    ``vlmc.metrics.bootstrap``); ``chance_knor`` is the value of random neighbourhoods."""
     per_k: dict[str, dict] = {}
     cols: dict[str, np.ndarray] = {f"pre_post_knor{k}": knor_per_item(nn["pre"], nn["post"], k) for k in ks}
     for r in refs:  # column order: pre_post_knor<k> for every k, then per ref <ref>_pre_knor<k>, <ref>_post_knor<k>
@@ -248,10 +281,10 @@ def overlap_metrics(nn: dict[str, np.ndarray], refs: Sequence[str], ks: Sequence
             cols[f"{r}_pre_knor{k}"] = knor_per_item(nn[r], nn["pre"], k)
             cols[f"{r}_post_knor{k}"] = knor_per_item(nn[r], nn["post"], k)
     for k in ks:
-        entry: dict = {"pre_post": summarize(cols[f"pre_post_knor{k}"])}
+        entry: dict = {"pre_post": summarize_ci(cols[f"pre_post_knor{k}"])}
         for r in refs:
-            entry[f"{r}_pre"] = summarize(cols[f"{r}_pre_knor{k}"])
-            entry[f"{r}_post"] = summarize(cols[f"{r}_post_knor{k}"])
+            entry[f"{r}_pre"] = summarize_ci(cols[f"{r}_pre_knor{k}"])
+            entry[f"{r}_post"] = summarize_ci(cols[f"{r}_post_knor{k}"])
         entry["three_way"] = {
             r: {c: float(v.mean()) for c, v in three_way_counts(nn[r], nn["pre"], nn["post"], k).items()}
             for r in refs
@@ -260,7 +293,7 @@ def overlap_metrics(nn: dict[str, np.ndarray], refs: Sequence[str], ks: Sequence
             "rank_displacement": summarize(rank_displacement(nn["pre"], nn["post"], k)),
             "jaccard": summarize(jaccard_per_item(nn["pre"], nn["post"], k)),
         }
-        entry["chance_knor"] = chance_knor(k, n, groups)
+        entry["chance_knor"] = chance_knor(k, n, groups, count_self)
         per_k[str(k)] = entry
     return per_k, cols
 

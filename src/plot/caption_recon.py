@@ -75,7 +75,7 @@ def load_joined(args) -> pd.DataFrame:
             if m not in caps.columns and f"{m}_recon" in caps.columns:
                 caps[m] = caps[f"{m}_recon"]
         if "split" in caps.columns:  # eval_captions --split all: keep the reconstructor's held-out images
-            caps = caps[caps["split"].isin(["val", ""])]
+            caps = caps[caps["split"].isin(["test", ""] if (caps["split"] == "test").any() else ["val", ""])]  # "val": before the test part
         return caps
     recon = read_recon(recon_dir)
     keep = ["model", "shard", "key", *[m for m in RECON_METRICS if m in recon.columns]]

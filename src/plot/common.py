@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from vlmc.metrics.bootstrap import bootstrap_ci as metrics_bootstrap_ci
 from vlmc.plot.figcheck import data_problems, layout_problems
 from vlmc.plot.style import (  # noqa: F401  (re-exported: the plot CLIs import them from here)
     CHANCE_STYLE,
@@ -194,22 +195,9 @@ def finite(values) -> np.ndarray:
 
 
 def bootstrap_ci(values, n_boot: int = BOOT_N, seed: int = BOOT_SEED, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean, reproducible from (values, n_boot, seed) alone.
-
-    ``x`` = the finite values (n of them), ``rng = np.random.default_rng(seed)`` (a fresh generator per
-    call). Resample indices are drawn in blocks of ``B = max(1, 2**20 // n)`` rows, in order:
-    ``rng.integers(0, n, size=(min(B, rows left), n))``; resample b's mean is ``x[idx_b].mean()``. The CI
-    is ``np.percentile(means, [50·(1−level), 50·(1+level)])`` (linear interpolation). NaN, NaN when n = 0.
-    """
-    x = finite(values)
-    if x.size == 0:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    block = max(1, 2**20 // x.size)  # bounds memory to ~8 MB of indices per block
-    means = np.concatenate([x[rng.integers(0, x.size, size=(min(block, n_boot - s), x.size))].mean(axis=1)
-                            for s in range(0, n_boot, block)])
-    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
-    return float(lo), float(hi)
+    """Percentile bootstrap CI of the mean of the finite ``values``, reproducible from (values, n_boot, seed)
+    alone: ``vlmc.metrics.bootstrap.bootstrap_ci`` (the algorithm is documented there). NaN, NaN when n = 0."""
+    return metrics_bootstrap_ci(finite(values), n_boot, seed, level)
 
 
 def describe(values, n_boot: int = BOOT_N, seed: int = BOOT_SEED) -> dict[str, float]:

@@ -221,6 +221,8 @@ def read_per_image(path: Path) -> pd.DataFrame:
     """stage 3 ``per_image.csv``: required ``shard, key``; every other numeric column converted."""
     df = read_csv(path)
     require(df, ID, path)
+    # stores before the normaliser was named in the column: <side>_effective_rank_normalized
+    df = df.rename(columns={f"{s}_effective_rank_normalized": f"{s}_effective_rank_norm_min_t1_d" for s in ("pre", "post")})
     return numeric(df, _numeric_like(df))
 
 
@@ -385,7 +387,8 @@ def find_image(image_dir: Path | None, shard: str, key: str, hint: str = "") -> 
 
 
 ERANK_COLUMNS = {False: ("{s}_effective_rank", "{s}_erank"),
-                 True: ("{s}_effective_rank_normalized", "{s}_erank_norm_min_t1_d", "{s}_erank_norm")}
+                 True: ("{s}_effective_rank_norm_min_t1_d", "{s}_effective_rank_normalized", "{s}_erank_norm_min_t1_d",
+                        "{s}_erank_norm")}
 
 
 def erank_column(columns, space: str, normalized: bool) -> str | None:

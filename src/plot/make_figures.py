@@ -67,8 +67,12 @@ def plan(in_dir: Path, out: list[str], res: list[str]) -> list[tuple[str, str, l
         steps.append(("plot_caption_recon", plot_caption_recon, base + out + res))
         if have["recon"]:
             steps.append(("plot_caption_recon_pre", plot_caption_recon_pre, base + out + res))
+    root_knn = in_dir / "knn_root"  # pipeline EVAL_ROOT: knn_out is the evaluation set, knn_root the captioned images
+    if root_knn.is_dir():
+        pims = sorted(root_knn.glob("*/per_image.csv"))
     if has_column(pims, ("post_effective_rank", "post_erank")) and (caps or have["perturb"]):  # extract_knn --svd_per_image_csv
-        steps.append(("plot_erank_vs_clip", plot_erank_vs_clip, base + out + res))
+        steps.append(("plot_erank_vs_clip", plot_erank_vs_clip, base + out + res
+                      + (["--knn_dir", str(root_knn)] if root_knn.is_dir() else [])))
     if have["perturb"]:
         for mode in perturb_modes(dirs["perturb"]):
             for kind in ("drop", "score"):

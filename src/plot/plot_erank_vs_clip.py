@@ -1,6 +1,6 @@
 """Per-image effective rank of E_post (or E_pre) vs the CLIPScore of the image's caption.
 
-x: ``<space>_effective_rank`` (or ``..._normalized``) from stage 3's ``per_image.csv``;
+x: ``<space>_effective_rank`` (or ``..._norm_min_t1_d``) from stage 3's ``per_image.csv``;
 y: CLIPScore = 2.5·max(cos(image, caption), 0) of the caption decoded from the unaltered E_post:
 ``clipscore_post_direct`` of the scored caption CSVs (stage 7) or, with ``--clip_source perturb`` (or when
 there are no caption CSVs), ``clipscore_original`` of the scored perturbation CSVs (stage 8; averaged

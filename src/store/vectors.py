@@ -298,10 +298,16 @@ class ShardReader:
         return keys, vecs
 
     def pooled(self, kind: str, pool: str = "mean") -> tuple[list[str], Tensor]:
-        """Keys and one vector per image: the stored mean, or ``mean|max|cls`` computed from tokens.
+        """Keys and one vector per image: the stored mean, or ``mean|max|first|cls`` computed from tokens.
 
-        NaN/inf in the vectors returned is refused, naming the chunk file and rows.
+        ``cls`` is refused (UsageError) unless the manifest says the first stored ``kind`` token is a CLS
+        token (``"cls_token": {kind: true}``); no stage-1 adapter stores one (CLS is dropped as the model
+        does), so ``first`` names the first stored token honestly. NaN/inf in the vectors returned is
+        refused, naming the chunk file and rows.
         """
+        if pool == "cls" and not (self.manifest.get("cls_token") or {}).get(kind, False):
+            raise UsageError(f"--pool cls: the {kind} tokens in {self.dir} have no CLS token (the manifest does not "
+                             "mark one; stored tokens are the patch grid); --pool first takes the first stored token")
         keys, parts = [], []
         for path, chunk in self._verified(kind):
             keys += chunk["keys"]
@@ -330,7 +336,8 @@ def verified_chunk(shard_dir: Path, entry: dict[str, Any], kind: str) -> dict[st
 
 
 def pool_tokens(x: Tensor, pool: str) -> Tensor:
-    """Pool a ``[T, D]`` token matrix in float32: ``mean``, ``max`` or ``cls`` (= the first stored token)."""
+    """Pool a ``[T, D]`` token matrix in float32: ``mean``, ``max``, ``first`` (the first stored token) or
+    ``cls`` (the same row; callers check that it is a CLS token, see ``ShardReader.pooled``)."""
     if x.dim() != 2:
         raise ValueError(f"pool_tokens expects a [T, D] token matrix, got shape {tuple(x.shape)}")
     x = x.float()
@@ -338,9 +345,9 @@ def pool_tokens(x: Tensor, pool: str) -> Tensor:
         return x.mean(0)
     if pool == "max":
         return x.amax(0)
-    if pool == "cls":
+    if pool in ("first", "cls"):
         return x[0]
-    raise UsageError(f"unknown pool {pool!r}; choose mean, max or cls")
+    raise UsageError(f"unknown pool {pool!r}; choose mean, max, first or cls")
 
 
 def find_shard_dirs(path: str | os.PathLike) -> list[Path]:

@@ -29,6 +29,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vlmc.data.images import IMAGE_EXTENSIONS
 from vlmc.models.base import Correspondence
 from vlmc.store.vectors import (
     ShardReader,
@@ -41,7 +42,7 @@ from vlmc.store.vectors import (
 )
 from vlmc.store.verify import check_finite, check_same_keys
 from vlmc.utils.cli import DTYPES, UsageError
-from vlmc.utils.io import atomic_open, atomic_write_json, read_json, safe_torch_load
+from vlmc.utils.io import atomic_open, atomic_write_json, read_json, safe_torch_load, sha256_file
 
 SPLIT_FILE = "split.json"
 STATS_FILE = "normalization.safetensors"
@@ -347,54 +348,103 @@ def make_loader(
 # -- split ----------------------------------------------------------------------------------------
 
 
+SPLIT_PARTS = ("train", "val", "test")
+
+
 def make_split(
     samples: Sequence[Sample],
     train_split: float,
     seed: int,
     train_shards: Sequence[str] = (),
     val_shards: Sequence[str] = (),
+    val_split: float | None = None,
+    test_shards: Sequence[str] = (),
 ) -> dict[str, list[list[str]]]:
-    """Train/val ids: by shard names when given, else a seeded random fraction of images.
+    """Train / val / test ids: by shard names when given, else seeded random fractions of images.
+
+    ``train`` is fitted on, ``val`` selects (ridge strength, best epoch, early stop), ``test`` is never
+    seen by either and is what every reported number uses. Random: ``train_split`` of the images train,
+    ``val_split`` (default: all the rest) val, the remainder test. Shards: ``test_shards`` test,
+    ``val_shards`` val (default: every shard not named for train or test), ``train_shards`` train
+    (default: the rest). ``test`` may be empty (evaluate on another store); train and val may not.
 
     Raises:
-        UsageError: either side would be empty, or the shard lists overlap / name unknown shards.
+        UsageError: train or val would be empty, the fractions do not fit, or the shard lists overlap /
+            name unknown shards.
     """
     ids = sorted({s.id for s in samples})
-    if train_shards or val_shards:
+    if train_shards or val_shards or test_shards:
         known = {s for s, _ in ids}
-        unknown = sorted((set(train_shards) | set(val_shards)) - known)
+        named = [set(train_shards), set(val_shards), set(test_shards)]
+        unknown = sorted(set().union(*named) - known)
         if unknown:
-            raise UsageError(f"unknown shard(s) in --train_shards/--val_shards: {', '.join(unknown)}")
-        if set(train_shards) & set(val_shards):
-            raise UsageError("--train_shards and --val_shards overlap")
-        val_set = set(val_shards) or known - set(train_shards)
-        train_set = set(train_shards) or known - val_set
-        train = [i for i in ids if i[0] in train_set]
-        val = [i for i in ids if i[0] in val_set]
+            raise UsageError(f"unknown shard(s) in --train_shards/--val_shards/--test_shards: {', '.join(unknown)}")
+        if any(a & b for i, a in enumerate(named) for b in named[i + 1:]):
+            raise UsageError("--train_shards, --val_shards and --test_shards overlap")
+        test_set = named[2]
+        val_set = named[1] or known - named[0] - test_set
+        train_set = named[0] or known - val_set - test_set
+        parts = [[i for i in ids if i[0] in sset] for sset in (train_set, val_set, test_set)]
     else:
-        if not 0.0 < train_split < 1.0:
-            raise UsageError("--train_split must be strictly between 0 and 1")
+        val_split = 1.0 - train_split if val_split is None else val_split
+        if not 0.0 < train_split < 1.0 or not 0.0 < val_split < 1.0 or train_split + val_split > 1.0 + 1e-9:
+            raise UsageError("--train_split and --val_split must be in (0, 1) with a sum of at most 1")
         order = list(ids)
         random.Random(seed).shuffle(order)
-        n_train = min(max(1, round(train_split * len(order))), len(order) - 1)
-        train, val = sorted(order[:n_train]), sorted(order[n_train:])
-    if not train or not val:
-        raise UsageError(f"split leaves {len(train)} train and {len(val)} val images; both must be non-empty")
-    return {"train": [list(i) for i in train], "val": [list(i) for i in val]}
+        n = len(order)
+        n_train = min(max(1, round(train_split * n)), n - 1)
+        n_val = min(max(1, round((train_split + val_split) * n) - n_train), n - n_train)
+        parts = [sorted(order[:n_train]), sorted(order[n_train : n_train + n_val]), sorted(order[n_train + n_val :])]
+    if not parts[0] or not parts[1]:
+        raise UsageError(f"split leaves {len(parts[0])} train and {len(parts[1])} val images; both must be non-empty")
+    return {name: [list(i) for i in part] for name, part in zip(SPLIT_PARTS, parts, strict=True)}
 
 
-def save_split(path: str | os.PathLike, split: dict[str, list[list[str]]]) -> None:
+def image_file(root: str | os.PathLike, shard: str, key: str) -> Path | None:
+    """The image file ``<root>/<shard>/<key>.<ext>`` (any image extension), or None."""
+    folder = Path(root) / shard
+    for ext in IMAGE_EXTENSIONS:
+        for cand in (folder / f"{key}{ext}", folder / f"{key}{ext.upper()}"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def content_hashes(root: str | os.PathLike, ids: Sequence[Sequence[str]]) -> dict[str, str]:
+    """``{"<shard>/<key>": sha256 of the image file}`` for ``ids`` under the image root ``root``.
+
+    Raises:
+        UsageError: an image file is missing (the content of every listed image must be known).
+    """
+    out = {}
+    for shard, key in ids:
+        f = image_file(root, shard, key)
+        if f is None:
+            raise UsageError(f"--image_root {root}: no image file for ({shard}, {key})")
+        out[f"{shard}/{key}"] = sha256_file(f)
+    return out
+
+
+def save_split(path: str | os.PathLike, split: dict[str, Any]) -> None:
     """Write ``split.json`` atomically."""
     atomic_write_json(path, split)
 
 
-def load_split(path: str | os.PathLike) -> dict[str, list[list[str]]]:
-    """Read ``split.json`` (ids stay strings)."""
+def load_split(path: str | os.PathLike) -> dict[str, Any]:
+    """Read ``split.json`` (ids stay strings). A split written before the test part gets ``test: []``."""
     split = read_json(path)
-    for part in ("train", "val"):
+    split.setdefault("test", [])
+    for part in SPLIT_PARTS:
         if part not in split or not all(isinstance(x, list) and len(x) == 2 for x in split[part]):
-            raise UsageError(f"{path}: malformed split (expected {{'train': [[shard, key], ...], 'val': [...]}})")
+            raise UsageError(f"{path}: malformed split (expected {{'train': [[shard, key], ...], 'val': [...], "
+                             "'test': [...]}})")
         split[part] = [[str(s), str(k)] for s, k in split[part]]
+    seen: dict[tuple[str, str], str] = {}
+    for part in SPLIT_PARTS:
+        for i in split[part]:
+            if tuple(i) in seen:
+                raise UsageError(f"{path}: ({i[0]}, {i[1]}) is in both {seen[tuple(i)]} and {part}")
+            seen[tuple(i)] = part
     return split
 
 

@@ -1,8 +1,9 @@
 """Stage 5: export reconstructed vectors in the stage-1 layout, so later stages read them as another model.
 
-For every image of the chosen split (``--split val``: the images the reconstructor did not train on,
-i.e. its validation images, or every image of a store other than its training one; ``all``: every
-image of the store) writes, per shard:
+For every image of the chosen split (``--split test``, the default: the images the reconstructor was
+neither fitted nor selected on, i.e. its split's test images, or every image of a store other than its
+training one, id collisions evaluated or refused, see ``--image_root``; ``val``: the selection images;
+``all``: every image of the store) writes, per shard:
 
     <out_base>/<model>_recon/<shard>/pre_vectors_<NNNNN>.pt   Ê_pre = reconstructor(E_post), de-standardised
     <out_base>/<model>_recon/<shard>/post_vectors_<NNNNN>.pt  Ê_post = connector(Ê_pre), the model's REAL connector
@@ -46,6 +47,7 @@ from vlmc.train.data import (
     Standardizer,
     Store,
     apply_split,
+    content_hashes,
     index_samples,
     load_split,
     load_stats,
@@ -86,25 +88,83 @@ class ReconRun:
     samples: list[Sample]
     model_dir: Path
 
-    def part(self, name: str) -> list[Sample]:
-        """``val`` (held out), ``train`` or ``all`` samples, in store order.
+    evaluable_collisions: frozenset[tuple[str, str]] = frozenset()  # see check_held_out
 
-        Held out means not trained on: the split's validation images and any image the split does not
-        list, such as every image of another store (train on one image set, evaluate on another).
+    def part(self, name: str) -> list[Sample]:
+        """``test`` (held out), ``val`` (the selection split), ``train`` or ``all`` samples, in store order.
+
+        Held out (``test``) means neither trained nor selected on: the split's test images, and every
+        image of another store whose id is not a train/val id — or whose id is one but whose content
+        (file sha256) differs (``check_held_out``).
         """
         if name == "all":
             return list(self.samples)
-        if name == "train":
-            return apply_split(self.samples, self.split, "train")
+        if name in ("train", "val"):
+            return apply_split(self.samples, self.split, name)
         return [s for s in self.samples if self.held_out(s)]
 
     def held_out(self, sample: Sample) -> bool:
-        """Whether the reconstructor never trained on this image (images are (shard, key))."""
-        return sample.id not in self._train_ids
+        """Whether the reconstructor was neither fitted nor selected on this image."""
+        return sample.id not in self.seen_ids or sample.id in self.evaluable_collisions
+
+    def part_of(self, sample: Sample) -> str:
+        """``test`` (held out), ``val`` or ``train``: the role this image played for the reconstructor."""
+        if self.held_out(sample):
+            return "test"
+        return "train" if sample.id in self.train_ids else "val"
 
     @cached_property
-    def _train_ids(self) -> frozenset[tuple[str, str]]:
+    def seen_ids(self) -> frozenset[tuple[str, str]]:
+        """Ids the reconstructor was fitted (train) or selected (val) on."""
+        return frozenset(tuple(x) for x in self.split["train"] + self.split["val"])
+
+    @cached_property
+    def train_ids(self) -> frozenset[tuple[str, str]]:
+        """Ids the reconstructor was fitted on."""
         return frozenset(tuple(x) for x in self.split["train"])
+
+    def is_training_store(self) -> bool:
+        """Whether the store read now is the one the reconstructor was trained on (same shard folders)."""
+        dirs = {x["pre"] for x in (self.meta.get("store") or {}).get("shard_dirs") or []}
+        return bool(dirs) and {str(s.pre.dir.resolve()) for s in self.store.shards} <= dirs
+
+
+def check_held_out(run: ReconRun, image_root: str | None) -> dict[str, int]:
+    """No image of another store is silently dropped, and no leaked content is reported as held out.
+
+    On another store, an image whose (shard, key) is a train/val id is a *collision*: with content
+    hashes (``split.json`` ``sha256`` from ``train_recon --image_root`` and ``image_root`` here) it is
+    evaluated when its file differs and refused when it is the same image; without them every collision
+    is refused with a count. With hashes, any held-out image whose file equals a train/val image is
+    refused too (leaked content under another id). Sets ``run.evaluable_collisions``.
+
+    Returns:
+        Counts: ``n_id_collisions`` (evaluated, content differs), ``n_content_checked``.
+
+    Raises:
+        UsageError: refused collisions or leaked content, with their count.
+    """
+    other = not run.is_training_store()
+    colliding = [s for s in run.samples if s.id in run.seen_ids] if other else []
+    known = run.split.get("sha256") or {}
+    if not (known and image_root):
+        if colliding:
+            raise UsageError(f"{len(colliding)} image(s) of {run.store.model}'s store share (shard, key) ids with the "
+                             f"reconstructor's train/val images, e.g. {colliding[0].id}; without content hashes they "
+                             "cannot be told apart (train with --image_root and pass --image_root here)")
+        return {"n_id_collisions": 0, "n_content_checked": 0}
+    seen_content = set(known.values())
+    candidates = colliding + [s for s in run.samples if s.id not in run.seen_ids]
+    mine = content_hashes(image_root, [s.id for s in candidates])
+    leaked = [s.id for s in candidates if mine[f"{s.shard}/{s.key}"] in seen_content]
+    if leaked:
+        raise UsageError(f"{len(leaked)} held-out image(s) have the same file content (sha256) as a train/val image, "
+                         f"e.g. {leaked[0]}: they are not held out")
+    run.evaluable_collisions = frozenset(s.id for s in colliding)
+    if colliding:
+        log.warning("%d image(s) share (shard, key) ids with train/val images but differ in content: evaluated",
+                    len(colliding))
+    return {"n_id_collisions": len(colliding), "n_content_checked": len(candidates)}
 
 
 def open_run(
@@ -241,7 +301,12 @@ def build_parser():
     p.add_argument("--model-path", "--model_path", dest="model_path", default=None,
                    help=f"VLM weights for the connector: {VLM_SOURCE_HELP}. Default: the stage-1 manifest's source at its recorded commit")
     p.add_argument("--shards", default=None, help="comma list of shards of the store to export (default: the store's)")
-    p.add_argument("--split", default="val", choices=["val", "all", "train"], help="val: images the reconstructor did not train on; train; all")
+    p.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
+                   help="test: images neither fitted nor selected on (held out); val: the selection split; train; all")
+    p.add_argument("--image_root", default=None,
+                   help="images of this store (<root>/<shard>/<key>.<ext>): with a split.json that records content hashes "
+                        "(train_recon --image_root), an id collision with a train/val image is evaluated when its file "
+                        "differs and refused when it is the same image; without, every collision is refused with a count")
     p.add_argument("--batch_size", type=cli.positive_int, default=32, help="images per forward pass")
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="DataLoader workers")
     p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
@@ -345,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out_name = args.out_name or f"{run.store.model}_recon"
     args.store_dtype = args.store_dtype or run.store.store_dtype
     parse_dtype(args.store_dtype)
+    check_held_out(run, args.image_root)
     samples = run.part(args.split)
     attn = check_attn_implementation(args.attn_implementation)
     vlm = None if args.no_reproj else load_connector_vlm(run, args.model_path, args.dtype, device, attn)

@@ -6,7 +6,8 @@ Reads a stage-1 store (``--vec_dir``, or ``--pre_dir``/``--post_dir``) and write
     last.pt                    everything needed to resume (model, optimizer, scheduler, scaler, RNG, counters)
     normalization.safetensors  per-channel float64 mean/std of E_pre and E_post, TRAINING split only;
                                written once, never rewritten by --resume or --eval_only
-    split.json                 {"train": [[shard, key], ...], "val": [...]}: images are (shard, key)
+    split.json                 {"train": [[shard, key], ...], "val": [...], "test": [...]} (+ "sha256" of the train
+                               and val image files with --image_root): fit on train, select on val, report test
     history.csv                epoch, train_loss, val_loss, lr, seconds
     config.json                the run's arguments, model spec and store facts
 
@@ -50,6 +51,7 @@ from vlmc.train.data import (
     Store,
     apply_split,
     compute_stats,
+    content_hashes,
     index_samples,
     load_split,
     load_stats,
@@ -104,7 +106,8 @@ EVAL_ONLY = "eval_only.json"
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "lr", "seconds")
 RUN_FILES = (BEST, LAST, STATS_FILE, SPLIT_FILE, HISTORY, CONFIG, EVAL_ONLY)
 SPEC_FLAGS = ("hidden_size", "num_layers", "num_heads", "dropout", "skip", "ridge", "linear_iters")
-DATA_FLAGS = ("limit", "train_split", "train_shards", "val_shards", "seed", "shards", "normalize")
+DATA_FLAGS = ("limit", "train_split", "val_split", "train_shards", "val_shards", "test_shards", "seed", "shards",
+              "normalize")
 
 
 def build_parser():
@@ -117,9 +120,18 @@ def build_parser():
     g.add_argument("--embed_model", default=None, help="model name (a subfolder of --vec_dir); default: the manifest's")
     g.add_argument("--shards", default=None, help="comma list of shards to use (default: all)")
     g.add_argument("--limit", type=cli.nonneg_int, default=0, help="use at most this many images (store order); 0 = all")
-    g.add_argument("--train_split", type=cli.split_fraction, default=0.9, help="fraction of images for training (seeded random split by image)")
-    g.add_argument("--train_shards", default=None, help="comma list: train on these shards (overrides --train_split)")
-    g.add_argument("--val_shards", default=None, help="comma list: validate on these shards (default: the others)")
+    g.add_argument("--train_split", type=cli.split_fraction, default=0.8, help="fraction of images fitted on (seeded random split by image)")
+    g.add_argument("--val_split", type=cli.split_fraction, default=0.1,
+                   help="fraction of images that select (ridge strength, best epoch, early stop); the rest is the "
+                        "test part, never seen by fit or selection, which stages 5-7 report (--val_split "
+                        "1-train_split: no test part, evaluate on another store)")
+    g.add_argument("--train_shards", default=None, help="comma list: train on these shards (overrides the fractions)")
+    g.add_argument("--val_shards", default=None, help="comma list: select on these shards (default: the shards not named for train or test)")
+    g.add_argument("--test_shards", default=None, help="comma list: test shards, never seen by fit or selection (default: none)")
+    g.add_argument("--image_root", default=None,
+                   help="images of this store (<root>/<shard>/<key>.<ext>): split.json records the sha256 of every "
+                        "train and val image file, so stages 5-7 can tell leaked content from a mere id collision "
+                        "(default: none; ids only)")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True, help="standardise E_pre/E_post with train-split stats")
     g.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="DataLoader workers gathering mmap'd batches (--loader workers)")
     g.add_argument("--loader", default="auto", choices=LOADERS,
@@ -239,9 +251,13 @@ def load_or_make_split(out: Path, args, samples: Sequence[Sample]) -> dict[str, 
         return load_split(path)
     if args.eval_only:
         raise UsageError(f"{out}: no {SPLIT_FILE}")
-    split = make_split(samples, args.train_split, args.seed, parse_csv_list(args.train_shards), parse_csv_list(args.val_shards))
+    split = make_split(samples, args.train_split, args.seed, parse_csv_list(args.train_shards),
+                       parse_csv_list(args.val_shards), args.val_split, parse_csv_list(args.test_shards))
+    if args.image_root:
+        split["sha256"] = content_hashes(args.image_root, split["train"] + split["val"])
     save_split(path, split)
-    log.info("split: %d train, %d val images → %s", len(split["train"]), len(split["val"]), path)
+    log.info("split: %d train, %d val (selection), %d test images → %s", len(split["train"]), len(split["val"]),
+             len(split["test"]), path)
     return split
 
 
