@@ -274,9 +274,10 @@ def test_pipeline_cluster_profile_runs_every_stage_on_published_checkpoints(tmp_
 
 def test_pipeline_demo_keeps_the_testbed_profile(tmp_path):
     by = _pipeline_calls(tmp_path, "--demo", MODELS="idefics2", PERTURB="mask", MODEL_TYPE="linear idefics2=transformer")
-    (vec_eval, vec_train) = by["extract_vectors.py"]
-    assert flag(vec_eval, "--root") == str(REPO / "sample" / "images") and flag(vec_eval, "--model-path") == "testbed"
-    assert flag(vec_train, "--root") == str(tmp_path / "data" / "images_train")
+    roots = {flag(a, "--root"): a for a in by["extract_vectors.py"]}  # the sample, the training and evaluation scenes
+    assert set(roots) == {str(REPO / "sample" / "images"), str(tmp_path / "data" / "images_train"),
+                          str(tmp_path / "data" / "images_eval")}
+    assert all(flag(a, "--model-path") == "testbed" for a in roots.values())
     assert flag(by["extract_clip.py"][0], "--model_id") == "testbed-clip"
     assert [flag(a, "--model_type") for a in by["train_recon.py"]] == ["transformer"]  # MODEL_TYPE, deprecated
 
