@@ -186,7 +186,10 @@ def test_every_seed_sbatch_command_runs_under_bash(tmp_path) -> None:
     assert [c.script for c in cmds] == [f"scripts/{w}.sh" for w in
                                         ("vec", "clip", "cal", "emb", "export_recon", "perturb", "score_perturb")]
     for cmd in cmds:
-        res = subprocess.run(["bash", *cmd.argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+        # the seed's perturb job wrote data/perturb_out (its score command reads that); ours defaults to
+        # data/output/perturb_out like the pipeline, so the seed's folder is named for that one job
+        job_env = {**env, "OUT": "data/perturb_out"} if cmd.script == "scripts/perturb.sh" else env
+        res = subprocess.run(["bash", *cmd.argv[1:]], cwd=tmp_path, env=job_env, capture_output=True, text=True,
                              timeout=900)
         assert res.returncode == 0, f"{cmd}\nexit {res.returncode}\n{res.stderr[-3000:]}"
     d = tmp_path / "data"

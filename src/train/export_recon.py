@@ -123,10 +123,14 @@ class ReconRun:
         """Ids the reconstructor was fitted on."""
         return frozenset(tuple(x) for x in self.split["train"])
 
+    def training_shards(self) -> set[str]:
+        """Shards read now whose folders the reconstructor was trained on (their train/val ids are its own)."""
+        dirs = {x["pre"] for x in (self.meta.get("store") or {}).get("shard_dirs") or []}
+        return {s.shard for s in self.store.shards if str(s.pre.dir.resolve()) in dirs}
+
     def is_training_store(self) -> bool:
         """Whether the store read now is the one the reconstructor was trained on (same shard folders)."""
-        dirs = {x["pre"] for x in (self.meta.get("store") or {}).get("shard_dirs") or []}
-        return bool(dirs) and {str(s.pre.dir.resolve()) for s in self.store.shards} <= dirs
+        return len(self.training_shards()) == len(self.store.shards) > 0
 
 
 def check_held_out(run: ReconRun, image_root: str | None) -> dict[str, int]:
@@ -144,8 +148,8 @@ def check_held_out(run: ReconRun, image_root: str | None) -> dict[str, int]:
     Raises:
         UsageError: refused collisions or leaked content, with their count.
     """
-    other = not run.is_training_store()
-    colliding = [s for s in run.samples if s.id in run.seen_ids] if other else []
+    own = run.training_shards()  # a shard folder it trained from: its train/val ids are simply not held out
+    colliding = [s for s in run.samples if s.id in run.seen_ids and s.shard not in own]
     known = run.split.get("sha256") or {}
     if not (known and image_root):
         if colliding:
