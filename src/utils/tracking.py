@@ -57,10 +57,18 @@ class Tracker:
             self.run.summary.update(values)
 
     def finish(self) -> None:
-        """Close the run (idempotent)."""
+        """Close the run and wait until W&B has written it to disk (idempotent).
+
+        ``run.finish()`` only asks the W&B service to close the run; its offline file is flushed later, at
+        the service's teardown, which the interpreter's exit hook does not reliably reach when the stage used
+        worker processes. Tearing down here makes the run complete on disk when the stage returns.
+        """
         if self.run is not None:
+            import wandb
+
             self.run.finish()
             self.run = None
+            wandb.teardown()
 
     def __enter__(self) -> Tracker:
         return self
