@@ -21,23 +21,21 @@ from __future__ import annotations
 
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from vlmc.train.data import (
-    Standardizer,
-    compute_stats,
-    index_samples,
-    open_store,
-    synthetic_connector,
-    write_synthetic_store,
-)
+from vlmc.store.normalization import Standardizer, compute_stats
+from vlmc.store.reader import index_samples, open_store
 from vlmc.train.reconstructors import build_reconstructor, count_params, make_spec
 from vlmc.train.train_recon import StopFlag, Trainer, batch_tensors, build_parser
 from vlmc.utils.cli import make_parser, parse_csv_list, resolve_device
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/synthetic_store.py
+from tests.synthetic_store import synthetic_connector, write_synthetic_store  # noqa: E402
 
 
 def parse_args():

@@ -18,6 +18,7 @@ import contextlib
 import io
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,9 +30,11 @@ from vlmc.eval import eval_recon
 from vlmc.extract import extract_knn, extract_vectors
 from vlmc.store.verify import adoptable_chunks
 from vlmc.train import train_recon
-from vlmc.train.data import synthetic_connector, write_synthetic_store
 from vlmc.utils import cli
 from vlmc.utils.io import read_json, sha256_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/synthetic_store.py
+from tests.synthetic_store import synthetic_connector, write_synthetic_store  # noqa: E402
 
 
 def parse_args():

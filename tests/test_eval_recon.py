@@ -14,8 +14,12 @@ from vlmc.eval import eval_recon
 from vlmc.models.base import Correspondence, FamilyAdapter, get_adapter, register
 from vlmc.store.vectors import ShardReader, find_shard_dirs
 from vlmc.train import export_recon, train_recon
-from vlmc.train.data import synthetic_connector, write_synthetic_store
 from vlmc.utils.cli import UsageError
+
+try:  # tests/ on sys.path (pytest's default rootdir-less import) or the repo root (python -m pytest)
+    from synthetic_store import synthetic_connector, write_synthetic_store
+except ImportError:
+    from tests.synthetic_store import synthetic_connector, write_synthetic_store
 
 torch.set_num_threads(1)
 FAMILY = "synthgelu-test"

@@ -24,9 +24,13 @@ from vlmc.data.scenes import write_scenes
 from vlmc.eval import eval_recon
 from vlmc.extract import extract_knn, extract_vectors
 from vlmc.train import train_recon
-from vlmc.train.data import synthetic_connector, write_synthetic_store
 from vlmc.utils import io as vio
 from vlmc.utils.io import read_json, sha256_file
+
+try:  # tests/ on sys.path (pytest's default rootdir-less import) or the repo root (python -m pytest)
+    from synthetic_store import synthetic_connector, write_synthetic_store
+except ImportError:
+    from tests.synthetic_store import synthetic_connector, write_synthetic_store
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

@@ -85,7 +85,7 @@ def test_batched_captions_equal_batch_one_and_keep_input_order(images):
 
 def test_shape_groups_and_select_samples():
     assert inject.shape_groups(["a", "b", "a", "a", "b"], 2) == [[0, 2], [3], [1, 4]]
-    from vlmc.train.data import Sample
+    from vlmc.store.reader import Sample
 
     ss = [Sample(sh, f"{k:09d}", 0, "p", "q", k, (2, 2), (2, 2)) for sh in ("00000", "00001") for k in range(3)]
     assert [s.id for s in inject.select_samples(ss, shard_limit=2)] == [
@@ -95,7 +95,7 @@ def test_shape_groups_and_select_samples():
 
 
 def test_caption_cache_fingerprint_and_chunk_digest(tmp_path):
-    from vlmc.train.data import Sample
+    from vlmc.store.reader import Sample
 
     s = Sample("00000", "000010000", 0, "pre.pt", "post.pt", 0, (2, 2), (2, 2))
     path = tmp_path / "cache" / "original_x.csv"

@@ -7,24 +7,17 @@ import json
 import pytest
 import torch
 
-from vlmc.train.data import (
-    RunningMoments,
-    apply_split,
-    compute_stats,
-    index_samples,
-    load_split,
-    load_stats,
-    make_split,
-    open_store,
-    parse_correspondence,
-    plan_batches,
-    save_split,
-    save_stats,
-    synthetic_connector,
-    write_synthetic_store,
-)
+from vlmc.store.batches import plan_batches
+from vlmc.store.normalization import RunningMoments, compute_stats, load_stats, save_stats
+from vlmc.store.reader import index_samples, open_store, parse_correspondence
+from vlmc.store.split import apply_split, load_split, make_split, save_split
 from vlmc.utils.cli import UsageError
 from vlmc.utils.io import sha256_file
+
+try:  # tests/ on sys.path (pytest's default rootdir-less import) or the repo root (python -m pytest)
+    from synthetic_store import synthetic_connector, write_synthetic_store
+except ImportError:
+    from tests.synthetic_store import synthetic_connector, write_synthetic_store
 
 torch.set_num_threads(1)
 KEYS = ["000010000", "000010001", "7", "0012", "000010004", "000010005"]

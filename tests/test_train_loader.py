@@ -9,17 +9,16 @@ import time
 import pytest
 import torch
 
+from vlmc.store.batches import ShapeBatchSampler, make_loader
+from vlmc.store.reader import index_samples, open_store
 from vlmc.train import train_recon
-from vlmc.train.data import (
-    ShapeBatchSampler,
-    index_samples,
-    make_loader,
-    open_store,
-    synthetic_connector,
-    write_synthetic_store,
-)
 from vlmc.train.loader import DeviceLoader, PrefetchLoader, make_fast_loader, resolve_loader, split_bytes
 from vlmc.utils.cli import UsageError
+
+try:  # tests/ on sys.path (pytest's default rootdir-less import) or the repo root (python -m pytest)
+    from synthetic_store import synthetic_connector, write_synthetic_store
+except ImportError:
+    from tests.synthetic_store import synthetic_connector, write_synthetic_store
 
 CPU = torch.device("cpu")
 

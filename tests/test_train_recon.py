@@ -10,19 +10,17 @@ import time
 import pytest
 import torch
 
+from vlmc.store.normalization import Standardizer, load_stats
+from vlmc.store.reader import index_samples, open_store
+from vlmc.store.split import apply_split, load_split
 from vlmc.train import train_recon
-from vlmc.train.data import (
-    Standardizer,
-    apply_split,
-    index_samples,
-    load_split,
-    load_stats,
-    open_store,
-    synthetic_connector,
-    write_synthetic_store,
-)
 from vlmc.train.reconstructors import load_reconstructor
 from vlmc.train.train_recon import evaluate_loss, lr_factor, main, steps_per_epoch
+
+try:  # tests/ on sys.path (pytest's default rootdir-less import) or the repo root (python -m pytest)
+    from synthetic_store import synthetic_connector, write_synthetic_store
+except ImportError:
+    from tests.synthetic_store import synthetic_connector, write_synthetic_store
 
 torch.set_num_threads(1)
 FAST = ["--num_workers", "0", "--batch_size", "4", "--warmup_steps", "2"]

@@ -12,8 +12,12 @@ import time
 import pytest
 import torch
 
-from vlmc.train.data import synthetic_connector, write_synthetic_store
 from vlmc.train.train_recon import EXIT_PREEMPTED, main
+
+try:  # tests/ on sys.path (pytest's default rootdir-less import) or the repo root (python -m pytest)
+    from synthetic_store import synthetic_connector, write_synthetic_store
+except ImportError:
+    from tests.synthetic_store import synthetic_connector, write_synthetic_store
 
 torch.set_num_threads(1)
 EPOCHS = 5

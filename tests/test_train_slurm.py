@@ -13,7 +13,11 @@ import pytest
 import torch
 
 from vlmc.store.vectors import ShardReader
-from vlmc.train.data import synthetic_connector, write_synthetic_store
+
+try:  # tests/ on sys.path (pytest's default rootdir-less import) or the repo root (python -m pytest)
+    from synthetic_store import synthetic_connector, write_synthetic_store
+except ImportError:
+    from tests.synthetic_store import synthetic_connector, write_synthetic_store
 
 REPO = Path(__file__).resolve().parents[1]
 EMB, EXPORT = REPO / "scripts" / "emb.sh", REPO / "scripts" / "export_recon.sh"

@@ -43,7 +43,7 @@ from vlmc.eval.captions_io import done_ids, upsert_rows
 from vlmc.eval.scoring import add_scoring_args, build_scorers
 from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
-from vlmc.train.data import plan_batches
+from vlmc.store.batches import plan_batches
 from vlmc.utils import cli, tracking
 from vlmc.utils.cli import (
     UsageError,

@@ -42,7 +42,7 @@ from vlmc.eval.captions_io import done_ids, upsert_rows
 from vlmc.eval.perturb import LEVEL_HELP, MASK_FILLS, PERTURBATIONS, apply_batch, check_level, perturb_key
 from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
-from vlmc.train.data import plan_batches
+from vlmc.store.batches import plan_batches
 from vlmc.utils import cli, tracking
 from vlmc.utils.cli import (
     UsageError,

@@ -47,8 +47,9 @@ from tqdm import tqdm
 
 from vlmc.models.base import VLM
 from vlmc.models.load import VLM_SOURCE_HELP
+from vlmc.store.batches import make_loader
+from vlmc.store.reader import Sample
 from vlmc.store.verify import VERIFY_HELP, set_read_level
-from vlmc.train.data import Sample, make_loader
 from vlmc.train.export_recon import (
     ReconRun,
     check_held_out,

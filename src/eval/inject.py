@@ -6,7 +6,7 @@ What it does, and nothing more:
   ``adapter.generate`` (E_post injected through the adapter, canonical token order), images grouped so
   that a batch never mixes token shapes (no padding inside a batch: the batched captions are the
   batch-1 captions), output in input order.
-* Reading stored E_post of a stage-1 store for ``(shard, key)`` samples (``vlmc.train.data``'s
+* Reading stored E_post of a stage-1 store for ``(shard, key)`` samples (``vlmc.store.reader``'s
   index, chunk files mmap'd once), cast to the model dtype.
 * ``ImageIndex``: ``(shard, key)`` → image file under ``--image_dir`` (``vlmc.data.images``). The
   images are still needed with a replacement E_post: the processor expands the prompt's image token
@@ -45,7 +45,7 @@ from torch import Tensor
 from vlmc.data.images import FLAT_SHARD, ImageRecord, discover_images, read_caption, try_load_image
 from vlmc.eval.captions_io import read_table, upsert_rows
 from vlmc.models.base import VLM, FamilyAdapter
-from vlmc.train.data import ChunkCache, Sample, Store, index_samples, open_store
+from vlmc.store.reader import ChunkCache, Sample, Store, index_samples, open_store
 from vlmc.utils.cli import UsageError, parse_dtype
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ Types (``CONNECTORS`` registry, keyed by name; ``@register_connector`` adds one)
 
 All connectors work in standardised spaces: ``ReplacementConnector`` wraps a core with the
 per-channel mean/std of E_pre and of the ORIGINAL connector's E_post (training split,
-``vlmc.train.data.NormStats``): input ``(E_pre − μ_pre)/σ_pre``, core output ``z``, returned E_post
+``vlmc.store.normalization.NormStats``): input ``(E_pre − μ_pre)/σ_pre``, core output ``z``, returned E_post
 ``z·σ_post + μ_post`` (so a fresh connector already lands at the scale the LM is used to, and the
 geometry regulariser is a plain MSE between ``z`` and the standardised original E_post).
 """
@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmc.models.base import Correspondence
-from vlmc.train.data import NormStats
+from vlmc.store.normalization import NormStats
 from vlmc.train.reconstructors import GridPos, merge_blocks, state_copy, unmerge_blocks
 from vlmc.utils.cli import UsageError
 from vlmc.utils.io import safe_torch_load

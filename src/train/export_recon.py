@@ -38,22 +38,12 @@ from tqdm import tqdm
 from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.base import VLM
 from vlmc.models.load import VLM_SOURCE_HELP
+from vlmc.store.batches import make_loader
+from vlmc.store.normalization import STATS_FILE, Standardizer, load_stats
+from vlmc.store.reader import Sample, Store, index_samples, open_store
+from vlmc.store.split import SPLIT_FILE, apply_split, content_hashes, load_split
 from vlmc.store.vectors import ShardWriter, digest_keys, pack
 from vlmc.store.verify import set_read_level
-from vlmc.train.data import (
-    SPLIT_FILE,
-    STATS_FILE,
-    Sample,
-    Standardizer,
-    Store,
-    apply_split,
-    content_hashes,
-    index_samples,
-    load_split,
-    load_stats,
-    make_loader,
-    open_store,
-)
 from vlmc.train.reconstructors import ReconSpec, load_reconstructor
 from vlmc.utils import cli
 from vlmc.utils.cli import (

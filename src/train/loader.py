@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vlmc.train.data import ChunkCache, Sample, ShapeBatchSampler, collate_pairs
+from vlmc.store.batches import ShapeBatchSampler, collate_pairs
+from vlmc.store.reader import ChunkCache, Sample
 from vlmc.utils.cli import UsageError
 
 log = logging.getLogger(__name__)

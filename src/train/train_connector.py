@@ -82,6 +82,17 @@ from vlmc.models.base import VLM, Captured, get_adapter
 from vlmc.models.families.common import chat_texts, injected, left_padding, to_model
 from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
 from vlmc.models.partial import on_vision_side
+from vlmc.store.batches import ShapeBatchSampler, plan_batches
+from vlmc.store.normalization import (
+    STATS_FILE,
+    NormStats,
+    RunningMoments,
+    compute_stats,
+    load_stats,
+    save_stats,
+)
+from vlmc.store.reader import ChunkCache, Sample, index_samples, open_store, parse_correspondence
+from vlmc.store.split import SPLIT_FILE, apply_split, load_split, make_split, save_split
 from vlmc.store.vectors import ShardWriter, pack, unpack, verified_chunk
 from vlmc.train.connectors import (
     BEST,
@@ -93,26 +104,6 @@ from vlmc.train.connectors import (
     describe,
     load_connector,
     make_spec,
-)
-from vlmc.train.data import (
-    SPLIT_FILE,
-    STATS_FILE,
-    ChunkCache,
-    NormStats,
-    RunningMoments,
-    Sample,
-    ShapeBatchSampler,
-    apply_split,
-    compute_stats,
-    index_samples,
-    load_split,
-    load_stats,
-    make_split,
-    open_store,
-    parse_correspondence,
-    plan_batches,
-    save_split,
-    save_stats,
 )
 from vlmc.train.resume import repair_best
 from vlmc.train.train_recon import (

@@ -42,26 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from vlmc.store.batches import make_loader, plan_batches
+from vlmc.store.normalization import STATS_FILE, Standardizer, compute_stats, load_stats, save_stats
+from vlmc.store.reader import Sample, Store, index_samples, open_store
+from vlmc.store.split import SPLIT_FILE, apply_split, content_hashes, load_split, make_split, save_split
 from vlmc.store.verify import set_read_level
-from vlmc.train.data import (
-    SPLIT_FILE,
-    STATS_FILE,
-    Sample,
-    Standardizer,
-    Store,
-    apply_split,
-    compute_stats,
-    content_hashes,
-    index_samples,
-    load_split,
-    load_stats,
-    make_loader,
-    make_split,
-    open_store,
-    plan_batches,
-    save_split,
-    save_stats,
-)
 from vlmc.train.loader import LOADERS, make_fast_loader, resolve_loader
 from vlmc.train.reconstructors import (
     BEST,
