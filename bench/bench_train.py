@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
+from vlmc.models.reconstructors import build_reconstructor, count_params, make_spec
 from vlmc.store.normalization import Standardizer, compute_stats
 from vlmc.store.reader import index_samples, open_store
-from vlmc.train.reconstructors import build_reconstructor, count_params, make_spec
 from vlmc.train.train_recon import StopFlag, Trainer, batch_tensors, build_parser
 from vlmc.utils.cli import make_parser, parse_csv_list, resolve_device
 

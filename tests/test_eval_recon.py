@@ -12,6 +12,7 @@ from torch import nn
 
 from vlmc.eval import eval_recon
 from vlmc.models.base import Correspondence, FamilyAdapter, get_adapter, register
+from vlmc.store import recon_run
 from vlmc.store.vectors import ShardReader, find_shard_dirs
 from vlmc.train import export_recon, train_recon
 from vlmc.utils.cli import UsageError
@@ -93,10 +94,10 @@ def test_export_is_a_stage1_store_of_held_out_images_with_the_real_connector(tra
             torch.testing.assert_close(b, CONNECTOR(a, (4, 4)))  # Ê_post = connector(Ê_pre)
             exported[(r.shard, k)] = a
     assert set(exported) == _ids(out)
-    run = export_recon.open_run(out, torch.device("cpu"))
+    run = recon_run.open_run(out, torch.device("cpu"))
     s = run.part("test")[0]
     post = torch.load(s.post_file, weights_only=True)["vecs"][s.row]
-    torch.testing.assert_close(exported[s.id], export_recon.reconstruct(run, post[None], (4, 4), (4, 4), False)[0])
+    torch.testing.assert_close(exported[s.id], recon_run.reconstruct(run, post[None], (4, 4), (4, 4), False)[0])
     before = {p: p.stat().st_mtime_ns for p in base.rglob("*.pt")}
     assert export_recon.main([*argv, "--skip_existing"]) == 0
     assert {p: p.stat().st_mtime_ns for p in base.rglob("*.pt")} == before  # resumed: nothing rewritten
@@ -133,7 +134,7 @@ def test_another_store_is_held_out_whole_and_a_foreign_model_is_refused(trained,
     keys = [f"{i:09d}" for i in range(20000, 20006)]
     write_synthetic_store(tmp_path / "vec" / "synth", CONNECTOR, "1:1", (4, 4), 8, {"00000": keys, "00001": keys[:2]},
                                   save_every=8, family=FAMILY, seed=9)
-    run = export_recon.open_run(out, torch.device("cpu"), str(tmp_path / "vec"), "synth")
+    run = recon_run.open_run(out, torch.device("cpu"), str(tmp_path / "vec"), "synth")
     assert [s.id for s in run.part("test")] == [s.id for s in run.part("all")] and len(run.part("all")) == 8
     with pytest.raises(UsageError, match="not in the store"):
         run.part("train")  # its training images are elsewhere
@@ -142,12 +143,12 @@ def test_another_store_is_held_out_whole_and_a_foreign_model_is_refused(trained,
                             "--num_workers", "0"]) == 0
     assert {(r["shard"], r["key"]) for r in _rows(ev / "per_sample.csv")} == {("00000", k) for k in keys} | {
         ("00001", k) for k in keys[:2]}
-    own = export_recon.open_run(out, torch.device("cpu"))
+    own = recon_run.open_run(out, torch.device("cpu"))
     assert {s.id for s in own.part("test")} == _ids(out) and {s.id for s in own.part("val")} == _ids(out, "val")
     wide = write_synthetic_store(tmp_path / "wide" / "synth", synthetic_connector("gelu", 6, 12, seed=3), "1:1", (4, 4), 6,
                                  {"00000": keys}, save_every=8, family=FAMILY)
     with pytest.raises(UsageError, match="another model"):
-        export_recon.open_run(out, torch.device("cpu"), str(wide.parent), "synth")
+        recon_run.open_run(out, torch.device("cpu"), str(wide.parent), "synth")
 
 
 def test_eval_no_reproj_leaves_reprojection_columns_empty(trained, tmp_path):
@@ -202,7 +203,7 @@ def test_single_store_reports_test_never_the_selection_split(trained, tmp_path):
     assert eval_recon.main(["--model_dir", str(out), "--out_dir", str(ev), "--num_workers", "0", "--no_reproj"]) == 0
     reported = {(r["shard"], r["key"]) for r in _rows(ev / "per_sample.csv")}
     assert reported == parts["test"] and not reported & selection
-    run = export_recon.open_run(out, torch.device("cpu"))
+    run = recon_run.open_run(out, torch.device("cpu"))
     assert not {s.id for s in run.part("test")} & selection
     assert {run.part_of(s) for s in run.part("all")} == {"train", "val", "test"}
 

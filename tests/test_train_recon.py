@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 
+from vlmc.models.reconstructors import load_reconstructor
 from vlmc.store.normalization import Standardizer, load_stats
 from vlmc.store.reader import index_samples, open_store
 from vlmc.store.split import apply_split, load_split
 from vlmc.train import train_recon
-from vlmc.train.reconstructors import load_reconstructor
 from vlmc.train.train_recon import evaluate_loss, lr_factor, main, steps_per_epoch
 
 try:  # tests/ on sys.path (pytest's default rootdir-less import) or the repo root (python -m pytest)

@@ -6,16 +6,14 @@ import pytest
 import torch
 
 from vlmc.models.base import Correspondence
-from vlmc.train.reconstructors import (
+from vlmc.models.reconstructors import (
     MODEL_TYPES,
-    LeastSquares,
-    _solve,
     build_reconstructor,
-    fit_linear,
     make_spec,
     merge_blocks,
     unmerge_blocks,
 )
+from vlmc.train.linear_fit import LeastSquares, _solve, fit_linear
 from vlmc.utils.cli import UsageError
 
 torch.set_num_threads(1)

@@ -140,11 +140,11 @@ def select(args, device: torch.device):
     shards = parse_csv_list(args.shards) or None
     run = None
     if args.recon_dir:
-        from vlmc.train.export_recon import open_run
+        from vlmc.store.recon_run import open_run
 
         if args.vec_dir and not Path(args.vec_dir).exists():
             raise UsageError(f"--vec_dir {args.vec_dir} does not exist")
-        from vlmc.train.export_recon import check_held_out
+        from vlmc.store.recon_run import check_held_out
 
         run = open_run(args.recon_dir, device, args.vec_dir, args.embed_model)
         check_held_out(run, args.image_dir)
@@ -160,7 +160,7 @@ def select(args, device: torch.device):
 def recon_batch(run, vlm, posts_raw, batch, amp: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """connector(reconstructor(E_post)) per image (float32) and the reproj metrics of a same-shape batch."""
     from vlmc.eval.eval_recon import token_cosine
-    from vlmc.train.export_recon import reconstruct, reproject
+    from vlmc.store.recon_run import reconstruct, reproject
 
     s0 = batch[0]
     post = torch.stack(posts_raw)

@@ -49,8 +49,7 @@ from vlmc.models.base import VLM
 from vlmc.models.load import VLM_SOURCE_HELP
 from vlmc.store.batches import make_loader
 from vlmc.store.reader import Sample
-from vlmc.store.verify import VERIFY_HELP, set_read_level
-from vlmc.train.export_recon import (
+from vlmc.store.recon_run import (
     ReconRun,
     check_held_out,
     load_connector_vlm,
@@ -59,6 +58,7 @@ from vlmc.train.export_recon import (
     reproject,
     resolve_model_dir,
 )
+from vlmc.store.verify import VERIFY_HELP, set_read_level
 from vlmc.utils import cli
 from vlmc.utils.cli import (
     UsageError,

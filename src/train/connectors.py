@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmc.models.base import Correspondence
+from vlmc.models.reconstructors import GridPos, merge_blocks, state_copy, unmerge_blocks
 from vlmc.store.normalization import NormStats
-from vlmc.train.reconstructors import GridPos, merge_blocks, state_copy, unmerge_blocks
 from vlmc.utils.cli import UsageError
 from vlmc.utils.io import safe_torch_load
 

@@ -42,13 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from vlmc.store.batches import make_loader, plan_batches
-from vlmc.store.normalization import STATS_FILE, Standardizer, compute_stats, load_stats, save_stats
-from vlmc.store.reader import Sample, Store, index_samples, open_store
-from vlmc.store.split import SPLIT_FILE, apply_split, content_hashes, load_split, make_split, save_split
-from vlmc.store.verify import set_read_level
-from vlmc.train.loader import LOADERS, make_fast_loader, resolve_loader
-from vlmc.train.reconstructors import (
+from vlmc.models.reconstructors import (
     BEST,
     MODEL_TYPES,
     RIDGE_GRID,
@@ -56,10 +50,16 @@ from vlmc.train.reconstructors import (
     build_reconstructor,
     checkpoint,
     describe,
-    fit_linear,
     load_reconstructor,
     make_spec,
 )
+from vlmc.store.batches import make_loader, plan_batches
+from vlmc.store.normalization import STATS_FILE, Standardizer, compute_stats, load_stats, save_stats
+from vlmc.store.reader import Sample, Store, index_samples, open_store
+from vlmc.store.split import SPLIT_FILE, apply_split, content_hashes, load_split, make_split, save_split
+from vlmc.store.verify import set_read_level
+from vlmc.train.linear_fit import fit_linear
+from vlmc.train.loader import LOADERS, make_fast_loader, resolve_loader
 from vlmc.train.resume import repair_best
 from vlmc.utils import cli, tracking
 from vlmc.utils.cli import (
