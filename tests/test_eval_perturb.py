@@ -13,9 +13,9 @@ import torch
 
 from vlmc.data.scenes import write_scenes
 from vlmc.eval import eval_perturb
-from vlmc.eval.captions_io import read_table, write_table
 from vlmc.eval.score_perturb import load_perturb_csv
 from vlmc.extract import extract_vectors
+from vlmc.utils.rows import read_table, write_table
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

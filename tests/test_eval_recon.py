@@ -119,7 +119,7 @@ def test_eval_recon_held_out_rows_maps_resume_and_untouched_stats(trained, tmp_p
     torch.testing.assert_close(maps["maps"].mean((1, 2)), torch.tensor([float(r["mse_pre"]) for r in rows]), rtol=1e-4, atol=1e-6)
     shard_csv = ev / "per_shard" / "00000.csv"
     kept = _rows(shard_csv)[:2]  # simulate a run killed after two rows of shard 00000
-    eval_recon.write_rows(shard_csv, kept)
+    eval_recon.write_rows(shard_csv, kept, eval_recon.FIELDS)
     assert eval_recon.main([*argv, "--resume"]) == 0
     again = _rows(ev / "per_sample.csv")
     assert again == rows  # same rows, no duplicates, keys still strings

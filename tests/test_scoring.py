@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from vlmc.eval import score_captions, score_perturb
-from vlmc.eval.captions_io import done_ids, read_table, upsert_rows
 from vlmc.eval.scoring import (
     BertScorer,
     ClipScorer,
@@ -23,6 +22,7 @@ from vlmc.eval.scoring import (
     sidecar_path,
 )
 from vlmc.utils.cli import UsageError
+from vlmc.utils.rows import done_ids, read_table, upsert_rows
 from vlmc.utils.stop import StopFlag, StopRequested
 
 WORDS = "a an the man woman dog cat is eating food piece of bread plate pasta with red sauce on white table photo".split()

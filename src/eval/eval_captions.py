@@ -39,7 +39,6 @@ from typing import Any
 import torch
 
 from vlmc.eval import inject
-from vlmc.eval.captions_io import done_ids, upsert_rows
 from vlmc.eval.scoring import add_scoring_args, build_scorers
 from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
@@ -54,6 +53,7 @@ from vlmc.utils.cli import (
     progress_bar,
     resolve_device,
 )
+from vlmc.utils.rows import done_ids, upsert_rows
 from vlmc.utils.stop import StopFlag, StopRequested
 from vlmc.utils.tracking import add_tracking_args, column_means
 

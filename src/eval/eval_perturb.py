@@ -38,7 +38,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vlmc.eval import inject
-from vlmc.eval.captions_io import done_ids, upsert_rows
 from vlmc.eval.perturb import LEVEL_HELP, MASK_FILLS, PERTURBATIONS, apply_batch, check_level, perturb_key
 from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
@@ -52,6 +51,7 @@ from vlmc.utils.cli import (
     parse_csv_list,
     resolve_device,
 )
+from vlmc.utils.rows import done_ids, upsert_rows
 from vlmc.utils.stop import StopFlag, StopRequested
 from vlmc.utils.tracking import add_tracking_args
 

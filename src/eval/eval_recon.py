@@ -30,8 +30,6 @@ Examples:
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import sys
@@ -68,7 +66,8 @@ from vlmc.utils.cli import (
     parse_csv_list,
     resolve_device,
 )
-from vlmc.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
+from vlmc.utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
+from vlmc.utils.rows import read_rows, write_rows
 from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
 
 log = logging.getLogger("vlmc.eval_recon")
@@ -135,24 +134,6 @@ def score_batch(run: ReconRun, batch: dict[str, Any], samples: Sequence[Sample],
 # -- per-shard files ------------------------------------------------------------------------------
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """CSV rows as strings (keys like "000010000" stay strings)."""
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Rewrite a CSV atomically with one header."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: r.get(k, "") for k in FIELDS})
-    atomic_write_text(path, buf.getvalue())
-
-
 class ShardResults:
     """One shard's rows and loss maps, keyed by key; loaded for --resume, rewritten atomically."""
 
@@ -173,7 +154,7 @@ class ShardResults:
 
     def save(self, order: Sequence[str]) -> None:
         keys = [k for k in order if k in self.rows]
-        write_rows(self.csv, [self.rows[k] for k in keys])
+        write_rows(self.csv, [self.rows[k] for k in keys], FIELDS)
         atomic_torch_save(pack_maps(keys, [self.shard] * len(keys), [self.maps[k] for k in keys]), self.maps_path)
 
 
@@ -272,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 all_maps.append((s.shard, s.key, res.maps[s.key]))
     rows.sort(key=lambda r: (r["shard"], r["key"]))
     all_maps.sort(key=lambda t: (t[0], t[1]))
-    write_rows(out / "per_sample.csv", rows)
+    write_rows(out / "per_sample.csv", rows, FIELDS)
     atomic_torch_save(pack_maps([k for _, k, _ in all_maps], [s for s, _, _ in all_maps], [m for _, _, m in all_maps]),
                       out / "loss_maps.pt")
     summary = {**summarise(rows, run, vlm is not None), **counts}

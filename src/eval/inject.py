@@ -43,10 +43,10 @@ from PIL import Image
 from torch import Tensor
 
 from vlmc.data.images import FLAT_SHARD, ImageRecord, discover_images, read_caption, try_load_image
-from vlmc.eval.captions_io import read_table, upsert_rows
 from vlmc.models.base import VLM, FamilyAdapter
 from vlmc.store.reader import ChunkCache, Sample, Store, index_samples, open_store
 from vlmc.utils.cli import UsageError, parse_dtype
+from vlmc.utils.rows import read_table, upsert_rows
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ def start_output(csv_path: Path, settings: dict[str, Any], resume: bool) -> None
 
 def reorder_rows(csv_path: Path, order: Sequence[tuple[str, str]]) -> None:
     """Rewrite ``csv_path`` with its rows in ``order`` (ids not in ``order`` keep their place after them)."""
-    from vlmc.eval.captions_io import row_ids, write_table
+    from vlmc.utils.rows import row_ids, write_table
 
     if not csv_path.exists():
         return

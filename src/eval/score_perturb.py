@@ -28,7 +28,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from vlmc.eval.captions_io import carry_scores, dedupe_rows, ensure_shard, read_table, require_columns
 from vlmc.eval.scoring import (
     DROP_HELP,
     AttrTask,
@@ -43,6 +42,7 @@ from vlmc.eval.scoring import (
 )
 from vlmc.utils import cli
 from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser
+from vlmc.utils.rows import carry_scores, dedupe_rows, ensure_shard, read_table, require_columns
 from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
 
 log = logging.getLogger(__name__)

@@ -701,7 +701,7 @@ def score_frame(
         only_missing: score a row for a task only when one of the task's columns is empty.
         rows: restrict to these positional rows (default: all).
     """
-    from vlmc.eval.captions_io import rows_done
+    from vlmc.utils.rows import rows_done
 
     subset = np.arange(len(df)) if rows is None else np.asarray(rows, dtype=np.int64)
     n = 0
@@ -761,7 +761,7 @@ def score_table(
     raising :class:`StopRequested`; a rerun with ``skip_existing`` continues from there.
 
     ``df`` already holds whatever earlier scores should count (the caller merges them with
-    :func:`vlmc.eval.captions_io.carry_scores`). Without ``skip_existing`` every active task column is
+    :func:`vlmc.utils.rows.carry_scores`). Without ``skip_existing`` every active task column is
     recomputed. With it, only empty cells are, and the sidecar's recorded setup must match this run's.
 
     Args:
@@ -777,8 +777,8 @@ def score_table(
     Returns:
         Number of (row, task) pairs scored.
     """
-    from vlmc.eval.captions_io import rows_done, write_table
     from vlmc.utils.io import atomic_write_json, read_json
+    from vlmc.utils.rows import rows_done, write_table
 
     tasks = active_tasks(tasks, scorers)
     cols = [c for t in tasks for c in t.columns]

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import io
 import logging
 import math
 import random
@@ -111,7 +110,6 @@ from vlmc.train.train_recon import (
     lr_factor,
     param_groups,
     prepare_out_dir,
-    read_history,
     rng_state,
     set_rng_state,
     start_wandb,
@@ -131,11 +129,11 @@ from vlmc.utils.cli import (
 from vlmc.utils.io import (
     atomic_torch_save,
     atomic_write_json,
-    atomic_write_text,
     read_json,
     safe_torch_load,
     sha256_file,
 )
+from vlmc.utils.rows import read_rows, write_rows
 from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
 from vlmc.utils.tracking import add_tracking_args
 
@@ -765,18 +763,6 @@ def spec_for(args, ctx: Context, items: Sequence[Item], maker: BatchMaker, store
 # -- training --------------------------------------------------------------------------------------------------
 
 
-def write_history(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Rewrite ``history.csv`` atomically (one header, one row per epoch)."""
-    import csv
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: r.get(k, "") for k in HISTORY_FIELDS})
-    atomic_write_text(path, buf.getvalue())
-
-
 class ConnectorTrainer:
     """The SGD loop: checkpoints (last.pt / best_model.pt), early stopping, preemption, exact resume."""
 
@@ -829,7 +815,7 @@ class ConnectorTrainer:
         st = self.state  # last.pt is the commit point; best_model.pt follows it (vlmc.train.resume)
         repair_best(self.out / BEST, st, lambda: self.save_best(st["best_epoch"], st["best_train"], st["best_val"],
                                                                 st["best_geometry"]))
-        self.history = [r for r in read_history(self.out / HISTORY) if int(r["epoch"]) <= self.state["epoch"]]
+        self.history = [r for r in read_rows(self.out / HISTORY) if int(r["epoch"]) <= self.state["epoch"]]
         log.info("resumed from %s: epoch %d, batch %d, step %d, best val %.5f", path, self.state["epoch"] + 1,
                  self.state["batch"], self.state["step"], self.state["best_val"])
         return True
@@ -871,7 +857,7 @@ class ConnectorTrainer:
         self.history.append({"epoch": epoch, "train_loss": f"{train_ce:.6g}", "val_loss": f"{val_ce:.6g}",
                              "train_geometry": f"{train_geom:.6g}", "val_geometry": f"{val_geom:.6g}",
                              "lr": f"{lr:.6g}", "seconds": f"{seconds:.2f}"})
-        write_history(self.out / HISTORY, self.history)
+        write_rows(self.out / HISTORY, self.history, HISTORY_FIELDS)
         stop_early = bool(args.patience) and st["bad_epochs"] >= args.patience
         st.update(epoch=epoch, batch=0, ce_sum=0.0, tokens=0, se_sum=0.0, elements=0, epoch_seconds=0.0,
                   finished=stop_early or epoch >= args.epochs)
@@ -963,7 +949,7 @@ class ConnectorTrainer:
 def predict(args, ctx: Context, connector: ReplacementConnector, items: Sequence[Item], maker: BatchMaker,
             out_csv: Path, stop: StopFlag) -> int:
     """Caption ``items`` with the trained connector's E_post → CSV (resumable: rows already there are kept)."""
-    from vlmc.eval.captions_io import done_ids, upsert_rows
+    from vlmc.utils.rows import done_ids, upsert_rows
 
     cols = ["caption_trained"] + (["caption_original"] if args.with_original else [])
     if out_csv.exists() and not args.resume:

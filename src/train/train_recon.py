@@ -25,8 +25,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import math
 import random
@@ -74,11 +72,11 @@ from vlmc.utils.cli import (
 from vlmc.utils.io import (
     atomic_torch_save,
     atomic_write_json,
-    atomic_write_text,
     read_json,
     safe_torch_load,
     sha256_file,
 )
+from vlmc.utils.rows import read_rows, write_rows
 from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
 from vlmc.utils.tracking import Tracker, add_tracking_args
 
@@ -304,27 +302,6 @@ def store_facts(store: Store) -> dict[str, Any]:
     }
 
 
-# -- history --------------------------------------------------------------------------------------
-
-
-def read_history(path: Path) -> list[dict[str, str]]:
-    """Rows of ``history.csv`` (strings)."""
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def write_history(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Rewrite ``history.csv`` atomically (one header, one row per epoch)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: r[k] for k in HISTORY_FIELDS})
-    atomic_write_text(path, buf.getvalue())
-
-
 # -- evaluation -----------------------------------------------------------------------------------
 
 
@@ -423,7 +400,7 @@ class Trainer:
         set_rng_state(ck["rng"])
         st = self.state  # last.pt is the commit point; best_model.pt follows it (vlmc.train.resume)
         repair_best(self.out / BEST, st, lambda: self.save_best(st["best_epoch"], st["best_train"], st["best_val"]))
-        self.history = [r for r in read_history(self.out / HISTORY) if int(r["epoch"]) <= self.state["epoch"]]
+        self.history = [r for r in read_rows(self.out / HISTORY) if int(r["epoch"]) <= self.state["epoch"]]
         log.info("resumed from %s: epoch %d, batch %d, step %d, best val %.5f", path, self.state["epoch"] + 1,
                  self.state["batch"], self.state["step"], self.state["best_val"])
         return True
@@ -466,7 +443,7 @@ class Trainer:
             st["bad_epochs"] += 1
         self.history.append({"epoch": epoch, "train_loss": f"{train_loss:.6g}", "val_loss": f"{val_loss:.6g}",
                              "lr": f"{lr:.6g}", "seconds": f"{seconds:.2f}"})
-        write_history(self.out / HISTORY, self.history)
+        write_rows(self.out / HISTORY, self.history, HISTORY_FIELDS)
         stop_early = bool(args.patience) and st["bad_epochs"] >= args.patience
         st.update(epoch=epoch, batch=0, train_sse=0.0, train_n=0, epoch_seconds=0.0,
                   finished=stop_early or epoch >= args.epochs)
@@ -592,8 +569,8 @@ def run_linear(args, spec: ReconSpec, model: nn.Module, train: Sequence[Sample],
     train_loss = evaluate_loss(model, train, std, device, args.batch_size, num_workers=args.num_workers)
     val_loss = evaluate_loss(model, val, std, device, args.batch_size, num_workers=args.num_workers)
     atomic_torch_save(checkpoint(model, spec, epoch=1, train_loss=train_loss, val_loss=val_loss, **meta), out / BEST)
-    write_history(out / HISTORY, [{"epoch": 1, "train_loss": f"{train_loss:.6g}", "val_loss": f"{val_loss:.6g}",
-                                   "lr": "0", "seconds": f"{time.time() - t0:.2f}"}])
+    write_rows(out / HISTORY, [{"epoch": 1, "train_loss": f"{train_loss:.6g}", "val_loss": f"{val_loss:.6g}",
+                                "lr": "0", "seconds": f"{time.time() - t0:.2f}"}], HISTORY_FIELDS)
     log.info("linear: train %.5f val %.5f (%.1fs) → %s", train_loss, val_loss, time.time() - t0, out / BEST)
     return 0
 

@@ -1,4 +1,4 @@
-"""CSV helpers shared by the caption stages (7 and 8) and their scorers.
+"""CSV rows: the one place tables are read and written (caption/score tables, histories, per-sample metrics).
 
 Conventions (docs/formats.md):
 
@@ -9,13 +9,17 @@ Conventions (docs/formats.md):
   a row whose score columns are all filled is never scored again.
 * Files are rewritten atomically (temp file + ``os.replace``); rows are unique by ``(shard, key)``
   (``upsert_rows`` replaces a row with the same id instead of appending a duplicate).
+* ``read_rows`` / ``write_rows``: plain ``list[dict]`` rows with a fixed header (training histories,
+  per-sample reconstruction metrics), written with the ``csv`` module as given.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from vlmc.utils.cli import UsageError
-from vlmc.utils.io import atomic_open
+from vlmc.utils.io import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,24 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         return pd.DataFrame(columns=list(ID_COLS))
     except pd.errors.ParserError as e:
         raise UsageError(f"{p}: not a readable CSV ({str(e).splitlines()[0]})") from None
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+    """CSV rows as dicts of strings (keys like ``"000010000"`` stay strings); ``[]`` when the file does not exist."""
+    if not Path(path).exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> None:
+    """Rewrite a CSV atomically: one header ``fields``, then each row's ``fields`` (missing ones empty)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in fields})
+    atomic_write_text(path, buf.getvalue())
 
 
 def write_table(path: str | os.PathLike, df: pd.DataFrame) -> None:
