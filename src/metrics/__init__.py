@@ -1,0 +1,1 @@
+"""Pure metric functions (similarity, k-NN overlap, spectra, bootstrap intervals) on arrays and tensors."""

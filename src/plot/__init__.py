@@ -1,0 +1,1 @@
+"""Figures and summary tables, read from the CSV/JSON files the stages write."""

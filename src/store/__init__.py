@@ -1,0 +1,1 @@
+"""Vector stores: writing, verifying and reading shards (samples, batches, split, stats); recon runs."""

@@ -1,0 +1,1 @@
+"""Shared plumbing: CLI conventions, atomic file I/O, CSV rows, stop signals, experiment tracking."""
