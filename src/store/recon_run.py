@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from vlmc.models.base import VLM
 from vlmc.models.reconstructors import MODEL_TYPES, ReconSpec, load_reconstructor
 from vlmc.store.normalization import STATS_FILE, Standardizer, load_stats
-from vlmc.store.reader import Sample, Store, index_samples, open_store
+from vlmc.store.reader import Grid, Sample, Store, index_samples, open_store
 from vlmc.store.split import SPLIT_FILE, apply_split, content_hashes, load_split
 from vlmc.utils.cli import UsageError, parse_dtype
 from vlmc.utils.io import sha256_file
@@ -187,7 +187,9 @@ def resolve_model_dir(model_dir: str | None, embed_model: str | None) -> str:
     return str(found[0])
 
 
-def _open_training_store(meta: dict[str, Any], vec_dir: str | None, embed_model: str | None, shards) -> Store:
+def _open_training_store(
+    meta: dict[str, Any], vec_dir: str | None, embed_model: str | None, shards: Sequence[str] | None
+) -> Store:
     name = embed_model or meta.get("embed_model")
     if vec_dir:
         return open_store(vec_dir, embed_model=name, shards=shards)
@@ -202,7 +204,7 @@ def _open_training_store(meta: dict[str, Any], vec_dir: str | None, embed_model:
 
 
 @torch.no_grad()
-def reconstruct(run: ReconRun, post: Tensor, pre_grid, post_grid, amp: bool) -> Tensor:
+def reconstruct(run: ReconRun, post: Tensor, pre_grid: Grid, post_grid: Grid, amp: bool) -> Tensor:
     """Ê_pre in the ORIGINAL space (float32) for a same-shape batch of E_post ``[B, T, D]`` (any dtype)."""
     device = run.std.pre_mean.device
     ctx = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else nullcontext()
