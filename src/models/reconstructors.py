@@ -13,10 +13,11 @@ Models:
 
 * ``linear``: the baseline every learned model must beat, fitted in closed form (float64 ridge from
   sufficient statistics accumulated over the training set, so it scales to any number of images; the
-  ridge strength is picked from a grid by the exact validation MSE, computed from val statistics).
-  1:1 / merge: one affine map per token, D_post → m²·D_pre (the fit: ``vlmc.train.linear_fit``). none: a bilinear map
-  Ê = Ȳ + M (X − X̄) W (token mixing M [T_pre, T_post], channel map W, mean images X̄, Ȳ), fitted by
-  alternating least squares started from M = uniform averaging (each half-step is exact ridge).
+  ridge strength is picked from a grid by the exact validation MSE, computed from val statistics;
+  the fit is ``vlmc.train.linear_fit``). 1:1 / merge: one affine map per token, D_post → m²·D_pre.
+  none: a bilinear map Ê = Ȳ + M (X − X̄) W (token mixing M [T_pre, T_post], channel map W, mean
+  images X̄, Ȳ), fitted by alternating least squares started from M = uniform averaging (each
+  half-step is exact ridge).
 * ``mlp``: per-token MLP (+ a linear skip path, the last layer zero-initialised, so it starts as a
   linear map and learns the nonlinear residual). Unmerges for merge; for none, per-token features
   followed by a learned token map T_post → T_pre.
