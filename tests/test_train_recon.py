@@ -21,8 +21,9 @@ from vlmc.train.data import (
     synthetic_connector,
     write_synthetic_store,
 )
+from vlmc.train.loop import Loop, lr_factor, steps_per_epoch
 from vlmc.train.reconstructors import load_reconstructor
-from vlmc.train.train_recon import evaluate_loss, lr_factor, main, steps_per_epoch
+from vlmc.train.train_recon import evaluate_loss, main
 
 torch.set_num_threads(1)
 FAST = ["--num_workers", "0", "--batch_size", "4", "--warmup_steps", "2"]
@@ -97,13 +98,13 @@ def test_history_seconds_count_each_epoch_once(tmp_path, monkeypatch):
     """Each training step takes >= 20 ms here, so the epochs dominate the run: their ``seconds`` add up to
     at least the steps' time and at most the wall time between config.json (written just before the first
     epoch) and the last history.csv write. Training time counted twice would exceed that window."""
-    step = train_recon.Trainer._micro_step
+    step = Loop._micro_step
 
     def slow_step(self, batch):
         time.sleep(0.02)
         return step(self, batch)
 
-    monkeypatch.setattr(train_recon.Trainer, "_micro_step", slow_step)
+    monkeypatch.setattr(Loop, "_micro_step", slow_step)
     out = _train(_store(tmp_path, "gelu", n=32), tmp_path / "o", "--model_type", "mlp", "--hidden_size", "16",
                  "--no-init_linear", "--epochs", "3", "--batch_size", "1")
     hist = _history(out)
