@@ -10,7 +10,8 @@ folder's training files:
     history.csv      one row per epoch: ``epoch``, the task's metrics (``%.6g``), ``lr``, ``seconds``
 
 The schedule (linear warmup + cosine to 0) counts optimizer steps. SIGUSR1/SIGTERM (the ``StopFlag``) save
-``last.pt`` at the next optimizer step and raise ``StopRequested``; rerun with ``--resume``.
+``last.pt`` at the next optimizer step and raise ``StopRequested``, which :func:`run_preemptible` turns into
+exit status 75 (``EXIT_PREEMPTED``); rerun with ``--resume``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from vlmc.train.resume import repair_best
 from vlmc.utils import cli, tracking
 from vlmc.utils.cli import UsageError, ensure_writable_dir, parse_dtype
 from vlmc.utils.io import atomic_torch_save, atomic_write_text, safe_torch_load
-from vlmc.utils.stop import StopFlag, StopRequested
+from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
 from vlmc.utils.tracking import Tracker
 
 BEST = "best_model.pt"
@@ -101,6 +102,27 @@ def check_optim_args(args: argparse.Namespace, at_least_1: Sequence[str] = (), a
         raise UsageError("--lr must be > 0")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other")
+
+
+def flag_diffs(saved: Mapping[str, Any], args: argparse.Namespace, flags: Iterable[str]) -> list[str]:
+    """``--flag old → new`` for each of ``flags`` that the saved run's arguments (``config.json``) set otherwise."""
+    return [f"--{k} {saved.get(k)!r} → {getattr(args, k)!r}" for k in flags if k in saved and saved[k] != getattr(args, k)]
+
+
+def refuse_other_settings(out: Path, diffs: Sequence[str]) -> None:
+    """On resume: refuse (``UsageError``) a run folder trained with other settings (``diffs``, if any)."""
+    if diffs:
+        raise UsageError(f"{out} was trained with different settings ({'; '.join(diffs)}); use another --out_dir")
+
+
+def run_preemptible(run: Callable[[StopFlag], int], log: logging.Logger) -> int:
+    """``run(stop)`` under a :class:`StopFlag`; a stop signal ends it with ``EXIT_PREEMPTED`` (rerun with --resume)."""
+    with StopFlag() as stop:
+        try:
+            return run(stop)
+        except (StopRequested, InterruptedError):
+            log.warning("stopped by signal; rerun with --resume to continue (exit %d)", EXIT_PREEMPTED)
+            return EXIT_PREEMPTED
 
 
 # -- schedule, optimiser, amp, RNG ----------------------------------------------------------------

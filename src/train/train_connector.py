@@ -122,8 +122,11 @@ from vlmc.train.loop import (
     add_optim_args,
     amp_context,
     check_optim_args,
+    flag_diffs,
     param_groups,
     prepare_out_dir,
+    refuse_other_settings,
+    run_preemptible,
 )
 from vlmc.utils import cli
 from vlmc.utils.cli import (
@@ -141,7 +144,7 @@ from vlmc.utils.io import (
     read_json,
     sha256_file,
 )
-from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
+from vlmc.utils.stop import StopFlag, StopRequested
 from vlmc.utils.tracking import add_tracking_args
 
 log = logging.getLogger("vlmc.train_connector")
@@ -990,10 +993,7 @@ def check_resume(out: Path, args) -> dict[str, Any] | None:
     if not path.exists():
         return None
     cfg = read_json(path)
-    saved = cfg.get("args", {})
-    diffs = [f"--{k} {saved.get(k)!r} → {getattr(args, k)!r}" for k in RESUME_FLAGS if k in saved and saved[k] != getattr(args, k)]
-    if diffs:
-        raise UsageError(f"{out} was trained with different settings ({'; '.join(diffs)}); use another --out_dir")
+    refuse_other_settings(out, flag_diffs(cfg.get("args", {}), args, RESUME_FLAGS))
     return cfg
 
 
@@ -1021,14 +1021,9 @@ def open_data(args):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     parts = check_args(args)
-    with StopFlag() as stop:
-        try:
-            if args.predict or args.export_post_vectors:
-                return run_inference(args, stop)
-            return run_training(args, parts, stop)
-        except (StopRequested, InterruptedError):
-            log.warning("stopped by signal; rerun with --resume to continue (exit %d)", EXIT_PREEMPTED)
-            return EXIT_PREEMPTED
+    if args.predict or args.export_post_vectors:
+        return run_preemptible(lambda stop: run_inference(args, stop), log)
+    return run_preemptible(lambda stop: run_training(args, parts, stop), log)
 
 
 def run_training(args, parts: Parts, stop: StopFlag) -> int:

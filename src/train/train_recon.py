@@ -68,7 +68,10 @@ from vlmc.train.loop import (
     add_optim_args,
     amp_context,
     check_optim_args,
+    flag_diffs,
     prepare_out_dir,
+    refuse_other_settings,
+    run_preemptible,
     write_history,
 )
 from vlmc.train.reconstructors import (
@@ -98,7 +101,7 @@ from vlmc.utils.io import (
     read_json,
     sha256_file,
 )
-from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
+from vlmc.utils.stop import StopFlag, StopRequested
 from vlmc.utils.tracking import add_tracking_args
 
 log = logging.getLogger("vlmc.train_recon")
@@ -183,13 +186,11 @@ def check_config(out: Path, args, spec: ReconSpec | None) -> None:
     if not cfg_path.exists():
         return
     cfg = read_json(cfg_path)
-    diffs = [f"--{k} {cfg['args'].get(k)!r} → {getattr(args, k)!r}" for k in (*DATA_FLAGS, "model_type")
-             if k in cfg["args"] and cfg["args"][k] != getattr(args, k)]
+    diffs = flag_diffs(cfg["args"], args, (*DATA_FLAGS, "model_type"))
     if spec is not None and cfg.get("spec"):
         old = cfg["spec"]
         diffs += [f"{k} {old.get(k)!r} → {v!r}" for k, v in spec.to_dict().items() if k in SPEC_FLAGS and old.get(k) != v]
-    if diffs:
-        raise UsageError(f"{out} was trained with different settings ({'; '.join(diffs)}); use another --out_dir")
+    refuse_other_settings(out, diffs)
 
 
 def load_or_make_split(out: Path, args, samples: Sequence[Sample]) -> dict[str, list[list[str]]]:
@@ -440,8 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_read_level("hash")  # every chunk's sha256: ~1 % of a training run (bench/bench_verify.py)
     check_args(args)
-    with StopFlag() as stop:
-        return run(args, stop)
+    return run_preemptible(lambda stop: run(args, stop), log)
 
 
 def run(args, stop: StopFlag) -> int:
@@ -456,14 +456,10 @@ def run(args, stop: StopFlag) -> int:
     samples = index_samples(store, args.limit)
     split = load_or_make_split(out, args, samples)
     train, val = apply_split(samples, split, "train"), apply_split(samples, split, "val")
-    try:
-        stats = load_or_make_stats(out, train, device, args, stop)
-        if args.eval_only:
-            return eval_only(out, val, lambda on: Standardizer(stats, device, on), device, args)
-        return _train(args, store, samples, split, train, val, stats, out, device, stop)
-    except (StopRequested, InterruptedError):
-        log.warning("stopped by signal; rerun with --resume to continue (exit %d)", EXIT_PREEMPTED)
-        return EXIT_PREEMPTED
+    stats = load_or_make_stats(out, train, device, args, stop)
+    if args.eval_only:
+        return eval_only(out, val, lambda on: Standardizer(stats, device, on), device, args)
+    return _train(args, store, samples, split, train, val, stats, out, device, stop)
 
 
 def _train(args, store, samples, split, train, val, stats, out, device, stop) -> int:
