@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from vlmc.train.data import synthetic_connector, write_synthetic_store
-from vlmc.train.train_recon import EXIT_PREEMPTED, main
+from vlmc.train.train_recon import main
+from vlmc.utils.stop import EXIT_PREEMPTED
 
 torch.set_num_threads(1)
 EPOCHS = 5

@@ -397,8 +397,8 @@ class Loop:
         self.log.info("epoch %d: %s lr %.3g %.1fs%s", epoch, task.describe(metrics), lr, seconds,
                       " (best)" if improved else "")
         if self.wandb is not None:
-            names = task.wandb_names
-            self.wandb.log({"epoch": epoch, **{names.get(k, k): v for k, v in metrics.items()}, "lr": lr},
+            names, fields = task.wandb_names, task.history_fields
+            self.wandb.log({"epoch": epoch, **{names.get(k, k): metrics[k] for k in fields if k in metrics}, "lr": lr},
                            step=st["step"])
         if stop_early:
             self.log.info("early stop: no %s improvement > %g for %d epochs", task.val_label, args.min_delta,
@@ -408,7 +408,7 @@ class Loop:
 
     def _log_history(self, epoch: int, metrics: Mapping[str, float], lr: float, seconds: float) -> None:
         fields = self.task.history_fields
-        self.history.append({"epoch": epoch, **{k: f"{v:.6g}" for k, v in metrics.items() if k in fields},
+        self.history.append({"epoch": epoch, **{k: f"{metrics[k]:.6g}" for k in fields if k in metrics},
                              "lr": f"{lr:.6g}", "seconds": f"{seconds:.2f}"})
         write_history(self.out / HISTORY, self.history, fields)
 
