@@ -1,8 +1,8 @@
-"""The one SGD trainer of every stage that trains (reconstructors, connectors): checkpoints, resume, RNG, amp,
-LR schedule, early stopping, history, preemption and W&B tracking.
+"""The one SGD trainer shared by the reconstructor and connector stages (train_recon, train_connector).
 
-A CLI builds its model, data and loss as a :class:`Task` and hands it to :class:`Loop`; the loop owns the run
-folder's training files:
+It owns checkpoints, exact resume (RNG included), amp, the LR schedule, early stopping, history, preemption
+and W&B tracking. A CLI builds its model, data and loss as a :class:`Task` and hands it to :class:`Loop`; the
+loop owns the run folder's training files:
 
     last.pt          everything to resume exactly (trained weights + the task's extras, optimizer, scheduler,
                      scaler, RNG, counters); written first at the end of an epoch: the commit point
