@@ -1,7 +1,7 @@
 """Stage-4 training throughput: --amp off vs on, and how much of a step waits for data from mmap'd shards.
 
 Writes a synthetic stage-1 store (fp16 chunks, a GELU connector) to a temp dir, then runs the real
-``Trainer`` micro-step / optimizer-step code for each (model type, amp, loader), the loaders being
+``vlmc.train.loop`` backward / optimizer-step code (on the reconstructor's task) for each (model type, amp, loader), the loaders being
 ``--loader`` of ``train_recon.py``: ``workers=N`` (DataLoader with N worker processes, one row per
 ``--workers`` value), ``prefetch`` (a background thread gathering into pinned memory on CUDA) and
 ``device`` (the split held in device memory):
@@ -19,6 +19,7 @@ Writes a synthetic stage-1 store (fp16 chunks, a GELU connector) to a temp dir, 
 
 from __future__ import annotations
 
+import logging
 import shutil
 import statistics
 import sys
@@ -31,7 +32,8 @@ import torch
 from vlmc.models.reconstructors import build_reconstructor, count_params, make_spec
 from vlmc.store.normalization import Standardizer, compute_stats
 from vlmc.store.reader import index_samples, open_store
-from vlmc.train.train_recon import StopFlag, Trainer, batch_tensors, build_parser
+from vlmc.train.loop import Loop
+from vlmc.train.train_recon import ReconTask, StopFlag, batch_tensors, build_parser
 from vlmc.utils.cli import make_parser, parse_csv_list, resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/synthetic_store.py
@@ -72,7 +74,7 @@ def sync(device: torch.device) -> None:
 
 def make_trainer(store_dir: Path, out: Path, model_type: str, amp: bool, loader: str, workers: int, bs: int, device,
                  samples, std):
-    """A real Trainer on ``samples`` (no validation; we only time the training step)."""
+    """A real training loop on ``samples`` (no validation; we only time the training step)."""
     argv = ["--vec_dir", str(store_dir), "--out_dir", str(out), "--model_type", model_type, "--batch_size", str(bs),
             "--num_workers", str(workers), "--epochs", "100", "--warmup_steps", "0", "--loader", loader]
     if model_type == "transformer":
@@ -88,17 +90,19 @@ def make_trainer(store_dir: Path, out: Path, model_type: str, amp: bool, loader:
                      num_layers=args.num_layers)
     torch.manual_seed(0)
     model = build_reconstructor(spec).to(device)
-    return Trainer(args, spec, model, samples, samples[:1], std, out, device, {}, StopFlag()), count_params(model)
+    task = ReconTask(args, spec, model, samples, samples[:1], std, device, {})
+    return Loop(args, task, out, StopFlag(), logging.getLogger("bench_train")), count_params(model)
 
 
-def time_loader(trainer: Trainer, steps: int, device) -> tuple[float, float]:
+def time_loader(trainer: Loop, steps: int, device) -> tuple[float, float]:
     """Median (step seconds, data-wait seconds) over ``steps`` optimizer steps after 3 warm-up steps.
 
     Medians, not sums: this machine is shared, and one descheduled step must not decide the table.
     """
-    trainer.model.train()
-    trainer.sampler.set_epoch(1)
-    it = iter(trainer.loader)
+    task = trainer.task
+    task.model.train()
+    task.sampler.set_epoch(1)
+    it = iter(task.loader)
     waits, totals = [], []
     for i in range(steps + 3):
         sync(device)
@@ -106,9 +110,9 @@ def time_loader(trainer: Trainer, steps: int, device) -> tuple[float, float]:
         try:
             batch = next(it)
         except StopIteration:
-            it = iter(trainer.loader)
+            it = iter(task.loader)
             batch = next(it)
-        x, y, pg, qg = batch_tensors(batch, trainer.train, trainer.std, device)
+        x, y, pg, qg = batch_tensors(batch, task.train, task.std, device)
         sync(device)
         t1 = time.perf_counter()
         _step(trainer, x, y, pg, qg)
@@ -120,18 +124,18 @@ def time_loader(trainer: Trainer, steps: int, device) -> tuple[float, float]:
     return statistics.median(totals), statistics.median(waits)
 
 
-def _step(trainer: Trainer, x, y, pg, qg) -> None:
-    with trainer.amp():
-        yhat = trainer.model(x, pg, qg)
-    loss = torch.nn.functional.mse_loss(yhat.float(), y)
-    trainer.scaler.scale(loss).backward()
-    trainer._optimizer_step()
+def _step(trainer: Loop, x, y, pg, qg) -> None:
+    with trainer.task.amp():
+        yhat = trainer.task.model(x, pg, qg)
+    trainer.backward(torch.nn.functional.mse_loss(yhat.float(), y))
+    trainer.optimizer_step()
 
 
-def time_in_memory(trainer: Trainer, steps: int, device) -> float:
+def time_in_memory(trainer: Loop, steps: int, device) -> float:
     """Median step seconds on one batch already on the device (the no-loader ceiling)."""
-    batch = next(iter(trainer.loader))
-    x, y, pg, qg = batch_tensors(batch, trainer.train, trainer.std, device)
+    task = trainer.task
+    batch = next(iter(task.loader))
+    x, y, pg, qg = batch_tensors(batch, task.train, task.std, device)
     for _ in range(3):
         _step(trainer, x, y, pg, qg)
     times = []

@@ -23,7 +23,7 @@ import torch
 from vlmc.data.scenes import write_scenes
 from vlmc.eval import eval_recon
 from vlmc.extract import extract_knn, extract_vectors
-from vlmc.train import train_recon
+from vlmc.train import loop, train_recon
 from vlmc.utils import io as vio
 from vlmc.utils.io import read_json, sha256_file
 
@@ -358,7 +358,7 @@ def test_stage4_kill_in_every_checkpoint_window_gives_identical_weights_and_hist
     store = _train_store(tmp_path)
     ref_out = tmp_path / "ref"
     writes: list[str] = []
-    real_save, real_hist = train_recon.atomic_torch_save, train_recon.write_rows
+    real_save, real_hist = loop.atomic_torch_save, loop.write_rows
 
     def counting_save(obj, path):
         writes.append(Path(path).name)
@@ -368,8 +368,8 @@ def test_stage4_kill_in_every_checkpoint_window_gives_identical_weights_and_hist
         writes.append(Path(path).name)
         real_hist(path, rows, fields)
 
-    monkeypatch.setattr(train_recon, "atomic_torch_save", counting_save)
-    monkeypatch.setattr(train_recon, "write_rows", counting_hist)
+    monkeypatch.setattr(loop, "atomic_torch_save", counting_save)
+    monkeypatch.setattr(loop, "write_rows", counting_hist)
     assert train_recon.main(["--vec_dir", str(store), "--out_dir", str(ref_out), *TRAIN]) == 0
     ref = _result(ref_out)
     assert "best_model.pt" in writes and ref[4]["best_epoch"] >= 2  # improvement after epoch 1: windows matter
@@ -387,12 +387,12 @@ def test_stage4_kill_in_every_checkpoint_window_gives_identical_weights_and_hist
                     raise Killed()
                 count[0] += 1
 
-            monkeypatch.setattr(train_recon, "atomic_torch_save", lambda o, p, f=killing: f(real_save, o, p))
-            monkeypatch.setattr(train_recon, "write_rows", lambda p, r, c, f=killing: f(real_hist, p, r, c))
+            monkeypatch.setattr(loop, "atomic_torch_save", lambda o, p, f=killing: f(real_save, o, p))
+            monkeypatch.setattr(loop, "write_rows", lambda p, r, c, f=killing: f(real_hist, p, r, c))
             with pytest.raises(Killed):
                 train_recon.main(["--vec_dir", str(store), "--out_dir", str(out), *TRAIN])
-            monkeypatch.setattr(train_recon, "atomic_torch_save", real_save)
-            monkeypatch.setattr(train_recon, "write_rows", real_hist)
+            monkeypatch.setattr(loop, "atomic_torch_save", real_save)
+            monkeypatch.setattr(loop, "write_rows", real_hist)
             args = ["--vec_dir", str(store), "--out_dir", str(out), *TRAIN] + (["--resume"] if (out / "last.pt").exists() else [])
             if not (out / "last.pt").exists():
                 shutil.rmtree(out)  # killed before the first commit: a fresh start is the rerun

@@ -15,7 +15,8 @@ from vlmc.store.normalization import Standardizer, load_stats
 from vlmc.store.reader import index_samples, open_store
 from vlmc.store.split import apply_split, load_split
 from vlmc.train import train_recon
-from vlmc.train.train_recon import evaluate_loss, lr_factor, main, steps_per_epoch
+from vlmc.train.loop import Loop, lr_factor, steps_per_epoch
+from vlmc.train.train_recon import evaluate_loss, main
 
 try:  # tests/ on sys.path (pytest's default rootdir-less import) or the repo root (python -m pytest)
     from synthetic_store import synthetic_connector, write_synthetic_store
@@ -95,13 +96,13 @@ def test_history_seconds_count_each_epoch_once(tmp_path, monkeypatch):
     """Each training step takes >= 20 ms here, so the epochs dominate the run: their ``seconds`` add up to
     at least the steps' time and at most the wall time between config.json (written just before the first
     epoch) and the last history.csv write. Training time counted twice would exceed that window."""
-    step = train_recon.Trainer._micro_step
+    step = Loop._micro_step
 
     def slow_step(self, batch):
         time.sleep(0.02)
         return step(self, batch)
 
-    monkeypatch.setattr(train_recon.Trainer, "_micro_step", slow_step)
+    monkeypatch.setattr(Loop, "_micro_step", slow_step)
     out = _train(_store(tmp_path, "gelu", n=32), tmp_path / "o", "--model_type", "mlp", "--hidden_size", "16",
                  "--no-init_linear", "--epochs", "3", "--batch_size", "1")
     hist = _history(out)

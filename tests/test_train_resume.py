@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from vlmc.train.train_recon import EXIT_PREEMPTED, main
+from vlmc.train.train_recon import main
+from vlmc.utils.stop import EXIT_PREEMPTED
 
 try:  # tests/ on sys.path (pytest's default rootdir-less import) or the repo root (python -m pytest)
     from synthetic_store import synthetic_connector, write_synthetic_store

@@ -104,16 +104,20 @@ from vlmc.train.connectors import (
     load_connector,
     make_spec,
 )
-from vlmc.train.resume import repair_best
-from vlmc.train.train_recon import (
+from vlmc.train.loop import (
+    CONFIG,
+    HISTORY,
+    LAST,
+    Loop,
+    Task,
+    add_optim_args,
     amp_context,
-    lr_factor,
+    check_optim_args,
+    flag_diffs,
     param_groups,
     prepare_out_dir,
-    rng_state,
-    set_rng_state,
-    start_wandb,
-    steps_per_epoch,
+    refuse_other_settings,
+    run_preemptible,
 )
 from vlmc.utils import cli
 from vlmc.utils.cli import (
@@ -127,23 +131,18 @@ from vlmc.utils.cli import (
     resolve_dtype,
 )
 from vlmc.utils.io import (
-    atomic_torch_save,
     atomic_write_json,
     read_json,
-    safe_torch_load,
     sha256_file,
 )
-from vlmc.utils.rows import read_rows, write_rows
-from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
+from vlmc.utils.stop import StopFlag, StopRequested
 from vlmc.utils.tracking import add_tracking_args
 
 log = logging.getLogger("vlmc.train_connector")
 
-LAST = "last.pt"
-HISTORY = "history.csv"
-CONFIG = "config.json"
 CAPTIONS = "captions.csv"
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "train_geometry", "val_geometry", "lr", "seconds")
+RUN_FILES = (BEST, LAST, STATS_FILE, SPLIT_FILE, HISTORY, CONFIG)
 IGNORE = -100
 # processor outputs that carry text, not pixels (the rest goes to the adapter's encode)
 TEXT_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "token_type_ids")
@@ -184,10 +183,10 @@ def build_parser():
     m.add_argument("--num_layers", type=cli.positive_int, default=None, help="crossattn blocks / invertible coupling layers")
     m.add_argument("--num_heads", type=cli.positive_int, default=None, help="crossattn attention heads")
     m.add_argument("--dropout", type=cli.dropout_rate, default=None, help="dropout (default 0)")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=cli.positive_int, default=5, help="maximum epochs")
-    o.add_argument("--batch_size", type=cli.positive_int, default=8, help="images per micro-batch")
-    o.add_argument("--lr", type=cli.positive_float, default=1e-3, help="peak learning rate of the new connector (AdamW)")
+    o = add_optim_args(p, epochs=5, lr=1e-3, warmup_steps=50, patience=0, val_name="val CE",
+                       lr_help="peak learning rate of the new connector (AdamW)",
+                       grad_clip_help="max gradient norm over all trained weights; 0 = off",
+                       amp_help="autocast connector + LM (--amp_dtype)", seed_help="seed of the split, init and data order")
     o.add_argument("--lr_connector", type=cli.positive_float, default=None, help="learning rate of the new connector [--lr]")
     o.add_argument("--freeze_lm", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the language model frozen [frozen unless --train_lm_lr or --no-freeze_lm]")
@@ -199,18 +198,8 @@ def build_parser():
     o.add_argument("--train_vision_lr", "--vision_lr", dest="train_vision_lr", type=cli.positive_float, default=None,
                    help=f"fine-tune the vision tower at this learning rate (implies --no-freeze_vision; not with "
                    f"--vec_dir; --no-freeze_vision alone: {FINETUNE_LR:g})")
-    o.add_argument("--weight_decay", type=cli.nonneg_float, default=0.01, help="AdamW weight decay (matrices only)")
-    o.add_argument("--warmup_steps", type=cli.nonneg_int, default=50, help="linear warmup, in optimizer steps")
-    o.add_argument("--accumulation_steps", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
-    o.add_argument("--grad_clip", type=cli.nonneg_float, default=1.0, help="max gradient norm over all trained weights; 0 = off")
     o.add_argument("--geometry_weight", type=cli.nonneg_float, default=0.0,
                    help="weight of the MSE to the original connector's E_post (standardised); 0 = off")
-    o.add_argument("--patience", type=cli.nonneg_int, default=0, help="stop after this many epochs without val improvement; 0 = never")
-    o.add_argument("--min_delta", type=cli.nonneg_float, default=0.0, help="an improvement must lower val CE by more than this")
-    o.add_argument("--amp", action="store_true", help="autocast connector + LM (--amp_dtype)")
-    o.add_argument("--amp_dtype", default="bf16", choices=["bf16", "fp16"], help="autocast dtype (fp16 uses a GradScaler)")
-    o.add_argument("--seed", type=int, default=0, help="seed of the split, init and data order")
-    o.add_argument("--save_every_steps", type=cli.nonneg_int, default=0, help="also save last.pt every N optimizer steps; 0 = per epoch")
     r = p.add_argument_group("run")
     r.add_argument("--out_dir", default=None, help="run folder (default data/output/connector/<model>_<connector>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out_dir from last.pt (or start it)")
@@ -246,23 +235,15 @@ class Parts:
 
 def check_args(args) -> Parts:
     """Reject impossible numbers and contradictory flags before anything is loaded."""
-    for flag in ("batch_size", "epochs", "accumulation_steps", "max_new_tokens", "save_every"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be >= 1")
-    for flag in ("warmup_steps", "patience", "num_workers", "save_every_steps", "stats_images", "geometry_weight"):
-        if getattr(args, flag) < 0:
-            raise UsageError(f"--{flag} must be >= 0")
-    if args.limit is not None and args.limit < 0:
-        raise UsageError("--limit must be >= 0")
+    check_optim_args(args, at_least_1=("max_new_tokens", "save_every"),
+                     at_least_0=("num_workers", "stats_images", "geometry_weight", "limit"))
     if not 0.0 < args.val_split < 1.0:
         raise UsageError(f"--val_split must be strictly between 0 and 1 (got {args.val_split}): "
                          "training without a validation set is refused")
-    for flag in ("lr", "lr_connector", "train_lm_lr", "train_vision_lr"):
+    for flag in ("lr_connector", "train_lm_lr", "train_vision_lr"):
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise UsageError(f"--{flag} must be > 0")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other")
     parse_dtype(args.store_dtype)
     lm_lr = _part_lr("lm", args.freeze_lm, args.train_lm_lr, FINETUNE_LR)
     vision_lr = _part_lr("vision", args.freeze_vision, args.train_vision_lr, FINETUNE_LR)
@@ -763,184 +744,90 @@ def spec_for(args, ctx: Context, items: Sequence[Item], maker: BatchMaker, store
 # -- training --------------------------------------------------------------------------------------------------
 
 
-class ConnectorTrainer:
-    """The SGD loop: checkpoints (last.pt / best_model.pt), early stopping, preemption, exact resume."""
+class ConnectorTask(Task):
+    """The connector's part of the loop (vlmc.train.loop): caption CE (+ geometry MSE) through the frozen LM."""
+
+    history_fields = HISTORY_FIELDS
+    counters = {"ce_sum": 0.0, "tokens": 0, "se_sum": 0.0, "elements": 0}
+    extra_state = {"best_geometry": math.nan}
+    loss_label, val_label = "CE", "val CE"
+    wandb_names = {"train_loss": "train_ce", "val_loss": "val_ce"}
 
     def __init__(self, args, parts: Parts, ctx: Context, connector: ReplacementConnector, train: Sequence[Item],
-                 val: Sequence[Item], maker: BatchMaker, out: Path, meta: dict[str, Any], stop: StopFlag) -> None:
-        self.args, self.ctx, self.connector, self.out, self.meta, self.stop = args, ctx, connector, out, meta, stop
+                 val: Sequence[Item], maker: BatchMaker, meta: dict[str, Any]) -> None:
+        self.args, self.parts, self.ctx, self.meta = args, parts, ctx, meta
+        self.model, self.spec, self.device, self.lr = connector, connector.spec, ctx.device, parts.lr_connector
         vec = ctx.from_store
         self.loader, self.sampler = make_item_loader(train, maker, args.batch_size, True, args.seed, args.num_workers, vec)
         self.val_loader, _ = make_item_loader(val, maker, args.batch_size, False, 0, args.num_workers, vec)
         self.n_batches = len(plan_batches(list(train), args.batch_size))
-        self.total_steps = steps_per_epoch(self.n_batches, args.accumulation_steps) * args.epochs
-        groups = [dict(g, lr=parts.lr_connector) for g in param_groups(connector, args.weight_decay)]
-        for part, lr in (("lm", parts.lm_lr), ("vision", parts.vision_lr)):
-            params = [p for _, p in ctx.groups[part] if p.requires_grad]
+        self.params: list[nn.Parameter] = []
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """The connector's groups at its rate, then the unfrozen LM / vision weights at theirs (no decay)."""
+        groups = [dict(g, lr=self.parts.lr_connector) for g in param_groups(self.model, weight_decay)]
+        for part, lr in (("lm", self.parts.lm_lr), ("vision", self.parts.vision_lr)):
+            params = [p for _, p in self.ctx.groups[part] if p.requires_grad]
             if lr is not None and params:
                 groups.append({"params": params, "lr": lr, "weight_decay": 0.0})
         self.params = [p for g in groups for p in g["params"]]
-        self.opt = torch.optim.AdamW(groups, lr=parts.lr_connector)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, args.warmup_steps, self.total_steps))
-        amp_dtype = parse_dtype(args.amp_dtype)
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp and amp_dtype == torch.float16)
-        self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_val": math.inf, "best_epoch": 0,
-                                      "best_train": math.nan, "best_geometry": math.nan, "bad_epochs": 0,
-                                      "ce_sum": 0.0, "tokens": 0, "se_sum": 0.0, "elements": 0,
-                                      "epoch_seconds": 0.0, "finished": False}
-        self.history: list[dict[str, Any]] = []
-        self.wandb = None
-        self._grads = False
+        return groups
 
-    # checkpoints
-    def save_last(self) -> None:
-        atomic_torch_save({
-            "model": self.connector.state_dict(), "vlm_state": self.ctx.vlm_state(), "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "state": dict(self.state),
-            "rng": rng_state(), "spec": self.connector.spec.to_dict(),
-        }, self.out / LAST)
+    def trained_params(self) -> list[nn.Parameter]:
+        """Every trained weight (connector and unfrozen VLM parts)."""
+        return self.params
 
-    def restore(self) -> bool:
-        path = self.out / LAST
-        if not path.exists():
-            return False
-        ck = safe_torch_load(path, mmap=False)
-        self.connector.load_state_dict(ck["model"])
-        self.ctx.load_vlm_state(ck.get("vlm_state", {}))
-        self.opt.load_state_dict(ck["optimizer"])
-        self.sched.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
-        self.state.update(ck["state"])
-        set_rng_state(ck["rng"])
-        st = self.state  # last.pt is the commit point; best_model.pt follows it (vlmc.train.resume)
-        repair_best(self.out / BEST, st, lambda: self.save_best(st["best_epoch"], st["best_train"], st["best_val"],
-                                                                st["best_geometry"]))
-        self.history = [r for r in read_rows(self.out / HISTORY) if int(r["epoch"]) <= self.state["epoch"]]
-        log.info("resumed from %s: epoch %d, batch %d, step %d, best val %.5f", path, self.state["epoch"] + 1,
-                 self.state["batch"], self.state["step"], self.state["best_val"])
-        return True
-
-    def save_best(self, epoch: int, train_loss: float, val_loss: float, val_geometry: float) -> None:
-        ck = checkpoint(self.connector, self.ctx.vlm_state(), epoch=epoch, train_loss=train_loss, val_loss=val_loss,
-                        val_geometry=val_geometry, **self.meta)
-        atomic_torch_save(ck, self.out / BEST)
-
-    # loop
-    def run(self) -> int:
-        self.restore()
-        if self.state["finished"]:
-            log.info("run already finished (best epoch %d, val CE %.5f)", self.state["best_epoch"], self.state["best_val"])
-            return 0
-        self.wandb = start_wandb(self.args, self.out, self.connector.spec)
-        try:
-            while self.state["epoch"] < self.args.epochs and not self.state["finished"]:
-                self._epoch()
-        finally:
-            if self.wandb is not None:
-                self.wandb.finish()
-        log.info("done: best epoch %d, val CE %.5f → %s", self.state["best_epoch"], self.state["best_val"], self.out / BEST)
-        return 0
-
-    def _epoch(self) -> None:
-        st, args = self.state, self.args
-        epoch = st["epoch"] + 1
-        train_ce, train_geom = self._train_epoch(epoch)  # adds its own time to st["epoch_seconds"]
-        t0 = time.time()
-        val_ce, val_geom = evaluate(self.ctx, self.connector, self.val_loader)
-        seconds = st["epoch_seconds"] + time.time() - t0
-        lr = self.opt.param_groups[0]["lr"]
-        improved = val_ce < st["best_val"] - args.min_delta
-        if improved:
-            st.update(best_val=val_ce, best_epoch=epoch, bad_epochs=0, best_train=train_ce, best_geometry=val_geom)
-        else:
-            st["bad_epochs"] += 1
-        self.history.append({"epoch": epoch, "train_loss": f"{train_ce:.6g}", "val_loss": f"{val_ce:.6g}",
-                             "train_geometry": f"{train_geom:.6g}", "val_geometry": f"{val_geom:.6g}",
-                             "lr": f"{lr:.6g}", "seconds": f"{seconds:.2f}"})
-        write_rows(self.out / HISTORY, self.history, HISTORY_FIELDS)
-        stop_early = bool(args.patience) and st["bad_epochs"] >= args.patience
-        st.update(epoch=epoch, batch=0, ce_sum=0.0, tokens=0, se_sum=0.0, elements=0, epoch_seconds=0.0,
-                  finished=stop_early or epoch >= args.epochs)
-        self.save_last()  # first: the commit point, then the best copy (a kill between is repaired on resume)
-        if improved:
-            self.save_best(epoch, train_ce, val_ce, val_geom)
-        log.info("epoch %d: train CE %.4f val CE %.4f (geometry %.4f) lr %.3g %.1fs%s", epoch, train_ce, val_ce,
-                 val_geom, lr, seconds, " (best)" if improved else "")
-        if self.wandb is not None:
-            self.wandb.log({"epoch": epoch, "train_ce": train_ce, "val_ce": val_ce, "train_geometry": train_geom,
-                            "val_geometry": val_geom, "lr": lr}, step=st["step"])
-        if stop_early:
-            log.info("early stop: no val improvement > %g for %d epochs", args.min_delta, args.patience)
-        if self.stop and not st["finished"]:
-            raise StopRequested()
-
-    def _train_epoch(self, epoch: int) -> tuple[float, float]:
-        st, args = self.state, self.args
-        self.connector.train()
-        self.sampler.set_epoch(epoch, start=st["batch"])
-        t0 = time.time()
-        bar = tqdm(self.loader, desc=f"epoch {epoch}", initial=st["batch"], total=self.n_batches, unit="batch",
-                   file=sys.stderr, disable=None, leave=False)
-        try:
-            for batch in bar:
-                self._micro_step(batch)
-                if st["tokens"]:
-                    bar.set_postfix(ce=f"{st['ce_sum'] / st['tokens']:.3f}", refresh=False)
-                if self._at_boundary():
-                    self._optimizer_step()
-                    if self.stop or (args.save_every_steps and st["step"] % args.save_every_steps == 0):
-                        st["epoch_seconds"] += time.time() - t0
-                        t0 = time.time()
-                        self.save_last()
-                        if self.stop:
-                            raise StopRequested()
-        except RuntimeError:  # DataLoader workers killed by the same SIGTERM: keep the last saved last.pt
-            if not self.stop:
-                raise
-            raise StopRequested() from None
-        finally:
-            bar.close()
-        st["epoch_seconds"] += time.time() - t0
-        ce = st["ce_sum"] / max(st["tokens"], 1)
-        if not math.isfinite(ce):
-            raise UsageError(f"training diverged at epoch {epoch} (CE {ce}); lower --lr or use --amp_dtype bf16")
-        return ce, (st["se_sum"] / st["elements"] if st["elements"] else float("nan"))
-
-    def _micro_step(self, batch: Mapping[str, Any]) -> None:
-        st, accum = self.state, self.args.accumulation_steps
+    def loss(self, batch: Mapping[str, Any], state: dict[str, Any]) -> Tensor | None:
+        """Caption CE per supervised token (+ ``--geometry_weight`` x standardised MSE) of one micro-batch."""
         for s in batch["skipped"]:
             log.warning("skipped unreadable image %s/%s: %s", s["shard"], s["key"], s["reason"])
-        group_start = (st["batch"] // accum) * accum
-        group = min(accum, self.n_batches - group_start)
-        st["batch"] += 1
         if not batch["items"]:
-            return
-        ce, n, se, ne = self.ctx.forward(self.connector, batch)
+            return None
+        ce, n, se, ne = self.ctx.forward(self.model, batch)
         loss = ce / max(n, 1)
         if self.args.geometry_weight and ne:
             loss = loss + self.args.geometry_weight * se / ne
-        self.scaler.scale(loss / group).backward()
-        self._grads = True
-        st["ce_sum"] += float(ce.detach())
-        st["tokens"] += n
-        st["se_sum"] += float(se.detach()) if isinstance(se, Tensor) else float(se)
-        st["elements"] += ne
+        state["ce_sum"] += float(ce.detach())
+        state["tokens"] += n
+        state["se_sum"] += float(se.detach()) if isinstance(se, Tensor) else float(se)
+        state["elements"] += ne
+        return loss
 
-    def _at_boundary(self) -> bool:
-        b = self.state["batch"]
-        return b % self.args.accumulation_steps == 0 or b == self.n_batches
+    def train_metrics(self, state: dict[str, Any]) -> dict[str, float]:
+        """The epoch's caption CE per token and geometry MSE."""
+        return {"train_loss": state["ce_sum"] / max(state["tokens"], 1),
+                "train_geometry": state["se_sum"] / state["elements"] if state["elements"] else float("nan")}
 
-    def _optimizer_step(self) -> None:
-        if self._grads:
-            if self.args.grad_clip:
-                self.scaler.unscale_(self.opt)
-                nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        self._grads = False
-        self.sched.step()
-        self.state["step"] += 1
+    def validate(self) -> dict[str, float]:
+        """Validation caption CE per token and geometry MSE."""
+        ce, geometry = evaluate(self.ctx, self.model, self.val_loader)
+        return {"val_loss": ce, "val_geometry": geometry}
+
+    def describe(self, metrics: Mapping[str, float]) -> str:
+        """``train CE … val CE … (geometry …)`` of the epoch log line."""
+        return (f"train CE {metrics['train_loss']:.4f} val CE {metrics['val_loss']:.4f} "
+                f"(geometry {metrics['val_geometry']:.4f})")
+
+    def best_extras(self, metrics: Mapping[str, float]) -> dict[str, Any]:
+        """The best epoch's validation geometry (for ``best_model.pt``'s meta)."""
+        return {"best_geometry": metrics["val_geometry"]}
+
+    def best_checkpoint(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """``best_model.pt``: the connector and fine-tuned VLM weights as the best epoch's."""
+        return checkpoint(self.model, self.ctx.vlm_state(), epoch=state["best_epoch"], train_loss=state["best_train"],
+                          val_loss=state["best_val"], val_geometry=state["best_geometry"], **self.meta)
+
+    def last_extras(self) -> dict[str, Any]:
+        """The fine-tuned VLM weights (empty when frozen)."""
+        return {"vlm_state": self.ctx.vlm_state()}
+
+    def restore_extras(self, ck: Mapping[str, Any]) -> None:
+        """Load the fine-tuned VLM weights of ``last.pt``."""
+        self.ctx.load_vlm_state(ck.get("vlm_state", {}))
+
+    def progress(self, state: Mapping[str, Any]) -> dict[str, str] | None:
+        """The running train CE."""
+        return {"ce": f"{state['ce_sum'] / state['tokens']:.3f}"} if state["tokens"] else None
 
 
 # -- inference: captions and export -----------------------------------------------------------------------------
@@ -1097,10 +984,7 @@ def check_resume(out: Path, args) -> dict[str, Any] | None:
     if not path.exists():
         return None
     cfg = read_json(path)
-    saved = cfg.get("args", {})
-    diffs = [f"--{k} {saved.get(k)!r} → {getattr(args, k)!r}" for k in RESUME_FLAGS if k in saved and saved[k] != getattr(args, k)]
-    if diffs:
-        raise UsageError(f"{out} was trained with different settings ({'; '.join(diffs)}); use another --out_dir")
+    refuse_other_settings(out, flag_diffs(cfg.get("args", {}), args, RESUME_FLAGS))
     return cfg
 
 
@@ -1128,14 +1012,9 @@ def open_data(args):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     parts = check_args(args)
-    with StopFlag() as stop:
-        try:
-            if args.predict or args.export_post_vectors:
-                return run_inference(args, stop)
-            return run_training(args, parts, stop)
-        except (StopRequested, InterruptedError):
-            log.warning("stopped by signal; rerun with --resume to continue (exit %d)", EXIT_PREEMPTED)
-            return EXIT_PREEMPTED
+    if args.predict or args.export_post_vectors:
+        return run_preemptible(lambda stop: run_inference(args, stop), log)
+    return run_preemptible(lambda stop: run_training(args, parts, stop), log)
 
 
 def run_training(args, parts: Parts, stop: StopFlag) -> int:
@@ -1144,8 +1023,7 @@ def run_training(args, parts: Parts, stop: StopFlag) -> int:
         raise UsageError(f"{args.embed_model}: fine-tuning the vision tower runs it inside the model, whose deepstack "
                          "features would carry the original image past the replacement connector; keep it frozen")
     args.out_dir = args.out_dir or f"data/output/connector/{args.embed_model}_{args.connector}"
-    args.eval_only = False  # prepare_out_dir (shared with train_recon) asks
-    out = prepare_out_dir(args)
+    out = prepare_out_dir(args, RUN_FILES)
     cfg = check_resume(out, args) if args.resume else None
     device = resolve_device(args.device)
     store, img_size = open_data(args)
@@ -1188,7 +1066,8 @@ def run_training(args, parts: Parts, stop: StopFlag) -> int:
             "img_size": img_size, "n_train": len(train), "n_val": len(val), "seed": args.seed,
             "stats_sha256": sha256_file(out / STATS_FILE), "trained": {"lm": ctx.train_lm, "vision": ctx.train_vision},
             **baselines}
-    return ConnectorTrainer(args, parts, ctx, connector, train, val, maker, out, meta, stop).run()
+    task = ConnectorTask(args, parts, ctx, connector, train, val, maker, meta)
+    return Loop(args, task, out, stop, log).run()
 
 
 def run_inference(args, stop: StopFlag) -> int:

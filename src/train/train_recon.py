@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -58,11 +56,23 @@ from vlmc.store.split import SPLIT_FILE, apply_split, content_hashes, load_split
 from vlmc.store.verify import set_read_level
 from vlmc.train.linear_fit import fit_linear
 from vlmc.train.loader import LOADERS, make_fast_loader, resolve_loader
-from vlmc.train.resume import repair_best
-from vlmc.utils import cli, tracking
+from vlmc.train.loop import (
+    CONFIG,
+    HISTORY,
+    LAST,
+    Loop,
+    Task,
+    add_optim_args,
+    amp_context,
+    check_optim_args,
+    flag_diffs,
+    prepare_out_dir,
+    refuse_other_settings,
+    run_preemptible,
+)
+from vlmc.utils import cli
 from vlmc.utils.cli import (
     UsageError,
-    ensure_writable_dir,
     entry_point,
     make_parser,
     parse_csv_list,
@@ -73,18 +83,14 @@ from vlmc.utils.io import (
     atomic_torch_save,
     atomic_write_json,
     read_json,
-    safe_torch_load,
     sha256_file,
 )
-from vlmc.utils.rows import read_rows, write_rows
-from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
-from vlmc.utils.tracking import Tracker, add_tracking_args
+from vlmc.utils.rows import write_rows
+from vlmc.utils.stop import StopFlag, StopRequested
+from vlmc.utils.tracking import add_tracking_args
 
 log = logging.getLogger("vlmc.train_recon")
 
-LAST = "last.pt"
-HISTORY = "history.csv"
-CONFIG = "config.json"
 EVAL_ONLY = "eval_only.json"
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "lr", "seconds")
 RUN_FILES = (BEST, LAST, STATS_FILE, SPLIT_FILE, HISTORY, CONFIG, EVAL_ONLY)
@@ -135,20 +141,7 @@ def build_parser():
                    help="linear fit: ridge strength(s) relative to the mean Gram diagonal; with several, the one with "
                    "the lowest val MSE is kept (exact, from sufficient statistics)")
     m.add_argument("--linear_iters", type=cli.positive_int, default=3, help="linear with correspondence none: alternating least-squares rounds")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--batch_size", type=cli.positive_int, default=8, help="images per micro-batch")
-    o.add_argument("--epochs", type=cli.positive_int, default=20, help="maximum epochs")
-    o.add_argument("--lr", type=cli.positive_float, default=3e-4, help="peak learning rate (AdamW)")
-    o.add_argument("--weight_decay", type=cli.nonneg_float, default=0.01, help="AdamW weight decay (matrices only)")
-    o.add_argument("--warmup_steps", type=cli.nonneg_int, default=100, help="linear warmup, in optimizer steps")
-    o.add_argument("--accumulation_steps", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
-    o.add_argument("--grad_clip", type=cli.nonneg_float, default=1.0, help="max gradient norm; 0 = off")
-    o.add_argument("--patience", type=cli.nonneg_int, default=5, help="stop after this many epochs without improvement; 0 = never")
-    o.add_argument("--min_delta", type=cli.nonneg_float, default=0.0, help="an improvement must lower val_loss by more than this")
-    o.add_argument("--amp", action="store_true", help="autocast the forward pass (--amp_dtype)")
-    o.add_argument("--amp_dtype", default="bf16", choices=["bf16", "fp16"], help="autocast dtype (fp16 uses a GradScaler)")
-    o.add_argument("--seed", type=int, default=0, help="seed of the split, init, data order and dropout")
-    o.add_argument("--save_every_steps", type=cli.nonneg_int, default=0, help="also save last.pt every N optimizer steps; 0 = per epoch")
+    add_optim_args(p, epochs=20, lr=3e-4, warmup_steps=100, patience=5)
     r = p.add_argument_group("run")
     r.add_argument("--out_dir", default=None, help="output folder (default data/output/recon/<model>_<model_type>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out_dir from last.pt (or start it)")
@@ -162,50 +155,10 @@ def build_parser():
 
 def check_args(args) -> None:
     """Reject impossible numbers before anything is read."""
-    for flag in ("batch_size", "epochs", "accumulation_steps"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be >= 1")
-    for flag in ("limit", "warmup_steps", "patience", "num_workers", "save_every_steps"):
-        if getattr(args, flag) < 0:
-            raise UsageError(f"--{flag} must be >= 0")
-    if args.lr <= 0:
-        raise UsageError("--lr must be > 0")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other")
-
-
-# -- schedule -------------------------------------------------------------------------------------
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """LR multiplier before optimizer step ``step`` (0-based): linear warmup, then cosine to 0 at ``total``."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def steps_per_epoch(n_batches: int, accumulation: int) -> int:
-    """Optimizer steps in an epoch of ``n_batches`` micro-batches (a partial last group still steps)."""
-    return math.ceil(n_batches / accumulation)
+    check_optim_args(args, at_least_0=("limit", "num_workers"))
 
 
 # -- run folder -----------------------------------------------------------------------------------
-
-
-def prepare_out_dir(args) -> Path:
-    """Create the folder; refuse to mix a fresh run into an earlier one unless --resume/--overwrite."""
-    out = ensure_writable_dir(args.out_dir)
-    present = [f for f in RUN_FILES if (out / f).exists()]
-    if args.eval_only:
-        if not (out / BEST).exists():
-            raise UsageError(f"{out}: no {BEST} to evaluate")
-    elif present and not args.resume:
-        if not args.overwrite:
-            raise UsageError(f"{out} already holds a run ({', '.join(present)}); pass --resume, --overwrite or another --out_dir")
-        for f in present:
-            (out / f).unlink()
-    return out
 
 
 def store_args(args) -> dict[str, Any]:
@@ -218,13 +171,11 @@ def check_config(out: Path, args, spec: ReconSpec | None) -> None:
     if not cfg_path.exists():
         return
     cfg = read_json(cfg_path)
-    diffs = [f"--{k} {cfg['args'].get(k)!r} → {getattr(args, k)!r}" for k in (*DATA_FLAGS, "model_type")
-             if k in cfg["args"] and cfg["args"][k] != getattr(args, k)]
+    diffs = flag_diffs(cfg["args"], args, (*DATA_FLAGS, "model_type"))
     if spec is not None and cfg.get("spec"):
         old = cfg["spec"]
         diffs += [f"{k} {old.get(k)!r} → {v!r}" for k, v in spec.to_dict().items() if k in SPEC_FLAGS and old.get(k) != v]
-    if diffs:
-        raise UsageError(f"{out} was trained with different settings ({'; '.join(diffs)}); use another --out_dir")
+    refuse_other_settings(out, diffs)
 
 
 def load_or_make_split(out: Path, args, samples: Sequence[Sample]) -> dict[str, list[list[str]]]:
@@ -305,11 +256,6 @@ def store_facts(store: Store) -> dict[str, Any]:
 # -- evaluation -----------------------------------------------------------------------------------
 
 
-def amp_context(device: torch.device, enabled: bool, dtype: torch.dtype) -> AbstractContextManager:
-    """Autocast on ``device`` when enabled."""
-    return torch.autocast(device_type=device.type, dtype=dtype) if enabled else nullcontext()
-
-
 def batch_tensors(batch: dict[str, Any], samples: Sequence[Sample], std: Standardizer, device: torch.device):
     """(model input, target in model space, pre_grid, post_grid) of a loader batch, on ``device``."""
     s = samples[int(batch["index"][0])]
@@ -349,15 +295,18 @@ def evaluate_loss(
 # -- training -------------------------------------------------------------------------------------
 
 
-class Trainer:
-    """The SGD loop for mlp/transformer with checkpoints, early stopping and preemption."""
+class ReconTask(Task):
+    """The reconstructor's part of the loop (vlmc.train.loop): batches of standardised (E_post, E_pre), MSE."""
+
+    history_fields = HISTORY_FIELDS
+    counters = {"train_sse": 0.0, "train_n": 0}
 
     def __init__(self, args, spec: ReconSpec, model: nn.Module, train: Sequence[Sample], val: Sequence[Sample],
-                 std: Standardizer, out: Path, device: torch.device, meta: dict[str, Any], stop: StopFlag) -> None:
+                 std: Standardizer, device: torch.device, meta: dict[str, Any]) -> None:
         self.args, self.spec, self.model, self.train, self.val = args, spec, model, train, val
-        self.std, self.out, self.device, self.meta, self.stop = std, out, device, meta, stop
-        self.amp_dtype = parse_dtype(args.amp_dtype)
-        self.amp = lambda: amp_context(device, args.amp, self.amp_dtype)
+        self.std, self.device, self.meta, self.lr = std, device, meta, args.lr
+        amp_dtype = parse_dtype(args.amp_dtype)
+        self.amp = lambda: amp_context(device, args.amp, amp_dtype)
         mode = resolve_loader(args.loader, [*train, *val], device)
         if mode == "workers":
             self.loader, self.sampler = make_loader(train, args.batch_size, True, args.seed, args.num_workers,
@@ -367,191 +316,40 @@ class Trainer:
             self.loader, self.sampler = make_fast_loader(mode, train, args.batch_size, True, args.seed, device)
             self.val_loader, _ = make_fast_loader(mode, val, args.batch_size, False, 0, device)
         self.n_batches = len(plan_batches(train, args.batch_size))
-        self.total_steps = steps_per_epoch(self.n_batches, args.accumulation_steps) * args.epochs
-        self.opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, args.warmup_steps, self.total_steps))
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp and self.amp_dtype == torch.float16)
-        self.state = {"epoch": 0, "batch": 0, "step": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0,
-                      "best_train": math.nan, "train_sse": 0.0, "train_n": 0, "epoch_seconds": 0.0, "finished": False}
-        self.history: list[dict[str, Any]] = []
-        self.wandb = None
+        self.sse = torch.zeros((), dtype=torch.float64, device=device)  # the epoch's SSE since the last flush
 
-    # checkpoints
-    def save_last(self) -> None:
-        """``last.pt``: everything to continue exactly from the last optimizer step."""
-        atomic_torch_save({
-            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-            "state": dict(self.state), "rng": rng_state(), "spec": self.spec.to_dict(),
-        }, self.out / LAST)
-
-    def restore(self) -> bool:
-        """Load ``last.pt`` if present; returns whether it did."""
-        path = self.out / LAST
-        if not path.exists():
-            return False
-        ck = safe_torch_load(path, mmap=False)
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
-        self.sched.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
-        self.state.update(ck["state"])
-        set_rng_state(ck["rng"])
-        st = self.state  # last.pt is the commit point; best_model.pt follows it (vlmc.train.resume)
-        repair_best(self.out / BEST, st, lambda: self.save_best(st["best_epoch"], st["best_train"], st["best_val"]))
-        self.history = [r for r in read_rows(self.out / HISTORY) if int(r["epoch"]) <= self.state["epoch"]]
-        log.info("resumed from %s: epoch %d, batch %d, step %d, best val %.5f", path, self.state["epoch"] + 1,
-                 self.state["batch"], self.state["step"], self.state["best_val"])
-        return True
-
-    def save_best(self, epoch: int, train_loss: float, val_loss: float) -> None:
-        """``best_model.pt``: a copy of the weights at this (best) epoch."""
-        ck = checkpoint(self.model, self.spec, epoch=epoch, train_loss=train_loss, val_loss=val_loss, **self.meta)
-        atomic_torch_save(ck, self.out / BEST)
-
-    # loop
-    def run(self) -> int:
-        """Train until ``--epochs``, early stop, or a stop signal (→ ``StopRequested``)."""
-        self.restore()
-        if self.state["finished"]:
-            log.info("run already finished (best epoch %d, val %.5f)", self.state["best_epoch"], self.state["best_val"])
-            return 0
-        self.wandb = start_wandb(self.args, self.out, self.spec)
-        try:
-            while self.state["epoch"] < self.args.epochs and not self.state["finished"]:
-                self._epoch()
-        finally:
-            if self.wandb is not None:
-                self.wandb.finish()
-        log.info("done: best epoch %d, val_loss %.6f → %s", self.state["best_epoch"], self.state["best_val"], self.out / BEST)
-        return 0
-
-    def _epoch(self) -> None:
-        st, args = self.state, self.args
-        epoch = st["epoch"] + 1
-        train_loss = self._train_epoch(epoch)  # adds its own time to st["epoch_seconds"]
-        t0 = time.time()
-        val_loss = evaluate_loss(self.model, self.val, self.std, self.device, args.batch_size, self.amp(),
-                                 loader=self.val_loader)
-        seconds = st["epoch_seconds"] + time.time() - t0
-        lr = self.opt.param_groups[0]["lr"]
-        improved = val_loss < st["best_val"] - args.min_delta
-        if improved:
-            st.update(best_val=val_loss, best_epoch=epoch, bad_epochs=0, best_train=train_loss)
-        else:
-            st["bad_epochs"] += 1
-        self.history.append({"epoch": epoch, "train_loss": f"{train_loss:.6g}", "val_loss": f"{val_loss:.6g}",
-                             "lr": f"{lr:.6g}", "seconds": f"{seconds:.2f}"})
-        write_rows(self.out / HISTORY, self.history, HISTORY_FIELDS)
-        stop_early = bool(args.patience) and st["bad_epochs"] >= args.patience
-        st.update(epoch=epoch, batch=0, train_sse=0.0, train_n=0, epoch_seconds=0.0,
-                  finished=stop_early or epoch >= args.epochs)
-        self.save_last()  # first: the commit point, then the best copy (a kill between is repaired on resume)
-        if improved:
-            self.save_best(epoch, train_loss, val_loss)
-        log.info("epoch %d: train %.5f val %.5f lr %.3g %.1fs%s", epoch, train_loss, val_loss, lr, seconds,
-                 " (best)" if improved else "")
-        if self.wandb is not None:
-            self.wandb.log({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr}, step=st["step"])
-        if stop_early:
-            log.info("early stop: no improvement > %g for %d epochs", args.min_delta, args.patience)
-        if self.stop and not st["finished"]:
-            raise StopRequested()
-
-    def _train_epoch(self, epoch: int) -> float:
-        st, args = self.state, self.args
-        self.model.train()
-        self.sampler.set_epoch(epoch, start=st["batch"])
-        t0, sse = time.time(), torch.zeros((), dtype=torch.float64, device=self.device)
-        bar = tqdm(self.loader, desc=f"epoch {epoch}", initial=st["batch"], total=self.n_batches,
-                   unit="batch", file=sys.stderr, disable=None, leave=False)
-        try:
-            for batch in bar:
-                sse += self._micro_step(batch)
-                if self._at_boundary():
-                    self._optimizer_step()
-                    if self.stop or (args.save_every_steps and st["step"] % args.save_every_steps == 0):
-                        st["train_sse"] += float(sse)
-                        sse.zero_()
-                        st["epoch_seconds"] += time.time() - t0
-                        t0 = time.time()
-                        self.save_last()
-                        if self.stop:
-                            raise StopRequested()
-        except RuntimeError:  # DataLoader workers killed by the same SIGTERM: keep the last saved last.pt
-            if not self.stop:
-                raise
-            raise StopRequested() from None
-        finally:
-            bar.close()
-        st["train_sse"] += float(sse)
-        st["epoch_seconds"] += time.time() - t0
-        loss = st["train_sse"] / max(st["train_n"], 1)
-        if not math.isfinite(loss):
-            raise UsageError(f"training diverged at epoch {epoch} (loss {loss}); lower --lr or use --amp_dtype bf16")
-        return loss
-
-    def _micro_step(self, batch: dict[str, Any]) -> Tensor:
-        st, accum = self.state, self.args.accumulation_steps
-        group_start = (st["batch"] // accum) * accum
-        group = min(accum, self.n_batches - group_start)
+    def loss(self, batch: dict[str, Any], state: dict[str, Any]) -> Tensor:
+        """MSE of one micro-batch in the model space."""
         x, y, pg, qg = batch_tensors(batch, self.train, self.std, self.device)
         with self.amp():
             yhat = self.model(x, pg, qg)
         loss = F.mse_loss(yhat.float(), y)
-        self.scaler.scale(loss / group).backward()
-        st["batch"] += 1
-        st["train_n"] += y.numel()
-        return loss.detach().double() * y.numel()
+        state["train_n"] += y.numel()
+        self.sse += loss.detach().double() * y.numel()
+        return loss
 
-    def _at_boundary(self) -> bool:
-        b = self.state["batch"]
-        return b % self.args.accumulation_steps == 0 or b == self.n_batches
+    def flush(self, state: dict[str, Any]) -> None:
+        """Add the device-side SSE to ``state["train_sse"]``."""
+        state["train_sse"] += float(self.sse)
+        self.sse.zero_()
 
-    def _optimizer_step(self) -> None:
-        if self.args.grad_clip:
-            self.scaler.unscale_(self.opt)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        self.sched.step()
-        self.state["step"] += 1
+    def train_metrics(self, state: dict[str, Any]) -> dict[str, float]:
+        """The epoch's training MSE."""
+        return {"train_loss": state["train_sse"] / max(state["train_n"], 1)}
 
+    def validate(self) -> dict[str, float]:
+        """Validation MSE in the standardised space."""
+        return {"val_loss": evaluate_loss(self.model, self.val, self.std, self.device, self.args.batch_size,
+                                          self.amp(), loader=self.val_loader)}
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (not biases, norms, positions, means)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "pos" not in name and "mean" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    def describe(self, metrics: Mapping[str, float]) -> str:
+        """``train … val …`` of the epoch log line."""
+        return f"train {metrics['train_loss']:.5f} val {metrics['val_loss']:.5f}"
 
-
-def rng_state() -> dict[str, Any]:
-    """Torch (CPU, CUDA) and Python RNG states (weights_only-loadable)."""
-    st: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` saved."""
-    torch.set_rng_state(st["torch"])
-    random.setstate(_as_tuple(st["python"]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
-
-
-def start_wandb(args, out: Path, spec: ReconSpec) -> Tracker | None:
-    """A W&B run (:mod:`vlmc.utils.tracking`; resumable, under ``<out>/wandb``), or ``None`` when off."""
-    t = tracking.start(args, out, args.run_name or out.name, {**vars(args), "spec": spec.to_dict()}, job_type="train")
-    return t if t.run is not None else None
+    def best_checkpoint(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """``best_model.pt``: the current weights as the best epoch's."""
+        return checkpoint(self.model, self.spec, epoch=state["best_epoch"], train_loss=state["best_train"],
+                          val_loss=state["best_val"], **self.meta)
 
 
 # -- linear ---------------------------------------------------------------------------------------
@@ -570,7 +368,7 @@ def run_linear(args, spec: ReconSpec, model: nn.Module, train: Sequence[Sample],
     val_loss = evaluate_loss(model, val, std, device, args.batch_size, num_workers=args.num_workers)
     atomic_torch_save(checkpoint(model, spec, epoch=1, train_loss=train_loss, val_loss=val_loss, **meta), out / BEST)
     write_rows(out / HISTORY, [{"epoch": 1, "train_loss": f"{train_loss:.6g}", "val_loss": f"{val_loss:.6g}",
-                                "lr": "0", "seconds": f"{time.time() - t0:.2f}"}], HISTORY_FIELDS)
+                                   "lr": "0", "seconds": f"{time.time() - t0:.2f}"}], HISTORY_FIELDS)
     log.info("linear: train %.5f val %.5f (%.1fs) → %s", train_loss, val_loss, time.time() - t0, out / BEST)
     return 0
 
@@ -628,8 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_read_level("hash")  # every chunk's sha256: ~1 % of a training run (bench/bench_verify.py)
     check_args(args)
-    with StopFlag() as stop:
-        return run(args, stop)
+    return run_preemptible(lambda stop: run(args, stop), log)
 
 
 def run(args, stop: StopFlag) -> int:
@@ -638,20 +435,16 @@ def run(args, stop: StopFlag) -> int:
     store = open_store(args.vec_dir if args.pre_dir is None else None, args.pre_dir, args.post_dir,
                        args.embed_model, parse_csv_list(args.shards) or None)
     args.out_dir = args.out_dir or f"data/output/recon/{store.model}_{args.model_type}"
-    out = prepare_out_dir(args)
+    out = prepare_out_dir(args, RUN_FILES)
     if args.resume:
         check_config(out, args, None)
     samples = index_samples(store, args.limit)
     split = load_or_make_split(out, args, samples)
     train, val = apply_split(samples, split, "train"), apply_split(samples, split, "val")
-    try:
-        stats = load_or_make_stats(out, train, device, args, stop)
-        if args.eval_only:
-            return eval_only(out, val, lambda on: Standardizer(stats, device, on), device, args)
-        return _train(args, store, samples, split, train, val, stats, out, device, stop)
-    except (StopRequested, InterruptedError):
-        log.warning("stopped by signal; rerun with --resume to continue (exit %d)", EXIT_PREEMPTED)
-        return EXIT_PREEMPTED
+    stats = load_or_make_stats(out, train, device, args, stop)
+    if args.eval_only:
+        return eval_only(out, val, lambda on: Standardizer(stats, device, on), device, args)
+    return _train(args, store, samples, split, train, val, stats, out, device, stop)
 
 
 def _train(args, store, samples, split, train, val, stats, out, device, stop) -> int:
@@ -671,7 +464,8 @@ def _train(args, store, samples, split, train, val, stats, out, device, stop) ->
         log.info("initialising the linear path with the closed-form ridge fit")
         meta["linear_init"] = fit_linear(model, _batches_of(train, std, device, args, stop), device, log.info,
                                          val_batches=_batches_of(val, std, device, args, stop))
-    return Trainer(args, spec, model, train, val, std, out, device, meta, stop).run()
+    task = ReconTask(args, spec, model, train, val, std, device, meta)
+    return Loop(args, task, out, stop, log).run()
 
 
 if __name__ == "__main__":
