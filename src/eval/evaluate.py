@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from PIL import Image
@@ -120,7 +120,7 @@ class Batch:
     records: list[Any]
     images: list[Image.Image]
     raw: list[Tensor]  # as stored (store dtype, CPU views)
-    posts: list[Tensor] = field(default_factory=list)  # cast to the model's dtype and device (own memory)
+    posts: list[Tensor]  # cast to the model's dtype and device (own memory)
 
 
 class Condition(Protocol):
@@ -139,7 +139,7 @@ class Identity:
     """The image's identity: ``key, shard, image_path`` (and ``caption_gt``, its ``<key>.txt``, with ``with_gt``)."""
 
     with_gt: bool = False
-    required: tuple[str, ...] = ()
+    required: ClassVar[tuple[str, ...]] = ()
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -176,8 +176,8 @@ class PostDirect:
 class ImageCaption:
     """The model's own caption from the pixels → ``caption_image``."""
 
-    columns: tuple[str, ...] = ("caption_image",)
-    required: tuple[str, ...] = ("caption_image",)
+    columns: ClassVar[tuple[str, ...]] = ("caption_image",)
+    required: ClassVar[tuple[str, ...]] = ("caption_image",)
 
     def values(self, cap: Captioner, batch: Batch) -> list[dict[str, str]]:
         return [{"caption_image": c} for c in cap.from_images(batch.images, [tuple(t.shape) for t in batch.raw])]
@@ -189,11 +189,8 @@ class Recon:
 
     run: Any  # the reconstructor run (vlmc.train.export_recon.open_run)
     amp: bool = False
-    columns: tuple[str, ...] = ("caption_recon", "reproj_mse", "reproj_cosine", "split")
-
-    @property
-    def required(self) -> tuple[str, ...]:
-        return self.columns
+    columns: ClassVar[tuple[str, ...]] = ("caption_recon", "reproj_mse", "reproj_cosine", "split")
+    required: ClassVar[tuple[str, ...]] = columns
 
     def values(self, cap: Captioner, batch: Batch) -> list[dict[str, str]]:
         from vlmc.eval.eval_recon import fmt
@@ -231,8 +228,8 @@ class Perturbed:
     value: float
     seed: int
     opts: dict[str, Any] = field(default_factory=dict)
-    columns: tuple[str, ...] = ("caption_perturbed", "mode", "level", "seed")
-    required: tuple[str, ...] = ("caption_perturbed",)
+    columns: ClassVar[tuple[str, ...]] = ("caption_perturbed", "mode", "level", "seed")
+    required: ClassVar[tuple[str, ...]] = ("caption_perturbed",)
 
     def values(self, cap: Captioner, batch: Batch) -> list[dict[str, str]]:
         from vlmc.eval.perturb import apply_batch, perturb_key
