@@ -7,15 +7,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from vlmc.data.scenes import write_scenes
-from vlmc.eval import eval_perturb
+from vlmc.eval import eval_perturb, evaluate, inject
 from vlmc.eval.score_perturb import load_perturb_csv
 from vlmc.extract import extract_vectors
 from vlmc.utils.rows import read_table, write_table
+from vlmc.utils.stop import StopFlag
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -115,6 +117,32 @@ def test_stop_request_checkpoints_then_resume_finishes(store, tmp_path, monkeypa
     monkeypatch.delenv("VLMC_STOP_FILE")
     assert run(store, tmp_path, "--mode", "noise", "--level", "10", "--batch_size", "2", "--resume") == 0
     assert len(rows(path)) == N
+
+
+def test_the_evaluator_runs_any_condition_list_without_a_model(store, tmp_path):
+    """The shared evaluator alone: a toy condition (no model), resume keeps finished rows, rows in store order."""
+    images, vec = store
+
+    class PostMean:  # a toy condition: the stored E_post's mean, read and cast by the evaluator
+        columns = required = ("post_mean",)
+
+        def values(self, cap, batch):
+            return [{"post_mean": f"{float(p.mean()):.6g}"} for p in batch.posts]
+
+    st = inject.open_vectors(vec, "llava")
+    samples = inject.store_samples(st)
+    vlm = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    cap = evaluate.Captioner(vlm, "", 1, 3, None, None, inject.CaptionCache(tmp_path / "cache.csv", {}, {}))
+    out = evaluate.Output(tmp_path / "toy.csv", (evaluate.Identity(), PostMean()), "toy")
+    index = inject.ImageIndex(images)
+    with StopFlag() as stop:
+        assert evaluate.evaluate(cap, index, samples[:4], out, False, 2, stop).new == 4
+        res = evaluate.evaluate(cap, index, samples, out, True, 2, stop)
+    assert (res.new, res.kept, res.skipped) == (N - 4, 4, 0)
+    r = rows(out.path)
+    assert list(r[0]) == ["key", "shard", "image_path", "post_mean"]
+    assert [(x["shard"], x["key"]) for x in r] == [s.id for s in samples]
+    assert r[0]["post_mean"] == f"{float(inject.PostReader().load(samples[:1], torch.float32)[0].mean()):.6g}"
 
 
 @pytest.mark.parametrize(

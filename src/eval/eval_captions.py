@@ -32,17 +32,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlmc.eval import inject
+from vlmc.eval.evaluate import Identity, ImageCaption, Output, PostDirect, Recon, evaluate, prepare
 from vlmc.eval.scoring import add_scoring_args, build_scorers
-from vlmc.models.attention import add_attn_arg, check_attn_implementation
-from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
-from vlmc.store.batches import plan_batches
+from vlmc.models.attention import add_attn_arg
+from vlmc.models.load import VLM_SOURCE_HELP
 from vlmc.utils import cli, tracking
 from vlmc.utils.cli import (
     UsageError,
@@ -50,17 +49,13 @@ from vlmc.utils.cli import (
     entry_point,
     make_parser,
     parse_csv_list,
-    progress_bar,
     resolve_device,
 )
-from vlmc.utils.rows import done_ids, upsert_rows
-from vlmc.utils.stop import StopFlag, StopRequested
+from vlmc.utils.stop import StopFlag
 from vlmc.utils.tracking import add_tracking_args, column_means
 
 log = logging.getLogger("vlmc.eval_captions")
 
-BASE_COLUMNS = ("key", "shard", "image_path", "caption_gt", "caption_post_direct")
-RECON_COLUMNS = ("caption_recon", "reproj_mse", "reproj_cosine", "split")
 RECON_SUFFIXES = (".pt", ".pth", ".ckpt")  # a --model_path file with one of these is the seed's reconstructor
 
 
@@ -157,28 +152,6 @@ def select(args, device: torch.device):
     return store, inject.select_samples(samples, shards, args.shard_limit, args.max_items), run
 
 
-def recon_batch(run, vlm, posts_raw, batch, amp: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """connector(reconstructor(E_post)) per image (float32) and the reproj metrics of a same-shape batch."""
-    from vlmc.eval.eval_recon import token_cosine
-    from vlmc.store.recon_run import reconstruct, reproject
-
-    s0 = batch[0]
-    post = torch.stack(posts_raw)
-    rec = reconstruct(run, post, s0.pre_grid, s0.post_grid, amp)
-    proj = reproject(vlm, list(rec), [s.pre_grid for s in batch])
-    dev = run.std.post_mean.device
-    p, q = torch.stack(proj).to(dev), post.to(dev).float()
-    metrics = {
-        "reproj_mse": ((run.std.post_metric(p) - run.std.post_metric(q)) ** 2).mean((-1, -2)).cpu(),
-        "reproj_cosine": token_cosine(p, q).cpu(),
-    }
-    return proj, metrics
-
-
-def fmt(x: float) -> str:
-    return f"{x:.6g}"
-
-
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -191,87 +164,27 @@ def main(argv: list[str] | None = None) -> int:
     images = inject.ImageIndex(args.image_dir)
     images.check_shards([s.shard for s in samples])
     out_dir = ensure_writable_dir(args.out_dir)
-    adapter, source, dtype, prompt = inject.model_setup(store, args.model_path, args.dtype, device, args.prompt)
-    gen = inject.generation_settings(adapter, source, dtype, store, prompt, args.max_new_tokens, args.deepstack)
+    plan = prepare(store, device, args.model_path, args.dtype, args.prompt, args.max_new_tokens, args.deepstack)
     path = out_dir / f"captions_{store.model}.csv"
-    settings: dict[str, Any] = {**gen, "model": store.model, "image_caption": args.with_image_caption}
+    settings: dict[str, Any] = {**plan.settings, "model": store.model, "image_caption": args.with_image_caption}
     if run is not None:
         settings["recon"] = {"dir": str(run.model_dir.resolve()), "stats_sha256": run.meta.get("stats_sha256"),
                              "epoch": run.meta.get("epoch"), "amp": args.amp}
     inject.start_output(path, settings, args.resume)
-    vlm = load_vlm(store.family, source, dtype, device, attn_implementation=check_attn_implementation(args.attn_implementation))
-    cache = inject.CaptionCache(Path(args.cache_dir or out_dir / "cache") / f"original_{store.model}.csv", gen,
-                                inject.chunk_digests(store))
-    need = ["caption_post_direct"] + (list(RECON_COLUMNS) if run else []) + (["caption_image"] if args.with_image_caption else [])
-    done = done_ids(path, need) if args.resume else set()
-    todo = [s for s in samples if s.id not in done]
+    cap = plan.load(args.attn_implementation, args.cache_dir or out_dir / "cache", args.batch_size, args.deepstack)
+    conditions = (Identity(with_gt=True), PostDirect("caption_post_direct"), *([Recon(run, args.amp)] if run else []),
+                  *([ImageCaption()] if args.with_image_caption else []))
     with StopFlag() as stop, tracking.start(args, out_dir, f"captions-{store.model}", job_type="captions") as tracker:
-        t0 = time.perf_counter()
-        n_new, n_skipped = generate(args, vlm, run, cache, images, todo, path, prompt, store.manifest.get("img_size"),
-                                    stop)
-        tracker.log({"rows_new": n_new, "rows_skipped": n_skipped, "seconds": time.perf_counter() - t0,
-                     "captions_per_s": n_new / max(time.perf_counter() - t0, 1e-9)})
-        inject.reorder_rows(path, [s.id for s in samples])
-        log.info("%s: %d new rows, %d kept, %d skipped (no image)%s", path, n_new, len(samples) - len(todo), n_skipped,
-                 f"; caption_post_direct cache: {cache.hits} hits" if cache.hits else "")
+        res = evaluate(cap, images, samples, Output(path, conditions, f"captions {path.stem}"), args.resume,
+                       args.save_every, stop)
+        tracker.log({"rows_new": res.new, "rows_skipped": res.skipped, "seconds": res.seconds,
+                     "captions_per_s": res.new / max(res.seconds, 1e-9)})
         if scorers is not None and path.exists():
             from vlmc.eval.score_captions import score_file
 
             score_file(path, path, scorers, None, args.resume, args.save_every)
             tracker.summary(**column_means(path))
     return 0
-
-
-def generate(args, vlm, run, cache, images, todo, path, prompt, img_size, stop) -> tuple[int, int]:
-    """Generate and write the rows of ``todo``; returns ``(rows written, images skipped)``."""
-    reader = inject.PostReader()
-    rows: list[dict[str, str]] = []
-    n_new = n_skipped = 0
-
-    def flush() -> None:
-        nonlocal rows
-        cache.flush()
-        if rows:
-            upsert_rows(path, rows)
-            rows = []
-
-    mnt, bs = args.max_new_tokens, args.batch_size
-    bar = progress_bar(total=len(todo), desc=f"captions {path.stem}", unit="img")
-    try:
-        for idx in plan_batches(todo, bs):
-            batch = [todo[i] for i in idx]
-            ims, recs = images.load(batch)
-            keep = [j for j, im in enumerate(ims) if im is not None]
-            n_skipped += len(batch) - len(keep)
-            if keep:
-                batch, ims, recs = [batch[j] for j in keep], [ims[j] for j in keep], [recs[j] for j in keep]
-                raw = reader.raw(batch)
-                posts = [t.to(device=vlm.device, dtype=vlm.dtype) for t in raw]
-                direct = inject.cached_or_generate(cache, vlm, batch, ims, posts, prompt, mnt, bs, img_size, args.deepstack)
-                new = [{"key": s.key, "shard": s.shard, "image_path": str(r.path), "caption_gt": inject.gt_caption(r),
-                        "caption_post_direct": c} for s, r, c in zip(batch, recs, direct, strict=True)]
-                if run is not None:
-                    proj, m = recon_batch(run, vlm, raw, batch, args.amp)
-                    caps = inject.caption_from_post(vlm, ims, proj, prompt, mnt, bs, img_size, args.deepstack)
-                    for j, (row, s) in enumerate(zip(new, batch, strict=True)):
-                        row.update(caption_recon=caps[j], reproj_mse=fmt(float(m["reproj_mse"][j])),
-                                   reproj_cosine=fmt(float(m["reproj_cosine"][j])),
-                                   split=run.part_of(s))
-                if args.with_image_caption:
-                    own = inject.caption_from_images(vlm, ims, prompt, mnt, bs, img_size, [tuple(t.shape) for t in raw])
-                    for row, c in zip(new, own, strict=True):
-                        row["caption_image"] = c
-                rows += new
-                n_new += len(batch)
-            bar.update(len(idx))
-            if len(rows) >= args.save_every or stop:
-                flush()
-            if stop:
-                raise StopRequested(f"{path.name}: stopped after {n_new} new rows; rerun with --resume to continue")
-        flush()
-    finally:
-        bar.close()
-    return n_new, n_skipped
 
 
 if __name__ == "__main__":

@@ -32,16 +32,13 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from vlmc.eval import inject
-from vlmc.eval.perturb import LEVEL_HELP, MASK_FILLS, PERTURBATIONS, apply_batch, check_level, perturb_key
-from vlmc.models.attention import add_attn_arg, check_attn_implementation
-from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
-from vlmc.store.batches import plan_batches
+from vlmc.eval.evaluate import Identity, Output, Perturbed, PostDirect, evaluate, prepare
+from vlmc.eval.perturb import LEVEL_HELP, MASK_FILLS, PERTURBATIONS, check_level
+from vlmc.models.attention import add_attn_arg
+from vlmc.models.load import VLM_SOURCE_HELP
 from vlmc.utils import cli, tracking
 from vlmc.utils.cli import (
     UsageError,
@@ -51,8 +48,7 @@ from vlmc.utils.cli import (
     parse_csv_list,
     resolve_device,
 )
-from vlmc.utils.rows import done_ids, upsert_rows
-from vlmc.utils.stop import StopFlag, StopRequested
+from vlmc.utils.stop import StopFlag
 from vlmc.utils.tracking import add_tracking_args
 
 log = logging.getLogger("vlmc.eval_perturb")
@@ -160,77 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     images = inject.ImageIndex(args.image_dir)
     images.check_shards([s.shard for s in samples])
     out_dir = ensure_writable_dir(args.out_dir)
-    adapter, source, dtype, prompt = inject.model_setup(store, args.model_path, args.dtype, device, args.prompt)
-    img_size = store.manifest.get("img_size")
-    gen = inject.generation_settings(adapter, source, dtype, store, prompt, args.max_new_tokens, args.deepstack)
-    plans = []
+    plan = prepare(store, device, args.model_path, args.dtype, args.prompt, args.max_new_tokens, args.deepstack)
+    outputs = []
     for name, value in levels:  # every output checked (and a fresh run's old files removed) before the model loads
         path = output_path(out_dir, store.model, args.mode, name)
-        settings = {**gen, "model": store.model, "mode": args.mode, "level": name, "seed": args.seed,
+        settings = {**plan.settings, "model": store.model, "mode": args.mode, "level": name, "seed": args.seed,
                     "options": opts, "vec_dir": str(Path(args.vec_dir).resolve())}
         inject.start_output(path, settings, args.resume)
-        plans.append((path, name, value))
-    vlm = load_vlm(store.family, source, dtype, device, attn_implementation=check_attn_implementation(args.attn_implementation))
-    cache = inject.CaptionCache(Path(args.cache_dir or out_dir / "cache") / f"original_{store.model}.csv", gen,
-                                inject.chunk_digests(store))
-    reader = inject.PostReader()
-    order = [s.id for s in samples]
+        conditions = (Identity(), PostDirect("caption_original"), Perturbed(args.mode, name, value, args.seed, opts))
+        outputs.append((name, Output(path, conditions, f"{args.mode} {name}")))
+    cap = plan.load(args.attn_implementation, args.cache_dir or out_dir / "cache", args.batch_size, args.deepstack)
     with StopFlag() as stop, tracking.start(args, out_dir, f"perturb-{store.model}-{args.mode}",
                                             job_type="captions") as tracker:
-        for path, name, value in plans:
-            done = done_ids(path, ("caption_original", "caption_perturbed")) if args.resume else set()
-            todo = [s for s in samples if s.id not in done]
-            t0 = time.perf_counter()
-            n_new, n_skipped = run_level(args, vlm, cache, reader, images, todo, path, value, name, opts, prompt,
-                                         img_size, stop)
-            tracker.log({f"{args.mode}_{name}/rows_new": n_new, f"{args.mode}_{name}/seconds": time.perf_counter() - t0})
-            inject.reorder_rows(path, order)
-            log.info("%s: %d new rows, %d kept, %d skipped (no image)%s", path.name, n_new, len(samples) - len(todo),
-                     n_skipped, f"; caption_original cache: {cache.hits} hits" if cache.hits else "")
+        for name, out in outputs:
+            res = evaluate(cap, images, samples, out, args.resume, args.save_every, stop)
+            tracker.log({f"{args.mode}_{name}/rows_new": res.new, f"{args.mode}_{name}/seconds": res.seconds})
     return 0
-
-
-def run_level(args, vlm, cache, reader, images, todo, path, value, name, opts, prompt, img_size, stop):
-    """Generate the rows of one level; returns ``(rows written, images skipped)``."""
-    rows: list[dict[str, str]] = []
-    n_new = n_skipped = 0
-
-    def flush() -> None:
-        nonlocal rows
-        cache.flush()
-        if rows:
-            upsert_rows(path, rows)
-            rows = []
-
-    bar = tqdm(total=len(todo), desc=f"{args.mode} {name}", unit="img", file=sys.stderr, disable=None)
-    try:
-        for idx in plan_batches(todo, args.batch_size):
-            batch = [todo[i] for i in idx]
-            ims, recs = images.load(batch)
-            keep = [j for j, im in enumerate(ims) if im is not None]
-            n_skipped += len(batch) - len(keep)
-            if keep:
-                batch, ims, recs = [batch[j] for j in keep], [ims[j] for j in keep], [recs[j] for j in keep]
-                posts = reader.load(batch, vlm.dtype, vlm.device)
-                original = inject.cached_or_generate(cache, vlm, batch, ims, posts, prompt, args.max_new_tokens,
-                                                     args.batch_size, img_size, args.deepstack)
-                keys = [perturb_key(s.shard, s.key) for s in batch]
-                perturbed = apply_batch(posts, args.mode, value, args.seed, keys, **opts)
-                caps = inject.caption_from_post(vlm, ims, perturbed, prompt, args.max_new_tokens, args.batch_size,
-                                                img_size, args.deepstack)
-                for s, r, o, c in zip(batch, recs, original, caps, strict=True):
-                    rows.append({"key": s.key, "shard": s.shard, "image_path": str(r.path), "caption_original": o,
-                                 "caption_perturbed": c, "mode": args.mode, "level": name, "seed": str(args.seed)})
-                n_new += len(batch)
-            bar.update(len(idx))
-            if len(rows) >= args.save_every or stop:
-                flush()
-            if stop:
-                raise StopRequested(f"{path.name}: stopped after {n_new} new rows; rerun with --resume to continue")
-        flush()
-    finally:
-        bar.close()
-    return n_new, n_skipped
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from vlmc.eval import score_shell
+from vlmc.eval.score_shell import GT, ColumnTable
 from vlmc.eval.scoring import (
     DROP_HELP,
     AttrTask,
@@ -37,18 +39,13 @@ from vlmc.eval.scoring import (
     Scorers,
     Task,
     add_scoring_args,
-    build_scorers,
-    gt_caption_for,
-    score_table,
 )
 from vlmc.utils import cli
-from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, parse_csv_list
-from vlmc.utils.rows import carry_scores, dedupe_rows, ensure_shard, read_table, require_columns
-from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
+from vlmc.utils.cli import UsageError, entry_point, make_parser, parse_csv_list
+from vlmc.utils.rows import read_table
 
 log = logging.getLogger(__name__)
 
-GT = "caption_gt"
 REF = "caption_post_direct"
 
 
@@ -85,32 +82,16 @@ def build_tasks(cols: list[str]) -> tuple[list[Task], list[tuple[str, str, str]]
     return tasks, drops
 
 
-def load_caption_csv(path: Path, requested: list[str] | None) -> tuple[pd.DataFrame, list[str]]:
-    """Read a caption CSV as str; add ``shard`` if missing and ``caption_gt`` from ``.txt`` files."""
-    df = read_table(path)
-    require_columns(df, ("key", "image_path"), path)
-    cols = caption_columns(df, requested)
-    require_columns(df, cols, path)
-    df = dedupe_rows(ensure_shard(df, path), path)
-    if GT not in df.columns:
-        df[GT] = [gt_caption_for(p) for p in df["image_path"]]
-    return df, cols
+def column_table(requested: list[str] | None = None) -> ColumnTable:
+    """Stage 7's columns: the caption columns found (or ``requested``), each scored and dropped against post_direct."""
+    return ColumnTable(("key", "image_path"), lambda df: caption_columns(df, requested), build_tasks)
 
 
 def score_file(
     src: Path, dst: Path, scorers: Scorers, requested: list[str] | None, skip_existing: bool, save_every: int
 ) -> int:
     """Score one caption CSV into ``dst``; returns the number of (row, task) pairs scored."""
-    df, cols = load_caption_csv(src, requested)
-    tasks, drops = build_tasks(cols)
-    if skip_existing and dst != src and dst.exists():
-        score_cols = [c for t in tasks for c in t.columns]
-        df = carry_scores(df, read_table(dst), score_cols, ["image_path", GT, *cols])
-    n = score_table(df, dst, tasks, scorers, drops, skip_existing, save_every, {"input": str(src)})
-    log.info(
-        "%s: %d rows, captions %s, %d (row, score) pairs computed -> %s", src.name, len(df), cols, n, dst
-    )
-    return n
+    return score_shell.score_file(src, dst, scorers, column_table(requested), skip_existing, save_every)
 
 
 def find_inputs(caption_dir: str | None, csvs: list[str] | None) -> list[Path]:
@@ -154,20 +135,7 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     files = find_inputs(args.caption_dir, args.csv)
-    out_dir = ensure_writable_dir(args.out_dir) if args.out_dir else None
-    requested = parse_csv_list(args.caption_cols) or None
-    scorers = build_scorers(args)
-    total = 0
-    with StopFlag():  # Slurm's --signal=B:USR1, forwarded by scripts/common.sh run_requeueable
-        for src in files:
-            dst = out_dir / src.name if out_dir else src
-            try:
-                total += score_file(src, dst, scorers, requested, args.skip_existing, args.save_every)
-            except StopRequested as e:
-                log.warning("%s; rerun with --skip_existing to resume", e)
-                return EXIT_PREEMPTED
-    log.info("scored %d (row, score) pairs in %d file(s)", total, len(files))
-    return 0
+    return score_shell.score_files(args, files, column_table(parse_csv_list(args.caption_cols) or None))
 
 
 if __name__ == "__main__":

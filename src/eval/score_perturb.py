@@ -23,11 +23,12 @@ atomic and rows stay unique by (shard, key).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pandas as pd
 
+from vlmc.eval import score_shell
+from vlmc.eval.score_shell import ColumnTable
 from vlmc.eval.scoring import (
     DROP_HELP,
     AttrTask,
@@ -36,19 +37,11 @@ from vlmc.eval.scoring import (
     ClipTextTask,
     Scorers,
     add_scoring_args,
-    build_scorers,
-    gt_caption_for,
-    score_table,
 )
 from vlmc.utils import cli
-from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser
-from vlmc.utils.rows import carry_scores, dedupe_rows, ensure_shard, read_table, require_columns
-from vlmc.utils.stop import EXIT_PREEMPTED, StopFlag, StopRequested
-
-log = logging.getLogger(__name__)
+from vlmc.utils.cli import UsageError, entry_point, make_parser
 
 REQUIRED = ("key", "image_path", "caption_original", "caption_perturbed")
-TEXT_COLS = ("image_path", "caption_original", "caption_perturbed", "caption_gt")
 TASKS = (
     ClipTask("original", "caption_original"),
     ClipTask("perturbed", "caption_perturbed"),
@@ -67,28 +60,17 @@ DROPS = (
 )
 
 
+TABLE = ColumnTable(REQUIRED, lambda df: ["caption_original", "caption_perturbed"], lambda cols: (TASKS, DROPS))
+
+
 def load_perturb_csv(path: Path) -> pd.DataFrame:
     """Read a perturbation CSV as str, add ``shard`` if missing and ``caption_gt`` from ``.txt`` files."""
-    df = read_table(path)
-    require_columns(df, REQUIRED, path)
-    df = dedupe_rows(ensure_shard(df, path), path)
-    if "caption_gt" not in df.columns:
-        df["caption_gt"] = [gt_caption_for(p) for p in df["image_path"]]
-    return df
+    return score_shell.load_table(path, TABLE)[0]
 
 
 def score_file(src: Path, dst: Path, scorers: Scorers, skip_existing: bool, save_every: int) -> int:
     """Score one perturbation CSV into ``dst``; returns the number of (row, task) pairs scored."""
-    df = load_perturb_csv(src)
-    if skip_existing and dst != src and dst.exists():
-        df = carry_scores(df, read_table(dst), _score_columns(), TEXT_COLS)
-    n = score_table(df, dst, TASKS, scorers, DROPS, skip_existing, save_every, {"input": str(src)})
-    log.info("%s: %d rows, %d (row, score) pairs computed -> %s", src.name, len(df), n, dst)
-    return n
-
-
-def _score_columns() -> list[str]:
-    return [c for t in TASKS for c in t.columns]
+    return score_shell.score_file(src, dst, scorers, TABLE, skip_existing, save_every)
 
 
 def find_inputs(perturb_dir: str | None, csvs: list[str] | None) -> list[Path]:
@@ -126,20 +108,7 @@ def build_parser():
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    files = find_inputs(args.perturb_dir, args.csv)
-    out_dir = ensure_writable_dir(args.out_dir) if args.out_dir else None
-    scorers = build_scorers(args)
-    total = 0
-    with StopFlag():  # Slurm's --signal=B:USR1, forwarded by scripts/common.sh run_requeueable
-        for src in files:
-            dst = out_dir / src.name if out_dir else src
-            try:
-                total += score_file(src, dst, scorers, args.skip_existing, args.save_every)
-            except StopRequested as e:
-                log.warning("%s; rerun with --skip_existing to resume", e)
-                return EXIT_PREEMPTED
-    log.info("scored %d (row, score) pairs in %d file(s)", total, len(files))
-    return 0
+    return score_shell.score_files(args, find_inputs(args.perturb_dir, args.csv), TABLE)
 
 
 if __name__ == "__main__":

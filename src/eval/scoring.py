@@ -49,6 +49,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from vlmc.models.clip import first_line, load_hf, load_open_clip, pooled, testbed_clip_path
 from vlmc.models.sources import Named, Source, resolve, source_help
 from vlmc.utils import cli
 from vlmc.utils.cli import UsageError, parse_csv_list, resolve_device
@@ -118,13 +119,11 @@ def _version(dist: str) -> str:
 
 
 def _features(out: Any) -> Tensor:
-    """A tensor from ``get_*_features``: transformers 4 returns it, transformers 5 an output object."""
-    if isinstance(out, Tensor):
-        return out
-    pooled = getattr(out, "pooler_output", None)
-    if isinstance(pooled, Tensor):
-        return pooled
-    raise TypeError(f"cannot take features from {type(out).__name__} (no tensor, no pooler_output)")
+    """A tensor from ``get_*_features`` (:func:`vlmc.models.clip.pooled`); ``TypeError`` when there is none."""
+    feats = pooled(out)
+    if feats is None:
+        raise TypeError(f"cannot take features from {type(out).__name__} (no tensor, no pooler_output)")
+    return feats
 
 
 # -- CLIP -----------------------------------------------------------------------------------------
@@ -143,12 +142,7 @@ def clip_names() -> dict[str, Named]:
 
         return str(tiny_reference_path("tiny-clip"))
 
-    def testbed() -> str:
-        from vlmc.models.load import TESTBED_CLIP, testbed_path
-
-        return str(testbed_path(TESTBED_CLIP))
-
-    return {"tiny": Named(tiny, random_weights=True), "testbed": Named(testbed)}
+    return {"tiny": Named(tiny, random_weights=True), "testbed": Named(testbed_clip_path)}
 
 
 def bert_names() -> dict[str, Named]:
@@ -164,18 +158,12 @@ CLIP_SOURCE_HELP = source_help(("tiny", "testbed"), open_clip=True)
 
 
 class _HFClip:
-    """An HF CLIP-like folder: ``AutoModel`` with ``get_image_features``/``get_text_features``."""
+    """An HF CLIP-like folder (:func:`vlmc.models.clip.load_hf`) with ``get_image_features``/``get_text_features``."""
 
     def __init__(self, src: Source, device: torch.device) -> None:
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
         path = Path(str(src.path))
-        try:
-            self.model = AutoModel.from_pretrained(path).eval().to(device)
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.image_processor = AutoImageProcessor.from_pretrained(path)
-        except Exception as e:  # noqa: BLE001  (whatever a user's model does wrong: one line naming it)
-            raise UsageError(f"--clip_model {src.spec!r}: cannot load: {type(e).__name__}: {_first_line(e)}") from None
+        hf = load_hf(path, f"--clip_model {src.spec!r}", device, text=True)
+        self.model, self.tokenizer, self.image_processor = hf.model, hf.tokenizer, hf.image_processor
         if not hasattr(self.model, "get_image_features"):
             raise UsageError(f"--clip_model {src.spec!r}: {type(self.model).__name__} is not a CLIP model")
         text_cfg = getattr(self.model.config, "text_config", self.model.config)
@@ -205,16 +193,8 @@ class _OpenClip:
     """``open_clip:NAME:PRETRAINED``: an open_clip architecture with a pretrained tag or checkpoint file."""
 
     def __init__(self, src: Source, device: torch.device) -> None:
-        try:
-            import open_clip
-
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                str(src.name), pretrained=src.pretrained, device=device
-            )
-            self.tokenizer = open_clip.get_tokenizer(str(src.name))
-        except (ImportError, RuntimeError, OSError, ValueError, KeyError) as e:
-            raise UsageError(f"--clip_model {src.spec!r}: cannot create the open_clip model: {_first_line(e)}") from None
-        self.model = model.eval()
+        model, preprocess, self.tokenizer = load_open_clip(str(src.name), src.pretrained, device, text=True)
+        self.model = model
         self.preprocess = preprocess
         self.device = device
         self.info = {"backend": "open_clip", **src.record(), "name": src.name, "pretrained": src.pretrained}
@@ -226,11 +206,6 @@ class _OpenClip:
 
     def encode_texts(self, texts: list[str]) -> Tensor:
         return self.model.encode_text(self.tokenizer(texts).to(self.device)).float()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def resolve_clip(spec: str | None, revision: str | None = None) -> Source:
@@ -379,7 +354,7 @@ def _cached_bert(path: str, layers: int, idf: bool, baseline: str | None, device
             device=device,
         )
     except Exception as e:  # noqa: BLE001  (whatever a user's model does wrong: one line naming it)
-        raise UsageError(f"--bertscore_model {spec!r}: bert-score cannot load it: {type(e).__name__}: {_first_line(e)}") from None
+        raise UsageError(f"--bertscore_model {spec!r}: bert-score cannot load it: {type(e).__name__}: {first_line(e)}") from None
 
 
 class BertScorer:

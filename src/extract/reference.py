@@ -25,6 +25,7 @@ from torch import Tensor
 
 from vlmc.extract.runner import Encoded
 from vlmc.models.base import SCENE_PIXEL_MEAN, SCENE_PIXEL_STD, TinyDims
+from vlmc.models.clip import hf_config, import_open_clip, load_hf, load_open_clip, pooled, testbed_clip_path
 from vlmc.models.sources import OPEN_CLIP_PREFIX, OPEN_CLIP_SCHEMAS, Named, Source, resolve, source_help
 from vlmc.utils.cli import UsageError
 
@@ -201,11 +202,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 class ReferenceEncoder:
     """Base class: one pooled vector per image (kind ``ref``); subclasses implement ``_embed``."""
 
@@ -270,41 +266,13 @@ class HFReferenceEncoder(ReferenceEncoder):
     def __init__(self, model_id: str, source: str, model_type: str, pool: str, device: torch.device,
                  dtype: torch.dtype) -> None:
         super().__init__(model_id, model_type, pool, device, dtype)
-        from transformers import AutoConfig, AutoImageProcessor
-
         self.source = source
-        try:
-            config = AutoConfig.from_pretrained(source)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load model {model_id!r} ({source}): {_first_line(e)}") from None
+        hf = load_hf(source, repr(model_id), device, dtype)
+        config, self.model, self.processor = hf.config, hf.model, hf.image_processor
         self.hf_model_type = config.model_type
-        self.model = self._load_model(config).to(device).eval()
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(source)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"{model_id}: no image processor at {source}: {_first_line(e)}") from None
         self.num_prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)  # dino: CLS + registers
         self.revision: str | None = None  # the commit hash of an HF id (set by load_reference)
         self.random_weights = False
-
-    def _load_model(self, config) -> torch.nn.Module:
-        import transformers as T
-
-        mt, arch = config.model_type, (getattr(config, "architectures", None) or [""])[0]
-        if mt == "clip":
-            cls = T.CLIPModel
-        elif mt == "clip_vision_model":
-            cls = T.CLIPVisionModelWithProjection if arch == "CLIPVisionModelWithProjection" else T.CLIPVisionModel
-        elif mt == "siglip":
-            cls = T.SiglipModel
-        elif mt == "siglip_vision_model":
-            cls = T.SiglipVisionModel
-        else:
-            cls = T.AutoModel
-        try:
-            return cls.from_pretrained(self.source, dtype=self.dtype)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load {cls.__name__} from {self.source}: {_first_line(e)}") from None
 
     def _model_meta(self) -> dict[str, Any]:
         return {"source": self.source, "revision": self.revision, "model_class": type(self.model).__name__,
@@ -322,7 +290,7 @@ class HFReferenceEncoder(ReferenceEncoder):
                 h = vision(pixel_values=x).last_hidden_state
                 return vision.post_layernorm(h[:, 1:]).float().mean(1)
             if hasattr(m, "get_image_features"):  # CLIPModel
-                return _pooler(m.get_image_features(pixel_values=x))
+                return pooled(m.get_image_features(pixel_values=x))
             out = m(pixel_values=x)
             return out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
         if t == "siglip":
@@ -330,28 +298,23 @@ class HFReferenceEncoder(ReferenceEncoder):
             if pool == "mean":
                 return vision(pixel_values=x).last_hidden_state.float().mean(1)
             out = m.get_image_features(pixel_values=x) if hasattr(m, "get_image_features") else vision(pixel_values=x)
-            pooled = _pooler(out)
-            if pooled is None:
+            feats = pooled(out)
+            if feats is None:
                 raise UsageError(f"{self.model_id}: this SigLIP has no pooling head (vision_use_head=False); use --pool mean")
-            return pooled
+            return feats
         out = m(pixel_values=x)
         h = out.last_hidden_state
         if t == "dino":
             return h[:, 0] if pool == "cls" else h[:, self.num_prefix:].float().mean(1)
         # generic AutoModel
         if pool == "cls":
-            pooled = getattr(out, "pooler_output", None)
-            if pooled is None:
+            feats = getattr(out, "pooler_output", None)
+            if feats is None:
                 raise UsageError(f"{self.model_id}: {type(m).__name__} returns no pooler_output; use --pool mean")
-            return pooled.flatten(1)
+            return feats.flatten(1)
         if h.dim() == 4:  # conv nets: [B, C, H, W]
             return h.float().mean((2, 3))
         return h.float().mean(1)
-
-
-def _pooler(out: Any) -> Tensor | None:
-    """``get_image_features`` returns a tensor (transformers 4) or an output object (transformers 5)."""
-    return out if isinstance(out, Tensor) else getattr(out, "pooler_output", None)
 
 
 class OpenClipReferenceEncoder(ReferenceEncoder):
@@ -362,10 +325,7 @@ class OpenClipReferenceEncoder(ReferenceEncoder):
     def __init__(self, model_id: str, name: str, pretrained: str | None, pool: str, device: torch.device,
                  dtype: torch.dtype) -> None:
         super().__init__(model_id, "open_clip", pool, device, dtype)
-        try:
-            import open_clip
-        except ImportError as e:
-            raise UsageError(f"open_clip is not importable ({_first_line(e)}); pip install open_clip_torch torchvision") from None
+        open_clip = import_open_clip()
         schema = name.split(":", 1)[0] if name.startswith(("hf-hub:", "local-dir:")) else None
         if not name:
             raise UsageError("open_clip model name is empty (use --model_id open_clip:<name>, e.g. open_clip:ViT-B-32)")
@@ -383,14 +343,9 @@ class OpenClipReferenceEncoder(ReferenceEncoder):
                 raise UsageError(f"open_clip checkpoint {pretrained} does not exist")
             pretrained = str(Path(pretrained).resolve())
         precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-        try:
-            model, _, transform = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained if schema is None else None, precision=precision, device=device
-            )
-        except (RuntimeError, OSError, ValueError, KeyError) as e:
-            raise UsageError(f"cannot create open_clip model {name!r} (pretrained={pretrained!r}): {_first_line(e)}") from None
+        model, transform, _ = load_open_clip(name, pretrained if schema is None else None, device, precision)
         self.name, self.pretrained = name, pretrained
-        self.model = model.eval()
+        self.model = model
         self.transform = transform
         visual = model.visual
         self.visual_class = type(visual).__name__
@@ -435,14 +390,9 @@ def reference_names() -> dict[str, Named]:
     """Stage 2's short names: the tiny references (random weights), the testbed CLIP, and the aliases
     ``tiny`` (= ``tiny-clip``) and ``testbed`` (= ``testbed-clip``) of the shared grammar."""
 
-    def testbed() -> str:
-        from vlmc.models.load import TESTBED_CLIP, testbed_path
-
-        return str(testbed_path(TESTBED_CLIP))
-
     names = {k: Named(functools.partial(lambda k: str(tiny_reference_path(k)), k), random_weights=True) for k in TINY}
     names["tiny"] = names["tiny-clip"]
-    names[TESTBED_REFERENCE] = names["testbed"] = Named(testbed)
+    names[TESTBED_REFERENCE] = names["testbed"] = Named(testbed_clip_path)
     return names
 
 
@@ -503,12 +453,7 @@ def load_reference(
             raise UsageError("--pretrained is for open_clip models only (HF models load their weights from --model_id)")
         src = resolve_hf_source(model_id, revision)
         source = str(src.path)
-        from transformers import AutoConfig
-
-        try:
-            hf_type = AutoConfig.from_pretrained(source).model_type
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load model {model_id!r} ({source}): {_first_line(e)}") from None
+        hf_type = hf_config(source, repr(model_id)).model_type
         detected = detect_model_type(hf_type)
         if model_type not in ("auto", "hf") and model_type != detected:
             raise UsageError(
