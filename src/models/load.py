@@ -45,7 +45,7 @@ def testbed_path(name: str) -> Path:
 
 def tiny_path(adapter: FamilyAdapter, seed: int = 0) -> Path:
     """Folder of the family's offline tiny variant, built on first use (atomically: safe for array jobs)."""
-    version = getattr(adapter, "tiny_version", 1)
+    version = adapter.tiny_version
     path = tiny_cache_dir() / f"tiny-{adapter.name}-v{version}-s{seed}"
     if not (path / "config.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
