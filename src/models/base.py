@@ -78,13 +78,6 @@ class TinyDims:
         return {"image_mean": [self.pixel_mean] * 3, "image_std": [self.pixel_std] * 3}
 
 
-# Synthetic scenes are a light background (pixel mean 0.89, std 0.11 per channel at 96 px) with small
-# coloured shapes. Under CLIP's ImageNet normalisation the background is a large constant input that
-# swamps the shapes, and a tower trained from scratch on captions learnt nothing of the image in 1500
-# steps (captions identical for every image; measured). The testbed normalises with these instead:
-# the background maps near 0 and the shapes stand out.
-SCENE_PIXEL_MEAN, SCENE_PIXEL_STD = 0.85, 0.2
-
 
 @dataclass(frozen=True)
 class Correspondence:
@@ -203,6 +196,11 @@ class FamilyAdapter:
         """A ``deepstack`` value for a family without deepstack features is a caller's mistake."""
         if deepstack is not None and not self.has_deepstack:
             raise TypeError(f"{self.name} has no deepstack features; got deepstack={deepstack!r}")
+
+    @property
+    def builds_testbed(self) -> bool:
+        """Whether the family implements ``build_testbed`` (a variant small enough to train on scenes)."""
+        return type(self).build_testbed is not FamilyAdapter.build_testbed
 
     @property
     def display_label(self) -> str:

@@ -29,9 +29,8 @@ from transformers import (
     Idefics2Processor,
 )
 
+from vlmc.data.scenes import SCENE_PIXEL_MEAN, SCENE_PIXEL_STD
 from vlmc.models.base import (
-    SCENE_PIXEL_MEAN,
-    SCENE_PIXEL_STD,
     VLM,
     Captured,
     Correspondence,

@@ -69,9 +69,8 @@ from transformers.vision_utils import (
     get_vision_window_index,
 )
 
+from vlmc.data.scenes import SCENE_PIXEL_MEAN, SCENE_PIXEL_STD
 from vlmc.models.base import (
-    SCENE_PIXEL_MEAN,
-    SCENE_PIXEL_STD,
     VLM,
     Captured,
     Correspondence,
