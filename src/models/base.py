@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,6 +391,19 @@ def families() -> list[str]:
     """Registered family names, sorted."""
     _import_families()
     return sorted(_REGISTRY)
+
+
+def display_order(names: Iterable[str]) -> list[str]:
+    """Distinct ``names`` as figures and tables show them: families by ``display_rank``, then the rest
+    (unranked families, other models such as a reference CLIP) alphabetically."""
+    _import_families()
+
+    def key(name: str) -> tuple[int, int, str]:
+        adapter = _REGISTRY.get(name)
+        rank = None if adapter is None else adapter.display_rank
+        return (1, 0, name) if rank is None else (0, rank, name)
+
+    return sorted(set(names), key=key)
 
 
 def _import_families() -> None:

@@ -106,13 +106,9 @@ def model_label(model: str) -> str:
 
 def sort_models(models: Iterable[str]) -> list[str]:
     """Families with a ``display_rank`` in that order, then the rest alphabetically."""
+    from vlmc.models.base import display_order
 
-    def key(m: str) -> tuple[int, int, str]:
-        adapter = _adapter(m)
-        rank = None if adapter is None else adapter.display_rank
-        return (1, 0, m) if rank is None else (0, rank, m)
-
-    return sorted(set(models), key=key)
+    return display_order(models)
 
 
 def label(column: str) -> str:
