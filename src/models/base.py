@@ -1,7 +1,8 @@
 """The model-family adapter contract: everything downstream asks an adapter, never an if/elif on names.
 
 A *family* (``llava``, ``idefics2``, ``qwen2.5vl``, ``qwen3.5``, ...) is one ``FamilyAdapter`` subclass
-registered with ``@register``. It knows how to
+registered with ``@register``, in one module that discovery imports (``src/models/families/`` or a folder
+on ``$VLMC_FAMILY_PATH``: :mod:`vlmc.models.families`). It knows how to
 
 * resolve a *source* string into weights: an HF id, a local folder, ``tiny`` (an offline tiny
   variant built from the family's transformers config with seeded weights, saved to a folder and
