@@ -91,6 +91,12 @@ def test_a_module_defined_twice_is_refused(plugin_dir):
         discover()
 
 
+def test_a_family_path_that_is_no_folder_is_refused(plugin_dir, monkeypatch):
+    monkeypatch.setenv(FAMILY_PATH_ENV, str(plugin_dir / "missing"))
+    with pytest.raises(FamilyImportError, match="not a folder"):
+        discover()
+
+
 def test_discovery_finds_the_builtin_families():
     assert {"llava", "idefics2", "qwen"} <= set(discover())
     assert {"llava", "idefics2", "qwen2.5vl", "qwen3.5", "qwen3vl"} <= set(families())

@@ -39,13 +39,16 @@ def discover() -> list[str]:
     later is picked up by the next call).
 
     Raises:
-        FamilyImportError: a module failed to import, or two folders hold a module of the same name.
+        FamilyImportError: a module failed to import, two folders hold a module of the same name, or
+            ``$VLMC_FAMILY_PATH`` lists something that is not a folder.
     """
     global _discovered
     dirs = plugin_dirs()
     if _discovered is not None and _discovered[0] == dirs:
         return _discovered[1]
     for d in dirs:
+        if not Path(d).is_dir():
+            raise FamilyImportError(f"${FAMILY_PATH_ENV} lists {d}, which is not a folder")
         if d not in __path__:
             __path__.append(d)
     seen: dict[str, str] = {}
