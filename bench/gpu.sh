@@ -18,7 +18,7 @@
 #   OUT                 results folder (default bench/results/gpu-<UTC date>)
 #   PYTHON              interpreter (default: the checkout's .venv/bin/python if usable, else python3)
 #   VLMC_GPU_SMOKE=1    CPU smoke mode: tiny models, 32 images, small kNN/training sizes
-#   GPU_FAMILIES        families to run (default: all five)
+#   GPU_FAMILIES        families to run (default: every registered family, python -m vlmc.models list)
 #   GPU_N               images per family (default 512; qwen2.5vl a quarter: its windowed tower runs at
 #                       ~60 img/s on an H200, and gets 15 s more)
 #   GPU_WORKERS         DataLoader decoding workers (default: CPUs - 2, at most 12)
@@ -58,9 +58,11 @@ fi
 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" | tee "$RESULTS/env.txt" \
   || { echo "gpu.sh: vlmc/torch/transformers do not import" >&2; exit 2; }
 
-FAMILIES="${GPU_FAMILIES:-llava idefics2 qwen2.5vl qwen3.5 qwen3vl}"
-declare -A CONFIG=([llava]=llava-1.5-7b [idefics2]=idefics2-8b [qwen2.5vl]=qwen2.5-vl-7b
-                   [qwen3.5]=qwen3.5-9b [qwen3vl]=qwen3-vl-8b)
+FAMILIES="${GPU_FAMILIES:-$("$PY" -m vlmc.models list --display-order)}"
+declare -A CONFIG=()  # each family's first published config (python -m vlmc.models list --long)
+while IFS=$'\t' read -r fam _ _ configs; do
+  first=${configs%%,*}; CONFIG[$fam]=${first#config:}
+done < <("$PY" -m vlmc.models list --long)
 NCPU="$(nproc)"
 if [[ "$SMOKE" == 1 ]]; then
   DEVICE=cpu; DTYPE=fp32; N="${GPU_N:-32}"; BATCH=8; WORKERS="${GPU_WORKERS:-1}"; IMG=""; REPEATS=1

@@ -83,16 +83,22 @@ def knn_table(folder: Path) -> list[str]:
     return lines
 
 
+def _all_families() -> list[str]:
+    from vlmc.models.base import display_order, families  # heavy (transformers): only when needed
+
+    return display_order(families())
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     p = make_parser(__doc__)
     p.add_argument("folder", help="results folder of bench/gpu.sh")
-    p.add_argument("--families", default="llava,idefics2,qwen2.5vl,qwen3.5,qwen3vl", help="rows, in this order")
+    p.add_argument("--families", default="", help="rows, in this order (empty: every registered family, figure order)")
     args = p.parse_args(argv)
     folder = Path(args.folder)
     if not folder.is_dir():
         raise UsageError(f"no results folder {folder}")
-    rows = extract_rows(folder, parse_csv_list(args.families))
+    rows = extract_rows(folder, parse_csv_list(args.families) or _all_families())
     meta = next((r for r in rows if "device" in r), {})
     print(f"stage 1 ({meta.get('device', '?')}, {meta.get('dtype', '?')}, {meta.get('images', '?')} images, "
           f"preprocess={meta.get('preprocess', '?')}, vision_only={meta.get('vision_only', '?')})")

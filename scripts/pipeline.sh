@@ -11,7 +11,7 @@
 #     bash scripts/pipeline.sh               # real checkpoints (the default: PROFILE=cluster)
 #
 # Settings (environment, defaults in brackets): PROFILE [cluster; testbed with --demo: the defaults marked
-# "testbed:"], MODELS [all: every registered family; testbed: llava idefics2 qwen2.5vl qwen3.5], ROOT
+# "testbed:"], MODELS [all: every registered family (python -m vlmc.models list); testbed: TESTBED_FAMILIES of src/train/testbed.py], ROOT
 # [data/images; testbed: sample/images], DATA [data: every stage writes under it], FIGURES / RESULTS [DATA/output/figures, DATA/output/results: the
 # demo never writes the tracked figures/ and results/; `make figures` renders those from sample/], MODEL_PATH [empty: each
 # family's published HF checkpoint; testbed: the models trained on synthetic scenes, sample/models; tiny:
@@ -74,7 +74,10 @@ case $MODEL_PATH in
   *) ref_default=openai/clip-vit-large-patch14 ;;
 esac
 REF_MODEL=${REF_MODEL:-$ref_default}
-if [[ $PROFILE == testbed ]]; then MODELS=${MODELS:-llava idefics2 qwen2.5vl qwen3.5}; fi
+if [[ $PROFILE == testbed && -z ${MODELS:-} ]]; then  # the committed testbed's families, in their order
+  MODELS=$("$VLMC_PYTHON" -c 'from vlmc.train.testbed import TESTBED_FAMILIES; print(*TESTBED_FAMILIES)') ||
+    die "cannot list the testbed families with $VLMC_PYTHON: set MODELS"
+fi
 PERTURB=${PERTURB:-mask lowrank}
 # levels per perturbation (each mode's own scale; see eval_perturb.py --help)
 levels_for() {
@@ -184,7 +187,7 @@ if [[ -n $TRAIN_ROOT ]]; then
   ((${#train_shards[@]})) || die "no shards with images under TRAIN_ROOT $TRAIN_ROOT"
 fi
 if [[ ${MODELS:-all} == all ]]; then  # every registered family
-  MODELS=$("$VLMC_PYTHON" -c 'from vlmc.models.base import families; print(*families())') ||
+  MODELS=$("$VLMC_PYTHON" -m vlmc.models list) ||
     die "cannot list the model families with $VLMC_PYTHON: set MODELS"
 fi
 read -r -a models <<< "$MODELS"

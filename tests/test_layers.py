@@ -24,12 +24,12 @@ ALLOWED: dict[str, frozenset[str]] = {
     "utils": frozenset(),
     "metrics": frozenset({"utils"}),
     "data": frozenset({"utils"}),
-    "models": frozenset({"utils"}),
+    "models": frozenset({"utils", "data"}),  # the testbed scenes' pixel statistics (data.scenes)
     "store": frozenset({"utils", "data", "models"}),
     "extract": frozenset({"utils", "metrics", "data", "models", "store"}),
     "train": frozenset({"utils", "metrics", "data", "models", "store", "extract"}),
     "eval": frozenset({"utils", "metrics", "data", "models", "store", "extract"}),
-    "plot": frozenset({"utils", "metrics", "data"}),
+    "plot": frozenset({"utils", "metrics", "data", "models"}),  # labels, colours, order: on the adapters
 }
 
 

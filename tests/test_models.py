@@ -10,10 +10,12 @@ On each family's offline tiny variant (built fresh into a temporary ``VLMC_CACHE
 * the model depends on its image (distinct E_post, ≥ 2 distinct captions over 4 images);
 * module globs capture one vision-tower layer and the connector.
 At real published dimensions (``config:<name>``, random weights on the ``meta`` device): one
-336×336 image gives the E_pre / E_post shapes of FIELD_NOTES' table.
+336×336 image gives the E_pre / E_post shapes the adapter publishes (``real_shapes``).
 
-Family-specific expectations live in the tables below (or an adapter's optional ``real_shapes``
-class attribute), so a newly registered family is covered by every generic test at once.
+Family-specific expectations are adapter attributes (``real_shapes``, ``native_img_size``,
+``has_deepstack``), so a newly registered family is covered by every generic test at once: the tests
+are parametrised over ``families()``, which includes families found on ``$VLMC_FAMILY_PATH``
+(tests/test_toy_family.py runs this file over a family defined in one file outside the repository).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor
 
 from vlmc.models.base import (
+    REAL_SHAPES_IMG_SIZE,
     VLM,
     capture_modules,
     families,
@@ -49,34 +52,15 @@ torch.set_num_threads(2)
 FAMILIES = families()
 REAL_CONFIGS = [(f, c) for f in FAMILIES for c in sorted(get_adapter(f).real_configs)]
 
-# FIELD_NOTES.md: real checkpoints at 336×336, no image splitting: per image ((T_pre, D_pre), (T_post, D_post)).
-REAL_SHAPES: dict[tuple[str, str], tuple[tuple[int, int], tuple[int, int]]] = {
-    ("llava", "llava-1.5-7b"): ((576, 1024), (576, 4096)),
-    ("idefics2", "idefics2-8b"): ((576, 1152), (64, 4096)),
-    ("qwen2.5vl", "qwen2.5-vl-7b"): ((576, 1280), (144, 3584)),
-    ("qwen3.5", "qwen3.5-9b"): ((400, 1152), (100, 4096)),
-}
-REAL_IMG = 336
 
 # One vision-tower layer per family layout (transformers 5 module paths), for the glob-capture test.
 TOWER_LAYER_GLOBS = ["model.vision_tower.*.layers.0", "model.vision_model.*.layers.0", "model.visual.blocks.0"]
-
-# Families whose injected E_post is not the only path from the image to the LM, so injecting another
-# image's E_post need not give that image's caption (the leak is documented and tested elsewhere).
-INJECTION_LEAKS = {
-    "qwen3vl": "deepstack='original' keeps each image's own deepstack features (tests/test_models_qwen.py)",
-}
 
 # The tiny variants must stay tiny (0.1–6 M parameters).
 TINY_PARAMS = (100_000, 6_000_000)
 
 N_IMAGES = 4
 MAX_NEW = 8
-
-
-def expected_real_shapes(family: str, config: str):
-    adapter = get_adapter(family)
-    return getattr(adapter, "real_shapes", {}).get(config) or REAL_SHAPES.get((family, config))
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -163,6 +147,8 @@ def test_registry_has_the_project_families():
         a = get_adapter(f)
         assert a.name == f and a.default_id and a.correspondence.kind in ("1:1", "merge", "none")
         assert a.real_configs, f"{f}: no real_configs"
+        assert set(a.real_shapes) <= set(a.real_configs), f"{f}: real_shapes for an unknown config"
+        assert a.display_label and (a.color is None or a.color.startswith("#"))
 
 
 # -- tiny variants ------------------------------------------------------------------------------
@@ -254,7 +240,9 @@ def test_injected_post_gives_own_tokens(tiny):
     assert torch.equal(ids_own, ids_inj), "injected E_post did not reproduce the model's own tokens"
     assert own == injected
     assert not any(k.startswith("pixel_values") for k in kw_inj), "pixels were passed alongside the injected post"
-    if vlm.name not in INJECTION_LEAKS:
+    # with deepstack (default 'original') each image's own deepstack features still reach the LM, so
+    # another image's E_post need not give that image's caption (the leak: tests/test_models_qwen.py)
+    if not vlm.adapter.has_deepstack:
         assert rolled == own[1:] + own[:1], "another image's E_post must give that image's caption"
     assert all(isinstance(c, str) and c == c.strip() for c in own)
 
@@ -307,10 +295,7 @@ def test_glob_capture_of_a_tower_layer_and_the_connector(tiny):
 
 def test_img_size_resizes_to_a_square(tiny):
     vlm, _, _, cap = tiny
-    if vlm.name == "llava":
-        size = vlm.model.config.vision_config.image_size  # CLIP runs at its native size only
-    else:
-        size = 2 * vlm.model.config.vision_config.patch_size * 4
+    size = vlm.adapter.native_img_size(vlm.model) or 2 * vlm.model.config.vision_config.patch_size * 4
     wide = [shape_image(0, 80, width=140), shape_image(1, 50, width=30)]
     pix = vlm.adapter.preprocess(vlm.processor, wide, size)
     c = vlm.adapter.encode(vlm, pix)
@@ -350,14 +335,14 @@ def test_real_config_shapes_on_meta(family, config):
     t0 = time.perf_counter()
     vlm = load_vlm(family, f"config:{config}", dtype=torch.bfloat16, device="meta")
     assert next(vlm.model.parameters()).device.type == "meta"
-    pix = vlm.adapter.preprocess(vlm.processor, [shape_image(0, 500, width=400)], REAL_IMG)
+    pix = vlm.adapter.preprocess(vlm.processor, [shape_image(0, 500, width=400)], REAL_SHAPES_IMG_SIZE)
     cap = vlm.adapter.encode(vlm, pix)
     (pre,), (post,) = cap.pre, cap.post
     assert pre.device.type == "meta" and post.device.type == "meta"
     assert pre.shape[0] == cap.pre_grid[0][0] * cap.pre_grid[0][1]
     assert post.shape[0] == cap.post_grid[0][0] * cap.post_grid[0][1]
     assert post.shape[1] == vlm.model.get_input_embeddings().weight.shape[1], "E_post is not in the LM's width"
-    want = expected_real_shapes(family, config)
+    want = vlm.adapter.real_shapes.get(config)
     if want is not None:
         assert (tuple(pre.shape), tuple(post.shape)) == want
     with torch.no_grad():

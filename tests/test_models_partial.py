@@ -20,7 +20,8 @@ from transformers import AutoConfig
 
 from vlmc.models import partial
 from vlmc.models.base import families, get_adapter
-from vlmc.models.load import TESTBED_FAMILIES, default_testbed_dir, load_vlm, resolve_source
+from vlmc.models.load import default_testbed_dir, load_vlm, resolve_source
+from vlmc.train.testbed import TESTBED_FAMILIES
 from vlmc.utils.cli import UsageError
 
 try:

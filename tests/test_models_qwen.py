@@ -209,7 +209,7 @@ def test_qwen25_window_unpermutation_is_real_and_independent(vlms):
     assert not torch.equal(expected, torch.arange(len(expected))), "window permutation must be non-trivial"
 
     # adapter's vectorised gather index vs a per-token loop over (image, r, c)
-    pre_index, post_perm = vlm.adapter._orders(visual, grid_thw)
+    pre_index, post_perm = vlm.adapter.token_orders(vlm, {"image_grid_thw": grid_thw})
     row_of_block = {int(b): j for j, b in enumerate(expected)}
     loop, patch_offset, block_offset = [], 0, 0
     for h, w in GRIDS:
@@ -225,7 +225,7 @@ def test_qwen25_window_unpermutation_is_real_and_independent(vlms):
 
 def greedy_no_cache(vlm: VLM, images, max_new_tokens: int) -> list[str]:
     """Reference decoding: full forward every step (no KV cache), M-RoPE positions recomputed each time."""
-    inputs = vlm.adapter._chat_inputs(vlm, images, None, None)
+    inputs = vlm.adapter.prompt_inputs(vlm, images)
     ids, mask, mm = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
     tok = vlm.processor.tokenizer
     for _ in range(max_new_tokens):
@@ -309,14 +309,13 @@ def test_tiny_processor_round_trip(vlms, name):
 
 
 def first_logits(vlm: VLM, image, post=None, deepstack=None) -> torch.Tensor:
-    inputs = vlm.adapter._chat_inputs(vlm, [image], None, None)
+    inputs = vlm.adapter.prompt_inputs(vlm, [image])
     kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                   mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"])  # fmt: skip
     if post is None:
         kwargs["pixel_values"] = inputs["pixel_values"]
     else:
-        mm = vlm.adapter._injected_outputs(vlm, inputs, post, deepstack=deepstack)
-        kwargs["mm_encoder_outputs"] = {"image": mm}
+        kwargs["mm_encoder_outputs"] = vlm.adapter.injected_outputs(vlm, inputs, post, deepstack=deepstack)
     vlm.model.model.rope_deltas = None
     with torch.no_grad():
         return vlm.model(**kwargs).logits[0, -1]

@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 from vlmc.data.scenes import attribute_scores, is_scene_caption
 from vlmc.models import load as model_load
 from vlmc.models.base import get_adapter
-from vlmc.models.load import TESTBED_CLIP, TESTBED_FAMILIES, default_testbed_dir, load_vlm
+from vlmc.models.load import TESTBED_CLIP, default_testbed_dir, load_vlm
 from vlmc.train import train_testbed
 from vlmc.train.testbed import (
     HELD_OUT_FIRST,
     IGNORE,
+    TESTBED_FAMILIES,
     TrainConfig,
     caption_examples,
     collate_captions,

@@ -19,7 +19,7 @@ What it does, and nothing more:
   for every mode and level; stage 7's ``caption_post_direct`` is the same quantity and uses the same
   cache when both stages point ``--cache_dir`` at one folder.
 
-Qwen3-VL (any family whose adapter has ``deepstack_default``): the LM also receives *deepstack*
+Qwen3-VL (any family whose adapter ``has_deepstack``): the LM also receives *deepstack*
 features taken from intermediate vision layers, which are not a function of E_post. ``deepstack=
 "original"`` feeds the images' own (the model reproduces itself from its own E_post, but the original
 image leaks into the LM next to a perturbed / reconstructed E_post); ``"zero"`` feeds none (no leak,
@@ -78,7 +78,7 @@ def help_notes(extra: str = "") -> str:
 
 def supports_deepstack(adapter: FamilyAdapter) -> bool:
     """Whether the family's ``generate`` takes a ``deepstack=`` choice (Qwen3-VL)."""
-    return hasattr(adapter, "deepstack_default")
+    return adapter.has_deepstack
 
 
 def shape_groups(shapes: Sequence[Any], batch_size: int) -> list[list[int]]:
@@ -309,7 +309,7 @@ def generation_settings(adapter: FamilyAdapter, source: str, dtype: torch.dtype,
         "prompt": prompt,
         "max_new_tokens": int(max_new_tokens),
         "img_size": store.manifest.get("img_size"),
-        "deepstack": (deepstack or getattr(adapter, "deepstack_default", None)) if supports_deepstack(adapter) else None,
+        "deepstack": (deepstack or adapter.deepstack_default) if supports_deepstack(adapter) else None,
         "store_dtype": store.store_dtype,
     }
 

@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vlmc.data.scenes import SCENE_PIXEL_MEAN, SCENE_PIXEL_STD
 from vlmc.extract.runner import Encoded
-from vlmc.models.base import SCENE_PIXEL_MEAN, SCENE_PIXEL_STD, TinyDims
+from vlmc.models.base import TinyDims
 from vlmc.models.clip import hf_config, import_open_clip, load_hf, load_open_clip, pooled, testbed_clip_path
 from vlmc.models.sources import OPEN_CLIP_PREFIX, OPEN_CLIP_SCHEMAS, Named, Source, resolve, source_help
 from vlmc.utils.cli import UsageError

@@ -1,7 +1,8 @@
 """The model-family adapter contract: everything downstream asks an adapter, never an if/elif on names.
 
 A *family* (``llava``, ``idefics2``, ``qwen2.5vl``, ``qwen3.5``, ...) is one ``FamilyAdapter`` subclass
-registered with ``@register``. It knows how to
+registered with ``@register``, in one module that discovery imports (``src/models/families/`` or a folder
+on ``$VLMC_FAMILY_PATH``: :mod:`vlmc.models.families`). It knows how to
 
 * resolve a *source* string into weights: an HF id, a local folder, ``tiny`` (an offline tiny
   variant built from the family's transformers config with seeded weights, saved to a folder and
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,10 @@ from torch import Tensor, nn
 from vlmc.utils.cli import UsageError
 
 CorrespondenceKind = Literal["1:1", "merge", "none"]
+RealShapes = tuple[tuple[int, int], tuple[int, int]]  # ((T_pre, D_pre), (T_post, D_post)) of one image
+
+# Side (px) of the square image ``FamilyAdapter.real_shapes`` are published for.
+REAL_SHAPES_IMG_SIZE = 336
 
 
 @dataclass(frozen=True)
@@ -73,13 +78,6 @@ class TinyDims:
             return {}
         return {"image_mean": [self.pixel_mean] * 3, "image_std": [self.pixel_std] * 3}
 
-
-# Synthetic scenes are a light background (pixel mean 0.89, std 0.11 per channel at 96 px) with small
-# coloured shapes. Under CLIP's ImageNet normalisation the background is a large constant input that
-# swamps the shapes, and a tower trained from scratch on captions learnt nothing of the image in 1500
-# steps (captions identical for every image; measured). The testbed normalises with these instead:
-# the background maps near 0 and the shapes stand out.
-SCENE_PIXEL_MEAN, SCENE_PIXEL_STD = 0.85, 0.2
 
 
 @dataclass(frozen=True)
@@ -144,24 +142,71 @@ class VLM:
 class FamilyAdapter:
     """Base class of a model family. Subclasses set the class attributes and implement the hooks.
 
+    A family is one module (see :mod:`vlmc.models.families`): everything the stages, the tests and the
+    figures need to know about it is on its adapter. The public protocol is the class attributes below
+    and the methods of this class; code outside ``vlmc.models`` never calls an adapter's ``_private``
+    helpers or asks ``hasattr``.
+
     Class attributes:
         name: registry name (``llava``).
         default_id: the HF id used when no source is given.
         correspondence: pre→post token correspondence.
         real_configs: ``config:<name>`` → zero-argument callable building the published config.
+        real_shapes: ``config`` name → the published per-image ``((T_pre, D_pre), (T_post, D_post))`` of
+            one :data:`REAL_SHAPES_IMG_SIZE`-px square image (no image splitting); the generic tests
+            check ``config:<name>`` against it. Configs without an entry are checked for consistency only.
         default_prompt: the captioning instruction.
         vision_prefixes: parameter-name prefixes of the vision tower and the connector (everything
             ``encode`` / ``apply_connector`` run); vision-only loading (``vlmc.models.partial``)
             materialises these and leaves the rest (the language model) on ``meta``. Empty: the
             family cannot load its vision side alone.
+        pixel_keys: the ``prompt_inputs`` entries that carry pixels; dropped from the LM inputs when a
+            replacement E_post is injected (``injected_outputs``), so the image reaches the LM only
+            through it.
+        deepstack_default: families whose LM also reads *deepstack* features from intermediate vision
+            layers (Qwen3-VL): the mode ``generate`` / ``injected_outputs`` use when given none
+            (``"original"``: the images' own; ``"zero"``). ``None``: the family has no deepstack path
+            (``has_deepstack`` is false and a ``deepstack`` argument is a ``TypeError``).
+        tiny_version: bumped when ``build_tiny`` changes, so cached tiny variants are rebuilt.
+        label: display name in figures and tables (``""``: the registry name).
+        color: fixed figure colour (``None``: a stable pick from a spare palette).
+        display_rank: position among the families in figures and tables (``None``: after the ranked
+            ones, alphabetically).
     """
 
     name: ClassVar[str]
     default_id: ClassVar[str]
     correspondence: ClassVar[Correspondence]
     real_configs: ClassVar[dict[str, Callable[[], Any]]] = {}
+    real_shapes: ClassVar[dict[str, RealShapes]] = {}
     default_prompt: ClassVar[str] = "Describe the image in one sentence."
     vision_prefixes: ClassVar[tuple[str, ...]] = ()
+    pixel_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    deepstack_default: ClassVar[str | None] = None
+    tiny_version: ClassVar[int] = 1
+    label: ClassVar[str] = ""
+    color: ClassVar[str | None] = None
+    display_rank: ClassVar[int | None] = None
+
+    @property
+    def has_deepstack(self) -> bool:
+        """Whether the LM also reads deepstack features next to E_post (see ``deepstack_default``)."""
+        return self.deepstack_default is not None
+
+    def _refuse_deepstack(self, deepstack: Any) -> None:
+        """A ``deepstack`` value for a family without deepstack features is a caller's mistake."""
+        if deepstack is not None and not self.has_deepstack:
+            raise TypeError(f"{self.name} has no deepstack features; got deepstack={deepstack!r}")
+
+    @property
+    def builds_testbed(self) -> bool:
+        """Whether the family implements ``build_testbed`` (a variant small enough to train on scenes)."""
+        return type(self).build_testbed is not FamilyAdapter.build_testbed
+
+    @property
+    def display_label(self) -> str:
+        """``label``, or the registry name when the family sets none."""
+        return self.label or self.name
 
     # -- weights ---------------------------------------------------------------------------------
     def build_tiny(self, out_dir: Path, seed: int = 0) -> None:
@@ -252,14 +297,54 @@ class FamilyAdapter:
             raise UsageError(f"{self.name}: the model config names no image_token_id")
         return int(token)
 
+    def native_img_size(self, model: nn.Module) -> int | None:
+        """The only square side (px) the vision tower accepts, or ``None`` when any patch-divisible size works.
+
+        Default ``None``; fixed-resolution towers (LLaVA's CLIP) return their configured size.
+        """
+        return None
+
+    def token_orders(self, vlm: VLM, inputs: Mapping[str, Any]) -> tuple[Tensor, Tensor | None] | None:
+        """How the connector's own token order relates to canonical order for a batch of ``inputs``.
+
+        Args:
+            vlm: the loaded model.
+            inputs: ``prompt_inputs`` / ``preprocess`` output of the batch.
+
+        Returns:
+            ``None`` (default) when the connector sees ``[B, T_pre, D_pre]`` rows in canonical order;
+            else ``(pre_index, post_perm)`` cpu tensors for a connector that runs on one flat token
+            sequence: ``flat[pre_index]`` is E_pre of all images concatenated in canonical order, and
+            ``merged[post_perm]`` (``post_perm`` ``None``: identity) puts its output in canonical order.
+        """
+        return None
+
     # -- language path ---------------------------------------------------------------------------
     def prompt_inputs(
         self, vlm: VLM, images: Sequence[Image.Image], prompt: str | None = None, img_size: int | None = None
     ) -> dict[str, Tensor]:
-        """The exact model inputs ``generate`` starts from, on the model's device.
+        """The exact model inputs ``generate`` starts from, on the cpu (callers move them to the model).
 
-        Chat-templated prompt rows (left padded, image tokens expanded) plus pixel inputs: training on
-        ``prompt_inputs`` followed by caption ids teaches the model the sequences greedy decoding continues.
+        Chat-templated prompt rows (left padded, image tokens expanded) plus pixel inputs
+        (``pixel_keys``): training on ``prompt_inputs`` followed by caption ids teaches the model the
+        sequences greedy decoding continues.
+        """
+        raise NotImplementedError
+
+    def injected_outputs(
+        self, vlm: VLM, inputs: Mapping[str, Any], post: Sequence[Tensor], deepstack: str | None = None
+    ) -> dict[str, Any]:
+        """The ``mm_encoder_outputs`` argument that makes the LM read ``post`` as the images' features.
+
+        Used by ``generate`` and for training a replacement connector through the LM (the tensors keep
+        their autograd graph). Remove ``pixel_keys`` from the LM inputs that go with it.
+
+        Args:
+            vlm: the loaded model.
+            inputs: the batch's ``prompt_inputs`` (image grids, for families that need them).
+            post: per-image E_post in canonical order (``encode``'s shapes).
+            deepstack: ``"original"`` / ``"zero"`` for families with ``has_deepstack`` (``None``:
+                ``deepstack_default``); a ``TypeError`` for the others.
         """
         raise NotImplementedError
 
@@ -271,12 +356,14 @@ class FamilyAdapter:
         max_new_tokens: int = 32,
         post: Sequence[Tensor] | None = None,
         img_size: int | None = None,
+        deepstack: str | None = None,
     ) -> list[str]:
         """Greedy captions for a batch (left padding, KV cache).
 
         With ``post`` the model's own E_post is replaced by the given per-image tensors (canonical
         order, same shapes as ``encode`` returns), so stored / reconstructed / perturbed embeddings
-        can be decoded. Without it the model captions the images itself.
+        can be decoded. Without it the model captions the images itself. ``deepstack``: see
+        ``injected_outputs`` (only with ``post``).
         """
         raise NotImplementedError
 
@@ -307,8 +394,24 @@ def families() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def display_order(names: Iterable[str]) -> list[str]:
+    """Distinct ``names`` as figures and tables show them: families by ``display_rank``, then the rest
+    (unranked families, other models such as a reference CLIP) alphabetically."""
+    _import_families()
+
+    def key(name: str) -> tuple[int, int, str]:
+        adapter = _REGISTRY.get(name)
+        rank = None if adapter is None else adapter.display_rank
+        return (1, 0, name) if rank is None else (0, rank, name)
+
+    return sorted(set(names), key=key)
+
+
 def _import_families() -> None:
-    import vlmc.models.families  # noqa: F401  (registers every adapter on import)
+    """Import every family module (built-in and ``$VLMC_FAMILY_PATH``: :func:`vlmc.models.families.discover`)."""
+    from vlmc.models.families import discover
+
+    discover()
 
 
 def tiny_cache_dir() -> Path:

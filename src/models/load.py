@@ -19,10 +19,7 @@ log = logging.getLogger(__name__)
 
 TINY = "tiny"
 TESTBED = "testbed"
-# The calibrated testbed (src/train/train_testbed.py): trained VLMs of these families plus a CLIP.
-# (qwen3vl can build_testbed too; it is not trained: the issue's testbed is these four.)
-TESTBED_FAMILIES = ("llava", "idefics2", "qwen2.5vl", "qwen3.5")
-TESTBED_CLIP = "clip"
+TESTBED_CLIP = "clip"  # the testbed's CLIP folder (next to one folder per trained family: vlmc.train.testbed)
 
 
 def default_testbed_dir() -> Path:
@@ -35,7 +32,7 @@ def testbed_path(name: str) -> Path:
     """The trained testbed folder of ``name`` (a family or ``clip``); a ``UsageError`` if it is missing."""
     path = default_testbed_dir() / name
     if not (path / "config.json").is_file():
-        known = ", ".join((*TESTBED_FAMILIES, TESTBED_CLIP))
+        known = ", ".join(sorted(p.parent.name for p in default_testbed_dir().glob("*/config.json"))) or "none"
         raise UsageError(
             f"no trained testbed model {name!r} at {path} (testbed models: {known}; "
             "train with python src/train/train_testbed.py)"
@@ -45,7 +42,7 @@ def testbed_path(name: str) -> Path:
 
 def tiny_path(adapter: FamilyAdapter, seed: int = 0) -> Path:
     """Folder of the family's offline tiny variant, built on first use (atomically: safe for array jobs)."""
-    version = getattr(adapter, "tiny_version", 1)
+    version = adapter.tiny_version
     path = tiny_cache_dir() / f"tiny-{adapter.name}-v{version}-s{seed}"
     if not (path / "config.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)

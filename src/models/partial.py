@@ -280,7 +280,7 @@ def supported(adapter: Any, source: str, device: torch.device, config_prefix: st
     """Whether ``source`` can be loaded vision-only: the family declares its vision side and the source
     is ``config:`` or a local folder of safetensors (an HF id or a ``.bin`` checkpoint is loaded whole), on
     a real device (not ``meta``)."""
-    if not getattr(adapter, "vision_prefixes", ()) or device.type == "meta":
+    if not adapter.vision_prefixes or device.type == "meta":
         return False
     if source.startswith(config_prefix):
         return True

@@ -2,8 +2,9 @@
 human labels for every column a figure shows.
 
 * :data:`RC` (applied on import): font family and sizes, grid, constrained layout.
-* Models: :func:`model_color` (fixed per family, else a stable pick from a spare palette),
-  :func:`model_label` (``qwen2.5vl`` → ``Qwen2.5-VL``), :func:`sort_models`.
+* Models: :func:`model_color` (the family adapter's ``color``, else a stable pick from a spare palette),
+  :func:`model_label` (the adapter's ``label``: ``qwen2.5vl`` → ``Qwen2.5-VL``), :func:`sort_models` (the
+  adapters' ``display_rank``). The facts live on the adapters (``vlmc.models``), read on first use.
 * Image groups: :data:`GROUP_MARKERS` / :data:`GROUP_LABELS` for ``scenes`` (the synthetic testbed scenes)
   and ``photos`` (everything else), so figures that pool both say which point is which.
 * Columns: :func:`label` (short, for panel titles: ``clipscore_drop`` → "CLIPScore drop") and
@@ -17,6 +18,7 @@ import hashlib
 import re
 import textwrap
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -24,16 +26,14 @@ matplotlib.use("Agg")  # before pyplot: no display, same output everywhere
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+if TYPE_CHECKING:
+    from vlmc.models.base import FamilyAdapter
+
 RC = {"font.family": "DejaVu Sans", "font.size": 9, "figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3,
       "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 7.5,
       "legend.framealpha": 0.85, "figure.titlesize": 11, "savefig.facecolor": "white"}
 plt.rcParams.update(RC)
 
-MODEL_ORDER = ("llava", "idefics2", "qwen2.5vl", "qwen3.5", "qwen3vl")
-MODEL_LABELS = {"llava": "LLaVA", "idefics2": "Idefics2", "qwen2.5vl": "Qwen2.5-VL", "qwen3.5": "Qwen3.5",
-                "qwen3vl": "Qwen3-VL"}
-MODEL_COLORS = {"llava": "#1f77b4", "idefics2": "#ff7f0e", "qwen2.5vl": "#2ca02c", "qwen3.5": "#d62728",
-                "qwen3vl": "#9467bd"}
 _SPARE_COLORS = ("#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#843c39")
 PRE_POST_COLORS = {"pre": "#4c72b0", "post": "#dd8452"}
 CHANCE_STYLE = {"color": "#333333", "ls": (0, (1, 2)), "lw": 1.1, "zorder": 4}  # every chance / reference level
@@ -82,23 +82,33 @@ _WORDS = {"clipscore": "CLIPScore", "bertscore": "BERTScore", "knor": "KNOR", "a
           "reproj": "re-projection", "erank": "effective rank", "normalized": "normalised"}
 
 
+def _adapter(model: str) -> FamilyAdapter | None:
+    """The registered family adapter named ``model`` (``None``: not a family, e.g. a reference model)."""
+    from vlmc.models.base import families, get_adapter  # heavy (transformers): only when a figure needs it
+
+    return get_adapter(model) if model in families() else None
+
+
 def model_color(model: str) -> str:
-    """The model's colour: fixed for known families, else a stable pick from a spare palette."""
-    if model in MODEL_COLORS:
-        return MODEL_COLORS[model]
+    """The model's colour: its family's ``color``, else a stable pick from a spare palette."""
+    adapter = _adapter(model)
+    if adapter is not None and adapter.color:
+        return adapter.color
     h = int(hashlib.sha256(model.encode()).hexdigest(), 16)
     return _SPARE_COLORS[h % len(_SPARE_COLORS)]
 
 
 def model_label(model: str) -> str:
-    """Display name (``qwen2.5vl`` → ``Qwen2.5-VL``); unknown names are shown as they are."""
-    return MODEL_LABELS.get(model, model)
+    """Display name: its family's label (``qwen2.5vl`` → ``Qwen2.5-VL``); other names are shown as they are."""
+    adapter = _adapter(model)
+    return model if adapter is None else adapter.display_label
 
 
 def sort_models(models: Iterable[str]) -> list[str]:
-    """Known families in their usual order, then the rest alphabetically."""
-    rank = {m: i for i, m in enumerate(MODEL_ORDER)}
-    return sorted(set(models), key=lambda m: (rank.get(m, len(rank)), m))
+    """Families with a ``display_rank`` in that order, then the rest alphabetically."""
+    from vlmc.models.base import display_order
+
+    return display_order(models)
 
 
 def label(column: str) -> str:

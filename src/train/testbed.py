@@ -31,14 +31,23 @@ from torch import Tensor
 from tqdm import tqdm
 
 from vlmc.data.scenes import Scene, attribute_scores, caption, make_scene, render_scene, scene_key
-from vlmc.models.base import VLM
+from vlmc.models.base import VLM, families, get_adapter
 
 log = logging.getLogger(__name__)
 
+# The committed testbed (sample/models, trained by src/train/train_testbed.py): these families plus a CLIP,
+# in this order (the demo's first model gets the replacement connector). Other families that implement
+# ``build_testbed`` train too but are not committed (``untracked_testbed_families``).
+TESTBED_FAMILIES = ("llava", "idefics2", "qwen2.5vl", "qwen3.5")
 HELD_OUT_FIRST = 10_000  # first held-out key index (seed 0); sample/images' scenes start here
 SCENE_SEED = 0
 RENDER_SIZE = 224  # what sample/images holds; each processor resizes to its model's input
 IGNORE = -100
+
+
+def untracked_testbed_families() -> list[str]:
+    """Registered families outside :data:`TESTBED_FAMILIES` whose adapter builds a testbed variant."""
+    return [f for f in families() if f not in TESTBED_FAMILIES and get_adapter(f).builds_testbed]
 
 
 def split_of(index: int) -> str:

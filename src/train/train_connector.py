@@ -54,7 +54,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import math
 import random
@@ -78,7 +77,7 @@ from vlmc.extract.runner import Encoded, RunConfig, run_shards, versions
 from vlmc.extract.vectors import shape_meta
 from vlmc.models.attention import add_attn_arg, check_attn_implementation
 from vlmc.models.base import VLM, Captured, get_adapter
-from vlmc.models.families.common import chat_texts, injected, left_padding, to_model
+from vlmc.models.families.common import to_model
 from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
 from vlmc.models.partial import on_vision_side
 from vlmc.store.batches import ShapeBatchSampler, plan_batches
@@ -331,53 +330,12 @@ def split_items(items: Sequence[Item], val_split: float, seed: int) -> dict[str,
     return make_split(items, (n - n_val) / n, seed)
 
 
-# -- adapter bridges (private adapter helpers: see the module's report to the lead) -------------------
-
-
-def prompt_inputs(vlm: VLM, images: Sequence[Image.Image], prompt: str, img_size: int | None) -> dict[str, Tensor]:
-    """The processor batch (image placeholders expanded, pixels) for the family's chat prompt, on the cpu.
-
-    Exactly what the adapter's ``generate`` feeds the model, so training and generation see the same prompt.
-    """
-    ad = vlm.adapter
-    if hasattr(ad, "_chat_inputs"):  # Qwen family
-        cpu = VLM(ad, vlm.model, vlm.processor, vlm.source, torch.device("cpu"), vlm.dtype)
-        return dict(ad._chat_inputs(cpu, list(images), prompt, img_size))
-    texts = chat_texts(vlm.processor, prompt, len(images))
-    with left_padding(vlm.processor.tokenizer):
-        return dict(ad._generation_inputs(vlm, list(images), texts, img_size))
-
-
-def has_deepstack(adapter: Any) -> bool:
-    """Whether the family's LM also reads deepstack features from the vision tower (Qwen3-VL)."""
-    fn = getattr(adapter, "_injected_outputs", None)
-    return fn is not None and "deepstack" in inspect.signature(fn).parameters
+# -- adapter bridges ----------------------------------------------------------------------------------
 
 
 def _deepstack_kwargs(vlm: VLM) -> dict[str, Any]:
     """Qwen3-VL: zero the deepstack features with a replacement E_post (else the original image leaks in)."""
-    return {"deepstack": "zero"} if has_deepstack(vlm.adapter) else {}
-
-
-def mm_outputs(vlm: VLM, inputs: Mapping[str, Any], post: Sequence[Tensor]) -> dict[str, Any]:
-    """``mm_encoder_outputs`` for a forward/generate with ``post`` (canonical order) as the image features."""
-    ad = vlm.adapter
-    if hasattr(ad, "_injected_outputs"):  # Qwen family (canonical = LM order)
-        return {"image": ad._injected_outputs(vlm, dict(inputs), list(post), **_deepstack_kwargs(vlm))}
-    to_model_post = getattr(ad, "_to_model_post", None)
-    rows = to_model_post(vlm, list(post), inputs) if to_model_post is not None else list(post)
-    return injected(rows, vlm.device, vlm.dtype)  # .to() keeps the autograd graph
-
-
-def pixel_keys(vlm: VLM) -> tuple[str, ...]:
-    """Processor outputs that carry pixels (dropped when E_post is injected)."""
-    return tuple(getattr(vlm.adapter, "pixel_keys", ("pixel_values",)))
-
-
-def _orders(vlm: VLM, grid_thw: Tensor) -> tuple[Tensor, Tensor | None] | None:
-    """Qwen: ``(pre_index, post_perm)`` between the merger's token order and canonical; None = identical."""
-    fn = getattr(vlm.adapter, "_orders", None)
-    return None if fn is None else fn(vlm.model.model.visual, grid_thw.cpu())
+    return {"deepstack": "zero"} if vlm.adapter.has_deepstack else {}
 
 
 # -- batches ---------------------------------------------------------------------------------------------
@@ -464,7 +422,7 @@ class BatchMaker:
         images = [r[1] for r in good]
         tok = self.vlm.processor.tokenizer
         caps = [tok(r[0].caption, add_special_tokens=False)["input_ids"] for r in good]
-        prompt = prompt_inputs(self.vlm, images, self.prompt, self.img_size)
+        prompt = self.vlm.adapter.prompt_inputs(self.vlm, list(images), self.prompt, self.img_size)
         batch["lm"] = build_lm_batch(prompt, caps, self.eos_id, self.pad_id, self.side)
         if good[0][3] is not None:
             batch["pre"] = [r[3] for r in good]
@@ -506,7 +464,7 @@ class Context:
         self.image_token_id = getattr(vlm.model.config, "image_token_id", None)
         self.lm_head = vlm.model.get_output_embeddings()
         self.base = vlm.model.base_model
-        self.pixel_keys = pixel_keys(vlm)
+        self.pixel_keys = vlm.adapter.pixel_keys
 
     def amp(self):
         return amp_context(self.device, self.amp_enabled, self.amp_dtype)
@@ -585,7 +543,7 @@ class Context:
             else:
                 new_post, zs = connector.apply(pre, grids)
             self.check_tokens(text["input_ids"], new_post)
-            ce, n = self.lm_ce(text, labels, mm_outputs(self.vlm, text, new_post))
+            ce, n = self.lm_ce(text, labels, self.vlm.adapter.injected_outputs(self.vlm, text, new_post, **_deepstack_kwargs(self.vlm)))
         return ce, n, *self._geometry(connector, zs, post_orig)
 
     @staticmethod
@@ -623,8 +581,7 @@ def swapped_connector(ctx: Context, connector: ReplacementConnector, grids: Sequ
     vlm = ctx.vlm
     module = vlm.adapter.connector_module(vlm.model)
     captured: dict[str, Any] = {}
-    grid_thw = inputs.get("image_grid_thw")
-    orders = _orders(vlm, grid_thw) if grid_thw is not None else None
+    orders = vlm.adapter.token_orders(vlm, inputs)
 
     def hook(_mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Tensor:
         x = args[0] if args else kwargs["image_hidden_states"]
@@ -1019,7 +976,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_training(args, parts: Parts, stop: StopFlag) -> int:
     resolve_args(args, None)
-    if parts.vision_lr is not None and has_deepstack(get_adapter(args.embed_model)):
+    if parts.vision_lr is not None and get_adapter(args.embed_model).has_deepstack:
         raise UsageError(f"{args.embed_model}: fine-tuning the vision tower runs it inside the model, whose deepstack "
                          "features would carry the original image past the replacement connector; keep it frozen")
     args.out_dir = args.out_dir or f"data/output/connector/{args.embed_model}_{args.connector}"

@@ -33,10 +33,11 @@ import torch
 
 from vlmc.extract.reference import build_testbed_clip
 from vlmc.models.base import get_adapter
-from vlmc.models.load import TESTBED_CLIP, TESTBED_FAMILIES, default_testbed_dir, load_vlm
+from vlmc.models.load import TESTBED_CLIP, default_testbed_dir, load_vlm
 from vlmc.train.testbed import (
     HELD_OUT_FIRST,
     RECIPES,
+    TESTBED_FAMILIES,
     TrainConfig,
     caption_accuracy,
     recipe,
@@ -45,6 +46,7 @@ from vlmc.train.testbed import (
     train_clip,
     train_vlm,
     true_vs_shuffled,
+    untracked_testbed_families,
 )
 from vlmc.utils import cli
 from vlmc.utils.cli import UsageError, ensure_writable_dir, entry_point, make_parser, parse_csv_list
@@ -53,7 +55,7 @@ from vlmc.utils.io import atomic_dir, atomic_write_json, read_json
 log = logging.getLogger("vlmc.train_testbed")
 
 ALL = (*TESTBED_FAMILIES, TESTBED_CLIP)  # --models all: the committed testbed
-TRAINABLE = (*TESTBED_FAMILIES, "qwen3vl", TESTBED_CLIP)  # qwen3vl builds and trains; not committed
+TRAINABLE = (*TESTBED_FAMILIES, *untracked_testbed_families(), TESTBED_CLIP)  # e.g. qwen3vl: trains, not committed
 EVAL_FIRST = HELD_OUT_FIRST + 10_000  # held-out keys not in sample/images
 REPORT = "testbed.json"
 

@@ -243,8 +243,7 @@ def decode_new(processor: Any, sequences: Tensor, prompt_len: int) -> list[str]:
 class HFAdapter(FamilyAdapter):
     """``FamilyAdapter`` for transformers VLMs whose ``generate`` accepts ``mm_encoder_outputs``.
 
-    Subclasses set ``model_cls`` (and ``pixel_keys``: the processor outputs that carry pixels and
-    must be dropped when a replacement E_post is injected) and implement:
+    Subclasses set ``model_cls`` (and ``pixel_keys``, see ``FamilyAdapter``) and implement:
 
     * ``_config_processor(config)``: an offline processor for a ``real_configs`` config;
     * ``_after_load(model, processor)``: optional fix-ups of a loaded processor (default: none);
@@ -260,8 +259,6 @@ class HFAdapter(FamilyAdapter):
     """
 
     model_cls: ClassVar[type[nn.Module]]
-    pixel_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
-    tiny_version: ClassVar[int] = 1
 
     # -- weights ---------------------------------------------------------------------------------
     def load_pretrained(
@@ -315,6 +312,12 @@ class HFAdapter(FamilyAdapter):
         with left_padding(vlm.processor.tokenizer):
             return dict(self._generation_inputs(vlm, images, texts, img_size))
 
+    def injected_outputs(
+        self, vlm: VLM, inputs: Mapping[str, Any], post: Sequence[Tensor], deepstack: str | None = None
+    ) -> dict[str, Any]:
+        self._refuse_deepstack(deepstack)
+        return injected(self._to_model_post(vlm, list(post), inputs), vlm.device, vlm.dtype)
+
     def generate_ids(
         self,
         vlm: VLM,
@@ -334,7 +337,7 @@ class HFAdapter(FamilyAdapter):
             check_rows("post", post, len(images), [t for t, _ in shapes], shapes[0][1] if shapes else None)
             for k in self.pixel_keys:
                 inputs.pop(k, None)
-            mm = injected(self._to_model_post(vlm, post, batch), vlm.device, vlm.dtype)
+            mm = self.injected_outputs(vlm, batch, post)
         seq = greedy_generate(vlm.model, inputs, max_new_tokens, mm, pad_token_id=tokenizer.pad_token_id)
         return seq, inputs["input_ids"].shape[1]
 
@@ -346,7 +349,9 @@ class HFAdapter(FamilyAdapter):
         max_new_tokens: int = 32,
         post: Sequence[Tensor] | None = None,
         img_size: int | None = None,
+        deepstack: str | None = None,
     ) -> list[str]:
+        self._refuse_deepstack(deepstack)
         if not images:
             return []
         seq, prompt_len = self.generate_ids(vlm, images, prompt, max_new_tokens, post, img_size)

@@ -29,9 +29,8 @@ from transformers import (
     Idefics2Processor,
 )
 
+from vlmc.data.scenes import SCENE_PIXEL_MEAN, SCENE_PIXEL_STD
 from vlmc.models.base import (
-    SCENE_PIXEL_MEAN,
-    SCENE_PIXEL_STD,
     VLM,
     Captured,
     Correspondence,
@@ -134,6 +133,8 @@ class Idefics2Adapter(HFAdapter):
     default_id = "HuggingFaceM4/idefics2-8b"
     correspondence = Correspondence("none")
     real_configs = {"idefics2-8b": idefics2_8b}
+    real_shapes = {"idefics2-8b": ((576, 1152), (64, 4096))}
+    label, color, display_rank = "Idefics2", "#ff7f0e", 1
     model_cls = Idefics2ForConditionalGeneration
     vision_prefixes = ("model.vision_model", "model.connector")
     pixel_keys = ("pixel_values", "pixel_attention_mask")

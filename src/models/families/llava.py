@@ -25,9 +25,8 @@ from transformers import (
     LlavaProcessor,
 )
 
+from vlmc.data.scenes import SCENE_PIXEL_MEAN, SCENE_PIXEL_STD
 from vlmc.models.base import (
-    SCENE_PIXEL_MEAN,
-    SCENE_PIXEL_STD,
     VLM,
     Captured,
     Correspondence,
@@ -119,6 +118,8 @@ class LlavaAdapter(HFAdapter):
     default_id = "llava-hf/llava-1.5-7b-hf"
     correspondence = Correspondence("1:1")
     real_configs = {"llava-1.5-7b": llava_15_7b}
+    real_shapes = {"llava-1.5-7b": ((576, 1024), (576, 4096))}
+    label, color, display_rank = "LLaVA", "#1f77b4", 0
     model_cls = LlavaForConditionalGeneration
     vision_prefixes = ("model.vision_tower", "model.multi_modal_projector")
     pixel_keys = ("pixel_values", "image_sizes")
@@ -185,6 +186,9 @@ class LlavaAdapter(HFAdapter):
 
     def connector_module(self, model: nn.Module) -> nn.Module:
         return model.model.multi_modal_projector
+
+    def native_img_size(self, model: nn.Module) -> int | None:
+        return int(model.config.vision_config.image_size)  # CLIP runs at its configured size only
 
     def encode(self, vlm: VLM, pixel_inputs: Mapping[str, Tensor]) -> Captured:
         cfg = vlm.model.config

@@ -36,7 +36,7 @@ import functools
 import json
 import logging
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -69,9 +69,8 @@ from transformers.vision_utils import (
     get_vision_window_index,
 )
 
+from vlmc.data.scenes import SCENE_PIXEL_MEAN, SCENE_PIXEL_STD
 from vlmc.models.base import (
-    SCENE_PIXEL_MEAN,
-    SCENE_PIXEL_STD,
     VLM,
     Captured,
     Correspondence,
@@ -406,6 +405,10 @@ class QwenMergerAdapter(FamilyAdapter):
         """``(window_size, patch_size)`` of a windowed tower (Qwen2.5-VL), ``None`` otherwise."""
         return (visual.window_size, visual.patch_size) if self.windowed else None
 
+    def token_orders(self, vlm: VLM, inputs: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """The merger runs on all images' patches as one flat, (window-)permuted sequence."""
+        return self._orders(vlm.model.model.visual, inputs["image_grid_thw"].cpu())
+
     def _orders(self, visual: nn.Module, grid_thw: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(pre_index, post_perm)`` for a batch of images (cpu tensors; see ``canonical_orders``)."""
         if visual.spatial_merge_size != 2:
@@ -551,8 +554,10 @@ class QwenMergerAdapter(FamilyAdapter):
 
     # -- language path ---------------------------------------------------------------------------
     def _chat_inputs(
-        self, vlm: VLM, images: Sequence[Image.Image], prompt: str | None, img_size: int | None
+        self, vlm: VLM, images: Sequence[Image.Image], prompt: str | None, img_size: int | None,
+        device: torch.device | None = None,
     ) -> dict[str, Tensor]:
+        """The processor batch; every tensor but ``image_grid_thw`` on ``device`` (``None``: the model's)."""
         processor = vlm.processor
         messages = [
             {
@@ -573,20 +578,20 @@ class QwenMergerAdapter(FamilyAdapter):
             padding_side="left",
             **self._size_kwargs(processor, img_size),
         )
-        return {k: v.to(vlm.device) if k != "image_grid_thw" else v for k, v in inputs.items()}
+        device = vlm.device if device is None else device
+        return {k: v.to(device) if k != "image_grid_thw" else v for k, v in inputs.items()}
 
     def prompt_inputs(
         self, vlm: VLM, images: Sequence[Image.Image], prompt: str | None = None, img_size: int | None = None
     ) -> dict[str, Tensor]:
-        return self._chat_inputs(vlm, images, prompt, img_size)
+        return self._chat_inputs(vlm, images, prompt, img_size, torch.device("cpu"))
 
-    def _injected_outputs(
-        self, vlm: VLM, inputs: dict[str, Tensor], post: Sequence[Tensor], **kwargs: Any
-    ) -> Any:
-        """``mm_encoder_outputs["image"]`` carrying ``post`` (canonical = the LM's own order)."""
-        if kwargs:
-            raise TypeError(f"{self.name}: unexpected generate arguments {sorted(kwargs)}")
-        return BaseModelOutputWithPooling(pooler_output=tuple(post))
+    def injected_outputs(
+        self, vlm: VLM, inputs: Mapping[str, Any], post: Sequence[Tensor], deepstack: str | None = None
+    ) -> dict[str, Any]:
+        """``post`` as the image features (canonical = the LM's own order); ``deepstack``: Qwen3-VL only."""
+        self._refuse_deepstack(deepstack)
+        return {"image": BaseModelOutputWithPooling(pooler_output=tuple(post))}
 
     def _check_post(
         self, vlm: VLM, grid_thw: Tensor, post: Sequence[Tensor], what: str = "post"
@@ -613,7 +618,7 @@ class QwenMergerAdapter(FamilyAdapter):
         max_new_tokens: int = 32,
         post: Sequence[Tensor] | None = None,
         img_size: int | None = None,
-        **kwargs: Any,
+        deepstack: str | None = None,
     ) -> list[str]:
         if not images:
             return []
@@ -623,12 +628,12 @@ class QwenMergerAdapter(FamilyAdapter):
         }
         gen_kwargs["image_grid_thw"] = gen_kwargs["image_grid_thw"].to(vlm.device)
         if post is None:
-            if kwargs:
-                raise TypeError(f"unexpected arguments without post: {sorted(kwargs)}")
+            if deepstack is not None:
+                raise TypeError("deepstack= goes with post= (an injected E_post) only")
             gen_kwargs["pixel_values"] = inputs["pixel_values"].to(vlm.device, vlm.model.model.visual.dtype)
         else:
             post = self._check_post(vlm, inputs["image_grid_thw"], post)
-            gen_kwargs["mm_encoder_outputs"] = {"image": self._injected_outputs(vlm, inputs, post, **kwargs)}
+            gen_kwargs["mm_encoder_outputs"] = self.injected_outputs(vlm, inputs, post, deepstack)
         tok = vlm.processor.tokenizer
         eos = vlm.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -693,6 +698,8 @@ class Qwen25VLAdapter(QwenMergerAdapter):
     windowed = True
     tiny_lm_gain = 2.0
     real_configs: ClassVar[dict[str, Callable[[], Any]]] = {"qwen2.5-vl-7b": _qwen25_vl_7b}
+    real_shapes = {"qwen2.5-vl-7b": ((576, 1280), (144, 3584))}
+    label, color, display_rank = "Qwen2.5-VL", "#2ca02c", 2
     real_processor = (14, 56 * 56, 28 * 28 * 1280)  # preprocessor_config.json min/max_pixels
     real_special_ids = QWEN2_SPECIAL_IDS
 
@@ -766,6 +773,8 @@ class Qwen35Adapter(QwenMergerAdapter):
     processor_cls = Qwen3VLProcessor  # Qwen3.5 has no processor of its own
     video_processor_cls = Qwen3VLVideoProcessor
     real_configs: ClassVar[dict[str, Callable[[], Any]]] = {"qwen3.5-9b": _qwen35_9b}
+    real_shapes = {"qwen3.5-9b": ((400, 1152), (100, 4096))}
+    label, color, display_rank = "Qwen3.5", "#d62728", 3
     real_processor = (16, 65536, 16777216)  # preprocessor_config.json size shortest/longest_edge
     real_special_ids = QWEN35_SPECIAL_IDS
     tiny_lm_gain = 6.0
@@ -836,6 +845,8 @@ class Qwen3VLAdapter(QwenMergerAdapter):
     processor_cls = Qwen3VLProcessor
     video_processor_cls = Qwen3VLVideoProcessor
     real_configs: ClassVar[dict[str, Callable[[], Any]]] = {"qwen3-vl-8b": _qwen3_vl_8b}
+    real_shapes = {"qwen3-vl-8b": ((400, 1152), (100, 4096))}
+    label, color, display_rank = "Qwen3-VL", "#9467bd", 4
     real_processor = (16, 65536, 16777216)
     real_special_ids = QWEN2_SPECIAL_IDS
     tiny_lm_gain = 4.0
@@ -869,13 +880,14 @@ class Qwen3VLAdapter(QwenMergerAdapter):
         for level, feat in enumerate(out.deepstack_features):
             captured.modules[DEEPSTACK_KEY.format(level)] = self._split(feat, sizes)
 
-    def _injected_outputs(
+    def injected_outputs(
         self,
         vlm: VLM,
-        inputs: dict[str, Tensor],
+        inputs: Mapping[str, Any],
         post: Sequence[Tensor],
         deepstack: str | Sequence[Sequence[Tensor]] | None = None,
-    ) -> BaseModelOutputWithDeepstackFeatures:
+    ) -> dict[str, Any]:
+        """``post`` with deepstack features: ``"original"`` (the pixels' own), ``"zero"`` or given levels."""
         visual = vlm.model.model.visual
         n_levels = len(visual.deepstack_visual_indexes)
         if deepstack is None:
@@ -902,9 +914,9 @@ class Qwen3VLAdapter(QwenMergerAdapter):
                 self._check_post(vlm, inputs["image_grid_thw"], level, f"deepstack[{k}]")
                 for k, level in enumerate(levels)
             ]
-        return BaseModelOutputWithDeepstackFeatures(
+        return {"image": BaseModelOutputWithDeepstackFeatures(
             pooler_output=tuple(post), deepstack_features=[tuple(level) for level in levels]
-        )
+        )}
 
 
 __all__ = ["QwenMergerAdapter", "Qwen25VLAdapter", "Qwen35Adapter", "Qwen3VLAdapter", "DEEPSTACK_KEY"]
