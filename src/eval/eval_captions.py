@@ -68,10 +68,10 @@ def build_parser():
     """The stage-7 argument parser."""
     p = make_parser(__doc__ + inject.help_notes(" caption_recon replaces only the merger output: with 'original' the "
                                                  "image's own deepstack features go with it."))
-    p.add_argument("--vec_dir", default=None, help="stage-1 store: base folder (+ --embed_model), model folder or one shard "
+    p.add_argument("--vec_dir", default=None, help="stage-1 store: base folder (+ --model), model folder or one shard "
                    "folder (default: data/vector; with --recon_dir: the store the reconstructor was trained on)")
     p.add_argument("--image_dir", default="sample/images", help="the images the store was extracted from (see above)")
-    p.add_argument("--embed_model", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
+    cli.add_model_arg(p, "--embed_model", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
     p.add_argument("--model_path", "--model-path", dest="model_path", default=None,
                    help=f"VLM weights: {VLM_SOURCE_HELP}. Default: the store manifest's source at its recorded commit. "
                    "A *.pt/*.pth/*.ckpt file is the seed's reconstructor checkpoint: its folder is taken as --recon_dir "
@@ -83,7 +83,7 @@ def build_parser():
     p.add_argument("--split", default="test", choices=["test", "all"],
                    help="with --recon_dir: test = only images the reconstructor was neither fitted nor selected on "
                    "(its split's test part; every image of a store other than its training store); all = every image")
-    p.add_argument("--out_dir", default="data/output/captions", help="output folder of captions_<model>.csv")
+    cli.add_out_dir_arg(p, default="data/output/captions", help="output folder of captions_<model>.csv")
     p.add_argument("--cache_dir", default=None, help="caption_post_direct cache folder (default <out_dir>/cache)")
     p.add_argument("--batch_size", type=cli.positive_int, default=8, help="images per generate call")
     p.add_argument("--shards", default=None, help="comma list of shards (default: all)")
@@ -104,7 +104,7 @@ def build_parser():
     p.add_argument("--deepstack", default=None, choices=list(inject.DEEPSTACK_MODES),
                    help="Qwen3-VL only (default original; see above)")
     p.add_argument("--save_every", type=cli.positive_int, default=256, help="rewrite the CSV after this many new rows")
-    p.add_argument("--resume", action="store_true", help="keep rows an earlier run wrote; generate only the rest")
+    cli.add_resume_arg(p, help="keep rows an earlier run wrote; generate only the rest")
     add_scoring_args(p, standalone=False)
     add_tracking_args(p)
     return p

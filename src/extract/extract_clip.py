@@ -41,6 +41,7 @@ from vlmc.extract.reference import (
 )
 from vlmc.extract.runner import RunConfig, add_run_args, check_run_args, group_by_shard, run_shards
 from vlmc.store.vectors import MANIFEST
+from vlmc.utils import cli
 from vlmc.utils.cli import (
     UsageError,
     ensure_writable_dir,
@@ -64,11 +65,11 @@ def build_parser():
     """The stage-2 argument parser."""
     p = make_parser(f"{__doc__}\n{POOL_DOC}")
     p.add_argument("--root", default="sample/images", help="image folder: <root>/<shard>/<key>.<ext> (a flat folder is one shard)")
-    p.add_argument("--out_dir", default="data/clip_ref", help="output folder; files go to <out_dir>/<shard>/")
+    cli.add_out_dir_arg(p, default="data/clip_ref", help="output folder; files go to <out_dir>/<shard>/")
     p.add_argument("--model_id", default=DEFAULT_REFERENCE, help=REFERENCE_SOURCE_HELP)
     p.add_argument("--revision", default=None, help="branch, tag or commit of an HF id (unset: main); the manifest "
                    "records the resolved commit")
-    p.add_argument("--model_type", default="auto", help=f"one of {', '.join(MODEL_TYPES)}: which pooling rule applies (auto: from the config)")
+    cli.add_ref_type_arg(p, "--model_type", default="auto", help=f"one of {', '.join(MODEL_TYPES)}: which pooling rule applies (auto: from the config)")
     p.add_argument("--pretrained", default=None, help="open_clip only: pretrained tag (e.g. laion2b_s34b_b79k) or checkpoint file")
     p.add_argument("--pool", default="cls", help=f"one of {', '.join(POOLS)}; exact tensors per backend above")
     add_run_args(p, batch_size=32)

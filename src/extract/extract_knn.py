@@ -103,7 +103,7 @@ def build_parser():
     p.add_argument("--post_pt", required=True, help="stage-1 store for E_post (usually the same as --pre_pt)")
     p.add_argument("--ref", action="append", default=[], metavar="LABEL:PATH",
                    help="stage-2 reference store, repeatable (e.g. clip:data/clip_ref)")
-    p.add_argument("--out_dir", required=True, help="output folder")
+    cli.add_out_dir_arg(p, required=True, help="output folder")
     p.add_argument("--k", default="10,50,100", help="comma-separated neighbourhood sizes (clipped to N-1)")
     p.add_argument("--metric", default="l2", choices=["l2", "cosine"], help="distance for kNN and distance correlations")
     p.add_argument("--pool", default="mean", choices=["mean", "first", "max", "cls"],
