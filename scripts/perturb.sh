@@ -1,7 +1,7 @@
 #!/bin/bash
 # Stage 8: captions from perturbed E_post (src/eval/eval_perturb.py), one CSV per (model, mode, level).
 #
-#   sbatch scripts/perturb.sh llava lowrank 0.01               # the seed's call: model, mode, level
+#   sbatch scripts/perturb.sh llava lowrank 0.01               # the original pipeline's call: model, mode, level
 #   sbatch scripts/perturb.sh llava mask 0,0.25,0.5,0.75        # several levels in one job
 #   sbatch --array=0-3 scripts/perturb.sh llava mask 0,0.25,0.5,0.75   # task N -> N-th level
 #   MODE=orthogonal LEVEL=0.5 EXTRA_ARGS=--shared_rotation sbatch scripts/perturb.sh qwen2.5vl

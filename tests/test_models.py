@@ -10,7 +10,7 @@ On each family's offline tiny variant (built fresh into a temporary ``VLMC_CACHE
 * the model depends on its image (distinct E_post, ≥ 2 distinct captions over 4 images);
 * module globs capture one vision-tower layer and the connector.
 At real published dimensions (``config:<name>``, random weights on the ``meta`` device): one
-336×336 image gives the E_pre / E_post shapes of FIELD_NOTES' table.
+336×336 image gives the E_pre / E_post shapes of ``REAL_SHAPES`` below.
 
 Family-specific expectations live in the tables below (or an adapter's optional ``real_shapes``
 class attribute), so a newly registered family is covered by every generic test at once.
@@ -49,7 +49,7 @@ torch.set_num_threads(2)
 FAMILIES = families()
 REAL_CONFIGS = [(f, c) for f in FAMILIES for c in sorted(get_adapter(f).real_configs)]
 
-# FIELD_NOTES.md: real checkpoints at 336×336, no image splitting: per image ((T_pre, D_pre), (T_post, D_post)).
+# The published checkpoints at 336×336, no image splitting: per image ((T_pre, D_pre), (T_post, D_post)).
 REAL_SHAPES: dict[tuple[str, str], tuple[tuple[int, int], tuple[int, int]]] = {
     ("llava", "llava-1.5-7b"): ((576, 1024), (576, 4096)),
     ("idefics2", "idefics2-8b"): ((576, 1152), (64, 4096)),

@@ -1,0 +1,1 @@
+"""Image inputs: image folders, the synthetic captioned scenes, bundled photos and the committed sample set."""

@@ -61,7 +61,7 @@ log = logging.getLogger("vlmc.eval_captions")
 
 BASE_COLUMNS = ("key", "shard", "image_path", "caption_gt", "caption_post_direct")
 RECON_COLUMNS = ("caption_recon", "reproj_mse", "reproj_cosine", "split")
-RECON_SUFFIXES = (".pt", ".pth", ".ckpt")  # a --model_path file with one of these is the seed's reconstructor
+RECON_SUFFIXES = (".pt", ".pth", ".ckpt")  # a --model_path file with one of these is the original pipeline's reconstructor
 
 
 def build_parser():
@@ -74,11 +74,11 @@ def build_parser():
     cli.add_model_arg(p, "--embed_model", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
     p.add_argument("--model_path", "--model-path", dest="model_path", default=None,
                    help=f"VLM weights: {VLM_SOURCE_HELP}. Default: the store manifest's source at its recorded commit. "
-                   "A *.pt/*.pth/*.ckpt file is the seed's reconstructor checkpoint: its folder is taken as --recon_dir "
+                   "A *.pt/*.pth/*.ckpt file is the original pipeline's reconstructor checkpoint: its folder is taken as --recon_dir "
                    "(docs/seed_compat.md)")
     p.add_argument("--recon_dir", default=None,
                    help="train_recon --out_dir (best_model.pt, normalization.safetensors, split.json); unset: no caption_recon")
-    # the seed's flags, kept for its command lines (docs/seed_compat.md), not listed in --help
+    # the original pipeline's flags, kept for its command lines (docs/seed_compat.md), not listed in --help
     p.add_argument("--recon_stats_path", default=None, help=argparse.SUPPRESS)
     p.add_argument("--split", default="test", choices=["test", "all"],
                    help="with --recon_dir: test = only images the reconstructor was neither fitted nor selected on "
@@ -111,12 +111,12 @@ def build_parser():
 
 
 def check_args(args) -> None:
-    """Reject impossible numbers and the seed's old meanings before anything is loaded."""
+    """Reject impossible numbers and the original pipeline's old meanings before anything is loaded."""
     if args.batch_size < 1 or args.save_every < 1 or args.max_new_tokens < 1:
         raise UsageError("--batch_size, --save_every and --caption_max_new_tokens must be >= 1")
     if args.shard_limit < 0 or args.max_items < 0:
         raise UsageError("--shard_limit and --max_items must be >= 0")
-    if args.model_path and args.model_path.endswith(RECON_SUFFIXES):  # the seed's meaning: the reconstructor
+    if args.model_path and args.model_path.endswith(RECON_SUFFIXES):  # the original pipeline's meaning: the reconstructor
         _seed_recon_flag(args, "--model_path", Path(args.model_path).parent)
         args.model_path = None
     if args.recon_stats_path:
@@ -127,10 +127,10 @@ def check_args(args) -> None:
 
 
 def _seed_recon_flag(args, flag: str, folder: Path) -> None:
-    """The seed named the reconstructor by its checkpoint or stats file: take that file's folder as --recon_dir."""
+    """The original pipeline named the reconstructor by its checkpoint or stats file: take that file's folder as --recon_dir."""
     if args.recon_dir and Path(args.recon_dir).resolve() != folder.resolve():
         raise UsageError(f"{flag} (folder {folder}) and --recon_dir {args.recon_dir} name different reconstructors")
-    log.warning("%s %s: the seed's reconstructor file; using its folder %s as --recon_dir", flag, getattr(args, flag[2:]),
+    log.warning("%s %s: the original pipeline's reconstructor file; using its folder %s as --recon_dir", flag, getattr(args, flag[2:]),
                 folder)
     args.recon_dir = str(folder)
 

@@ -92,7 +92,7 @@ def build_parser():
     p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     add_attn_arg(p)
     p.add_argument("--dtype", default="auto", help="model compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
-    p.add_argument("--amp", action="store_true", help="the seed's flag: same as --dtype bf16")
+    p.add_argument("--amp", action="store_true", help="the original pipeline's flag: same as --dtype bf16")
     p.add_argument("--deepstack", default=None, choices=list(inject.DEEPSTACK_MODES),
                    help="Qwen3-VL only (default original; see above)")
     cli.add_resume_arg(p, help="keep rows an earlier run wrote; generate only the rest")

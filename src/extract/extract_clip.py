@@ -7,7 +7,7 @@ Writes, per shard (the same images and keys as stage 1, so kNN neighbourhoods ca
                                                 skipped images; written after every chunk, complete=true at the end)
 
 One reference model per --out_dir (e.g. data/clip_ref/clip-l14, data/clip_ref/dinov2-base).
---model_id (default openai/clip-vit-large-patch14, the seed's reference, through the Hugging Face cache):
+--model_id (default openai/clip-vit-large-patch14, the original pipeline's reference, through the Hugging Face cache):
 tiny-clip (= tiny) | tiny-dino | tiny-dino-reg (offline, seeded random weights built into $VLMC_CACHE),
     testbed-clip (= testbed: the CLIP trained on synthetic scenes, sample/models/clip),
 an HF id (org/name[@revision]; --revision pins a commit, recorded in the manifest) or local folder (CLIPModel, CLIPVisionModel[WithProjection], SiglipModel, SiglipVisionModel,

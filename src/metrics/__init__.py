@@ -1,0 +1,1 @@
+"""Pure metrics over arrays: neighbourhoods and overlap, representation similarity, spectra, bootstrap intervals."""

@@ -1,0 +1,1 @@
+"""Model families behind one adapter contract: loading, encoding (E_pre, E_post), captioning, module capture."""

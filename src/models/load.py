@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 TINY = "tiny"
 TESTBED = "testbed"
 # The calibrated testbed (src/train/train_testbed.py): trained VLMs of these families plus a CLIP.
-# (qwen3vl can build_testbed too; it is not trained: the testbed is these four.)
+# (qwen3vl can build_testbed too; it is not trained: the testbed is these four.)
 TESTBED_FAMILIES = ("llava", "idefics2", "qwen2.5vl", "qwen3.5")
 TESTBED_CLIP = "clip"
 

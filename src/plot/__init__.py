@@ -1,0 +1,1 @@
+"""Figures and summary tables read from stage-output folders."""

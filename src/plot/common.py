@@ -62,7 +62,7 @@ class FigureError(UsageError):
 
 
 def model_slug(model: str) -> str:
-    """File-name form used by the seed's figures (``qwen2.5vl`` → ``qwen25vl``)."""
+    """File-name form used by the original pipeline's figures (``qwen2.5vl`` → ``qwen25vl``)."""
     return re.sub(r"[^A-Za-z0-9_]+", "", model)
 
 

@@ -1,0 +1,1 @@
+"""The versioned vector store: chunked writes, manifests, verification and locking."""

@@ -198,7 +198,7 @@ def open_run(
     return ReconRun(model, spec, meta, std, load_split(d / SPLIT_FILE), store, index_samples(store), d)
 
 
-# where the seed's train_recon runs lived (its export/eval scripts found them there by --embed_model)
+# where the original pipeline's train_recon runs lived (its export/eval scripts found them there by --embed_model)
 SEED_RUN_DIRS = ("data/output/out/out_{m}_mlp_norm", "data/output/out/out_{m}_norm", "data/output/out/out_{m}")
 
 
@@ -206,7 +206,7 @@ def default_model_dirs(embed_model: str) -> list[Path]:
     """Run folders ``--model_dir`` defaults to for ``--embed_model``, in the order they are looked for.
 
     train_recon's own default ``data/output/recon/<model>_<model_type>`` for every model type, then the
-    seed's layout (``data/output/out/out_<model>_mlp_norm``, ``…_norm``, ``out_<model>``), relative to
+    original pipeline's layout (``data/output/out/out_<model>_mlp_norm``, ``…_norm``, ``out_<model>``), relative to
     the working directory.
     """
     from vlmc.train.reconstructors import MODEL_TYPES
@@ -216,7 +216,7 @@ def default_model_dirs(embed_model: str) -> list[Path]:
 
 
 def resolve_model_dir(model_dir: str | None, embed_model: str | None) -> str:
-    """``--model_dir``, or the one existing default run folder of ``--embed_model`` (the seed's call).
+    """``--model_dir``, or the one existing default run folder of ``--embed_model`` (the original pipeline's call).
 
     Raises:
         UsageError: neither flag given, no default folder exists, or several do (ambiguous).
@@ -297,7 +297,7 @@ def build_parser():
     p = make_parser(__doc__)
     p.add_argument("--model_dir", default=None, help="the train_recon --out_dir (best_model.pt, normalization.safetensors, "
                    "split.json); default: the one run of --embed_model under data/output/recon/<model>_<type> or the "
-                   "seed's data/output/out/out_<model>[_mlp]_norm")
+                   "original pipeline's data/output/out/out_<model>[_mlp]_norm")
     p.add_argument("--vec_dir", default=None, help="stage-1 store (default: the shard folders recorded at training time)")
     cli.add_model_arg(p, "--embed_model", default=None, help="model name (default: the checkpoint's)")
     cli.add_out_dir_arg(p, "--out_base", default="data/vector_recon", help="output base; files go to <out_base>/<out_name>/<shard>/")

@@ -1,0 +1,1 @@
+"""Shared plumbing for every stage: CLI helpers, atomic I/O, clean stops, experiment tracking."""
