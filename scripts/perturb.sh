@@ -60,7 +60,7 @@ if [[ -n $id && ! ( ${SLURM_ARRAY_TASK_COUNT:-1} == 1 && $id == 0 ) ]]; then
   LEVEL=${levels[id]}
 fi
 
-cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/eval/eval_perturb.py" --vec_dir "$VEC" --model_name "$MODEL"
+cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/eval/eval_perturb.py" --vec_dir "$VEC" --model "$MODEL"
   --image_dir "$ROOT" --mode "$MODE" --level "$LEVEL" --seed "$SEED" --out_dir "$OUT" --device "$DEVICE" --resume)
 cmd_opt --model_path "$MODEL_PATH"
 cmd_opt --cache_dir "$CACHE_DIR"
