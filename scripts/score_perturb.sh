@@ -1,11 +1,11 @@
 #!/bin/bash
 # Stage 8b: CLIPScore + BERTScore columns for every perturb_<model>_<mode>_<level>.csv (src/eval/score_perturb.py).
 #
-#   sbatch scripts/score_perturb.sh                        # PERTURB_DIR, scored in place
-#   sbatch scripts/score_perturb.sh data/perturb_out       # first argument: the folder of perturbation CSVs
-#   OUT_DIR=data/perturb_out_scored sbatch scripts/score_perturb.sh data/perturb_out
-#   CLIP_MODEL=/models/clip-vit-large-patch14 sbatch scripts/score_perturb.sh data/perturb_out --idf
-#   bash scripts/score_perturb.sh data/perturb_out         # no Slurm: inline, in this shell
+#   sbatch scripts/score_perturb.sh                          # PERTURB_DIR, scored in place
+#   sbatch scripts/score_perturb.sh data/output/perturb_out  # first argument: the folder of perturbation CSVs
+#   OUT_DIR=data/output/perturb_out_scored sbatch scripts/score_perturb.sh data/output/perturb_out
+#   CLIP_MODEL=/models/clip-vit-large-patch14 sbatch scripts/score_perturb.sh data/output/perturb_out --idf
+#   bash scripts/score_perturb.sh data/output/perturb_out    # no Slurm: inline, in this shell
 #
 # The first argument is the folder; the rest go to score_perturb.py. Scoring always runs with
 # --resume: only empty score cells are computed, so a requeued or repeated job never scores a row

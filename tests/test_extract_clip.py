@@ -281,9 +281,9 @@ def test_help_states_every_pooling_definition():
     ("args", "message"),
     [
         (["--root", "/nonexistent/dir"], "does not exist"),
-        (["--model_type", "vit"], "unknown --model_type 'vit'"),
+        (["--model_type", "vit"], "unknown --ref_type 'vit'"),
         (["--pool", "max"], "unknown --pool 'max'"),
-        (["--model_id", "tiny-clip", "--model_type", "dino"], "--model_type dino does not fit tiny-clip"),
+        (["--model_id", "tiny-clip", "--model_type", "dino"], "--ref_type dino does not fit tiny-clip"),
         (["--model_id", "open_clip:ViT-S-32-alt"], "needs --pretrained"),
         (["--model_id", "open_clip:NoSuchNet"], "no model config"),
         (["--model_id", "open_clip:ViT-S-32-alt", "--pretrained", "/nonexistent/w.pt"], "does not exist"),

@@ -14,7 +14,7 @@ an HF id (org/name[@revision]; --revision pins a commit, recorded in the manifes
 Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel, or any AutoModel vision encoder + its
 AutoImageProcessor), or open_clip:<name>:<pretrained> (or open_clip:<name> with --pretrained TAG|FILE) (<name> may also be
 hf-hub:org/repo or local-dir:/path, which carry their own weights).
---model_type auto detects the type from config.model_type / the open_clip: prefix; images are preprocessed
+--ref_type auto detects the type from config.model_type / the open_clip: prefix; images are preprocessed
 by the model's own processor / open_clip transform (resize + centre crop at its native size).
 
 Examples:
@@ -80,7 +80,7 @@ def check_args(args) -> None:
     """Reject impossible values before any model is loaded."""
     check_run_args(args)
     if args.model_type not in MODEL_TYPES:
-        raise UsageError(f"unknown --model_type {args.model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+        raise UsageError(f"unknown --ref_type {args.model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
     if args.pool not in POOLS:
         raise UsageError(f"unknown --pool {args.pool!r}; choose one of {', '.join(POOLS)}")
     parse_dtype(args.store_dtype)

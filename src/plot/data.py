@@ -1,7 +1,7 @@
 """Readers of the stage outputs the plot CLIs use: one small function per file format.
 
 Layout under ``--in_dir`` (default ``sample/``): the pipeline's own folder names (``data/output/...``,
-``data/perturb_out``), so a run's outputs can be copied as they are. Each stage folder is the first of
+``data/output/perturb_out``), so a run's outputs can be copied as they are. Each stage folder is the first of
 the listed names that exists, or the one given by its own flag (``--knn_dir`` ...):
 
     knn_out|knn/<model>/overlap_top<K>_<metric>.json   stage 3 (extract_knn): global + per-k summaries
