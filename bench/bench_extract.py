@@ -4,7 +4,7 @@ Every variant runs in one process on the same images, the same batches (``--batc
 as in ``run_shard``), the same compute dtype and the same decoding: a DataLoader over ``ImageDataset``
 with ``--num_workers`` workers. Variants:
 
-* ``bare`` (the issue's baseline): DataLoader whose workers decode and run the adapter's own
+* ``bare`` (the baseline): DataLoader whose workers decode and run the adapter's own
   ``preprocess`` → the model's ``get_image_features`` (vision tower + connector); outputs dropped.
 * ``ours``: ``run_shard`` end to end: the same DataLoader, adapter ``encode`` (hooks + canonical
   order), cast to the storage dtype, chunk files (``--save_every``), sha256, manifest, fsync.
@@ -46,7 +46,7 @@ LM, then loads the whole model separately (skip it with ``--new_tokens 0``). ``-
 
 ``disk``: raw sequential write + fsync MB/s of the output folder (``--disk_mb`` MB in 8 MB blocks,
 measured in the same run by ``bench_store.measure_disk``), divided by the fp16 bytes one image's E_pre + E_post take: the images/s
-the disk allows. ``ours/min(forward,disk)`` is the issue's end-to-end goal (>= 0.9 on a GPU).
+the disk allows. ``ours/min(forward,disk)`` is the end-to-end goal (>= 0.9 on a GPU).
 
     python bench/bench_extract.py --models llava --n 512 --repeats 3
     python bench/bench_extract.py --models llava --model-path config:llava-1.5-7b --device cuda --dtype bf16 \

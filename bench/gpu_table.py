@@ -2,7 +2,7 @@
 
 Reads ``extract_<family>.json`` (rows of ``bench/bench_extract.py --json``) and ``knn*.json``
 (``bench/bench_knn.py --json``); prints one markdown table per benchmark, the stage-1 one first with
-the issue's goals as columns (``ours/min(forward,disk)`` >= 0.9; peak <= weights + 4 GB). A family
+the stage's goals as columns (``ours/min(forward,disk)`` >= 0.9; peak <= weights + 4 GB). A family
 whose run was cut short or failed shows as ``missing``.
 
     python bench/gpu_table.py RESULTS_DIR [--families llava,idefics2,...]

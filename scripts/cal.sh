@@ -5,7 +5,7 @@
 #   sbatch scripts/cal.sh llava                               # data/vector/llava vs clip:data/clip_ref
 #   METRIC=cosine POOL=max sbatch scripts/cal.sh idefics2 --k 10,20
 #   REF="clip:data/clip_ref/clip-l14 dino:data/clip_ref/dinov2-base" sbatch scripts/cal.sh qwen2.5vl
-#   PER_SHARD=1 sbatch scripts/cal.sh llava                   # the seed's protocol: neighbours within a shard
+#   PER_SHARD=1 sbatch scripts/cal.sh llava                   # the original pipeline's protocol: neighbours within a shard
 #   bash scripts/submit.sh scripts/cal.sh llava               # sbatch sized to the partition (-c 8 wanted)
 #   bash scripts/cal.sh llava                                 # no Slurm: runs inline, in this shell
 #

@@ -55,7 +55,7 @@ if [[ -z $recon_given && ! -f $RECON_DIR/best_model.pt ]]; then
   RECON_DIR=
 fi
 
-cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/eval/eval_captions.py" --vec_dir "$VEC" --embed_model "$MODEL"
+cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/eval/eval_captions.py" --vec_dir "$VEC" --model "$MODEL"
   --image_dir "$ROOT" --out_dir "$OUT" --split "$SPLIT" --device "$DEVICE" --resume)
 cmd_opt --recon_dir "$RECON_DIR"
 cmd_opt --model_path "$MODEL_PATH"

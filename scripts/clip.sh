@@ -12,7 +12,7 @@
 # One reference model per OUT. Arguments after the script name go to extract_clip.py. REF_MODEL, REF_TYPE
 # and REF_POOL were MODEL_ID, MODEL_TYPE and POOL (MODEL_ID still works; MODEL_TYPE, the reconstructor's type
 # in emb.sh, and POOL, cal.sh's kNN pooling, are ignored here with a log line). A USR1 120 s before the time limit checkpoints and requeues the job; the
-# rerun resumes from the last complete chunk (--skip_existing).
+# rerun resumes from the last complete chunk (--resume).
 #
 #SBATCH --job-name=vlmc-clip
 #SBATCH --array=0-0
@@ -43,7 +43,7 @@ fi
 setting -p ROOT data/images "images: <shard>/<key>.<ext>" sample/images
 setting -p OUT data/clip_ref "output folder: OUT/<shard>/ref_vectors_*.pt (one reference model per OUT)"
 setting REF_MODEL openai/clip-vit-large-patch14 "reference model: an HF id or folder, open_clip:<name>, tiny-clip, tiny-dino, testbed-clip" testbed-clip
-setting REF_TYPE auto "pooling rule: auto, clip, siglip, dino, hf, open_clip (extract_clip.py --model_type)"
+setting REF_TYPE auto "pooling rule: auto, clip, siglip, dino, hf, open_clip (extract_clip.py --ref_type)"
 setting REF_POOL cls "cls or mean (exact tensor per backend: extract_clip.py --help)"
 setting PRETRAINED "" "open_clip only: pretrained tag or checkpoint file"
 setting DTYPE auto "compute dtype: auto = bf16 on GPU, fp32 on CPU"
@@ -55,8 +55,8 @@ need_images ROOT
 SHARD=$(task_shards "$ROOT" | paste -sd, -)
 
 cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/extract/extract_clip.py" --root "$ROOT" --out_dir "$OUT"
-  --model_id "$REF_MODEL" --model_type "$REF_TYPE" --pool "$REF_POOL" --shards "$SHARD" --dtype "$DTYPE"
-  --device "$DEVICE" --skip_existing)
+  --model_id "$REF_MODEL" --ref_type "$REF_TYPE" --pool "$REF_POOL" --shards "$SHARD" --dtype "$DTYPE"
+  --device "$DEVICE" --resume)
 cmd_opt --pretrained "$PRETRAINED"
 cmd_opt --batch_size "$BATCH_SIZE"
 cmd_extra "$@"

@@ -83,7 +83,7 @@ task_shards() {
 # $VLMC_CHECKPOINT_SIGNAL (default USR1) to CMD, which should finish its current chunk and exit; after
 # $VLMC_CHECKPOINT_GRACE s (default 90) CMD gets SIGTERM. Then under Slurm `scontrol requeue` (the job
 # needs --requeue, and --open-mode=append so its log keeps the stopped run's lines; the rerun resumes via
-# --skip_existing/--resume). Without Slurm, or if the requeue is refused, it returns 75 ("stopped early;
+# --resume). Without Slurm, or if the requeue is refused, it returns 75 ("stopped early;
 # rerun the same command to resume"). Else: CMD's status.
 run_requeueable() {
   local rc waited grace=${VLMC_CHECKPOINT_GRACE:-90}

@@ -44,8 +44,8 @@ end_settings "$@"
 need_path VEC "$VEC" "run scripts/vec.sh first, or set VEC to the stage-1 store root"
 if [[ -z $AMP ]]; then if [[ -n ${CUDA_VISIBLE_DEVICES:-} && $DEVICE != cpu ]]; then AMP=1; else AMP=0; fi; fi
 
-cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/train/train_recon.py" --vec_dir "$VEC" --embed_model "$MODEL"
-  --model_type "$RECON_TYPE" --out_dir "$OUT" --device "$DEVICE" --resume)
+cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/train/train_recon.py" --vec_dir "$VEC" --model "$MODEL"
+  --recon_type "$RECON_TYPE" --out_dir "$OUT" --device "$DEVICE" --resume)
 if [[ $AMP == 1 ]]; then cmd+=(--amp --amp_dtype bf16); fi
 cmd_opt --batch_size "$BATCH_SIZE"
 cmd_opt --epochs "$EPOCHS"

@@ -39,7 +39,7 @@ setting DEVICE auto "auto, cpu, cuda, cuda:N"
 end_settings "$@"
 need_path MODEL_DIR "$MODEL_DIR/best_model.pt" "run scripts/emb.sh $MODEL first, or set MODEL_DIR"
 
-cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/eval/eval_recon.py" --model_dir "$MODEL_DIR" --embed_model "$MODEL"
+cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/eval/eval_recon.py" --model_dir "$MODEL_DIR" --model "$MODEL"
   --out_dir "$OUT" --device "$DEVICE" --resume)
 cmd_opt --vec_dir "$VEC"
 cmd_opt --model-path "$MODEL_PATH"

@@ -8,7 +8,7 @@
 #
 # The first argument is the model; the rest go to export_recon.py. RECON_TYPE was MODEL_TYPE (still read,
 # with a deprecation line). A USR1 120 s before the time limit stops after the current chunk and requeues;
-# the rerun keeps every committed chunk (--skip_existing, always passed).
+# the rerun keeps every committed chunk (--resume, always passed).
 #
 #SBATCH --job-name=vlmc-export-recon
 #SBATCH --time=02:00:00
@@ -42,8 +42,8 @@ setting BATCH_SIZE "" "batch size (empty: the CLI's default)"
 end_settings "$@"
 need_path MODEL_DIR "$MODEL_DIR/best_model.pt" "run scripts/emb.sh $MODEL first, or set MODEL_DIR"
 
-cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/train/export_recon.py" --model_dir "$MODEL_DIR" --embed_model "$MODEL"
-  --out_base "$OUT_BASE" --split "$SPLIT" --device "$DEVICE" --skip_existing)
+cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/train/export_recon.py" --model_dir "$MODEL_DIR" --model "$MODEL"
+  --out_dir "$OUT_BASE" --split "$SPLIT" --device "$DEVICE" --resume)
 cmd_opt --vec_dir "$VEC"
 cmd_opt --model-path "$MODEL_PATH"
 cmd_opt --batch_size "$BATCH_SIZE"

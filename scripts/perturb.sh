@@ -1,7 +1,7 @@
 #!/bin/bash
 # Stage 8: captions from perturbed E_post (src/eval/eval_perturb.py), one CSV per (model, mode, level).
 #
-#   sbatch scripts/perturb.sh llava lowrank 0.01               # the seed's call: model, mode, level
+#   sbatch scripts/perturb.sh llava lowrank 0.01               # the original pipeline's call: model, mode, level
 #   sbatch scripts/perturb.sh llava mask 0,0.25,0.5,0.75        # several levels in one job
 #   sbatch --array=0-3 scripts/perturb.sh llava mask 0,0.25,0.5,0.75   # task N -> N-th level
 #   MODE=orthogonal LEVEL=0.5 EXTRA_ARGS=--shared_rotation sbatch scripts/perturb.sh qwen2.5vl
@@ -60,7 +60,7 @@ if [[ -n $id && ! ( ${SLURM_ARRAY_TASK_COUNT:-1} == 1 && $id == 0 ) ]]; then
   LEVEL=${levels[id]}
 fi
 
-cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/eval/eval_perturb.py" --vec_dir "$VEC" --model_name "$MODEL"
+cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/eval/eval_perturb.py" --vec_dir "$VEC" --model "$MODEL"
   --image_dir "$ROOT" --mode "$MODE" --level "$LEVEL" --seed "$SEED" --out_dir "$OUT" --device "$DEVICE" --resume)
 cmd_opt --model_path "$MODEL_PATH"
 cmd_opt --cache_dir "$CACHE_DIR"

@@ -115,7 +115,7 @@ if [[ -n ${DEMO:-} ]]; then
   TRAIN_ROOT=${TRAIN_ROOT-$DATA/images_train}
   if [[ $TRAIN_ROOT == "$DATA/images_train" && ! -f $TRAIN_ROOT/00000/000001999.txt ]]; then
     log "== scenes: 2000 testbed training scenes -> $TRAIN_ROOT"
-    "$VLMC_PYTHON" "$VLMC_ROOT/src/data/scenes.py" --out "$TRAIN_ROOT" --n 2000 --seed 0 --workers 0
+    "$VLMC_PYTHON" "$VLMC_ROOT/src/data/scenes.py" --out_dir "$TRAIN_ROOT" --n 2000 --seed 0 --workers 0
   fi
 fi
 # geometry at a meaningful N: the demo's stages 1-3 also run over 2000 held-out evaluation scenes
@@ -124,7 +124,7 @@ if [[ -n ${DEMO:-} ]]; then
   export K=${K:-10,50,100}
   if [[ $EVAL_ROOT == "$DATA/images_eval" && ! -f $EVAL_ROOT/scenes.json ]]; then
     log "== scenes: 2000 held-out evaluation scenes -> $EVAL_ROOT"
-    "$VLMC_PYTHON" "$VLMC_ROOT/src/data/scenes.py" --out "$EVAL_ROOT" --n 2000 --seed 0 --first-index 30000 \
+    "$VLMC_PYTHON" "$VLMC_ROOT/src/data/scenes.py" --out_dir "$EVAL_ROOT" --n 2000 --seed 0 --first-index 30000 \
       --count-seen 8000 --workers 0 --no-progress
   fi
 fi

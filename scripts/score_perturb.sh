@@ -1,14 +1,14 @@
 #!/bin/bash
 # Stage 8b: CLIPScore + BERTScore columns for every perturb_<model>_<mode>_<level>.csv (src/eval/score_perturb.py).
 #
-#   sbatch scripts/score_perturb.sh                        # PERTURB_DIR, scored in place
-#   sbatch scripts/score_perturb.sh data/perturb_out       # first argument: the folder of perturbation CSVs
-#   OUT_DIR=data/perturb_out_scored sbatch scripts/score_perturb.sh data/perturb_out
-#   CLIP_MODEL=/models/clip-vit-large-patch14 sbatch scripts/score_perturb.sh data/perturb_out --idf
-#   bash scripts/score_perturb.sh data/perturb_out         # no Slurm: inline, in this shell
+#   sbatch scripts/score_perturb.sh                          # PERTURB_DIR, scored in place
+#   sbatch scripts/score_perturb.sh data/output/perturb_out  # first argument: the folder of perturbation CSVs
+#   OUT_DIR=data/output/perturb_out_scored sbatch scripts/score_perturb.sh data/output/perturb_out
+#   CLIP_MODEL=/models/clip-vit-large-patch14 sbatch scripts/score_perturb.sh data/output/perturb_out --idf
+#   bash scripts/score_perturb.sh data/output/perturb_out    # no Slurm: inline, in this shell
 #
 # The first argument is the folder; the rest go to score_perturb.py. Scoring always runs with
-# --skip_existing: only empty score cells are computed, so a requeued or repeated job never scores a row
+# --resume: only empty score cells are computed, so a requeued or repeated job never scores a row
 # twice. A USR1 120 s before the time limit makes it write what it has and requeue. Scores are
 # CLIPScore = 2.5*max(cos,0) (Hessel et al.) and drops = reference - altered.
 #
@@ -41,7 +41,7 @@ end_settings "$@"
 [[ -d $PERTURB_DIR ]] || die "PERTURB_DIR=$PERTURB_DIR does not exist: run scripts/perturb.sh first, or set PERTURB_DIR"
 
 cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/eval/score_perturb.py" --perturb_dir "$PERTURB_DIR" --device "$DEVICE"
-  --skip_existing)
+  --resume)
 cmd_opt --out_dir "$OUT_DIR"
 cmd_opt --clip_model "$CLIP_MODEL"
 cmd_opt --bertscore_model "$BERTSCORE_MODEL"

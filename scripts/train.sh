@@ -60,7 +60,7 @@ fi
 if [[ -z $AMP ]]; then if [[ -n ${CUDA_VISIBLE_DEVICES:-} && $DEVICE != cpu ]]; then AMP=1; else AMP=0; fi; fi
 
 py=("$VLMC_PYTHON" "$VLMC_ROOT/src/train/train_connector.py")
-cmd=("${py[@]}" --embed_model "$MODEL" --image_dir "$IMAGES" --connector "$CONNECTOR" --out_dir "$OUT"
+cmd=("${py[@]}" --model "$MODEL" --image_dir "$IMAGES" --connector "$CONNECTOR" --out_dir "$OUT"
   --device "$DEVICE" --resume)
 cmd_opt --model-path "$MODEL_PATH"
 cmd_opt --vec_dir "$VEC"

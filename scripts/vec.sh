@@ -10,7 +10,7 @@
 #   bash scripts/vec.sh                           # no Slurm: every shard inline, in this shell
 #
 # Arguments after the script name go to extract_vectors.py. A USR1 120 s before the time limit checkpoints
-# and requeues the job; the rerun resumes from the last complete chunk (--skip_existing).
+# and requeues the job; the rerun resumes from the last complete chunk (--resume).
 #
 #SBATCH --job-name=vlmc-vec
 #SBATCH --array=0-0
@@ -44,7 +44,7 @@ need_images ROOT
 SHARD=$(task_shards "$ROOT" | paste -sd, -)
 
 cmd=("$VLMC_PYTHON" "$VLMC_ROOT/src/extract/extract_vectors.py" --root "$ROOT" --out_dir "$OUT"
-  --models "$MODELS" --shards "$SHARD" --dtype "$DTYPE" --device "$DEVICE" --skip_existing)
+  --model "$MODELS" --shards "$SHARD" --dtype "$DTYPE" --device "$DEVICE" --resume)
 cmd_opt --model-path "$MODEL_PATH"
 cmd_opt --batch_size "$BATCH_SIZE"
 cmd_extra "$@"

@@ -12,7 +12,7 @@ Also usable by hand, to try the sbatch wrappers against a throwaway cluster:
     sbatch --wait scripts/vec.sh; squeue; ...
     python tests/slurm_cluster.py down "$VLMC_TEST_SLURM_DIR"
 
-Facts this relies on (Debian slurm-wlm 22.05, see FIELD_NOTES.md): everything runs as root; the munge
+Facts this relies on (Debian slurm-wlm 22.05): everything runs as root; the munge
 socket lives in the temp dir (AuthInfo=socket=...); accounting is off (no sacct: job state comes from
 `scontrol show job`, and a finished job's record is kept MinJobAge=4 s). Ports are picked free per cluster,
 so several clusters (parallel test runs by different people) can share a machine.

@@ -281,9 +281,9 @@ def test_help_states_every_pooling_definition():
     ("args", "message"),
     [
         (["--root", "/nonexistent/dir"], "does not exist"),
-        (["--model_type", "vit"], "unknown --model_type 'vit'"),
+        (["--model_type", "vit"], "unknown --ref_type 'vit'"),
         (["--pool", "max"], "unknown --pool 'max'"),
-        (["--model_id", "tiny-clip", "--model_type", "dino"], "--model_type dino does not fit tiny-clip"),
+        (["--model_id", "tiny-clip", "--model_type", "dino"], "--ref_type dino does not fit tiny-clip"),
         (["--model_id", "open_clip:ViT-S-32-alt"], "needs --pretrained"),
         (["--model_id", "open_clip:NoSuchNet"], "no model config"),
         (["--model_id", "open_clip:ViT-S-32-alt", "--pretrained", "/nonexistent/w.pt"], "does not exist"),
@@ -323,7 +323,7 @@ def test_clip_sh_plain_bash_runs_every_shard_inline(images, tmp_path):
     r = subprocess.run(["bash", str(CLIP_SH), "--batch_size", "2"], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "--shards s0,s1" in r.stderr and "--skip_existing" in r.stderr and "clip: done" in r.stderr
+    assert "--shards s0,s1" in r.stderr and "--resume" in r.stderr and "clip: done" in r.stderr
     for shard, n in (("s0", 5), ("s1", 3)):
         _, mat, m = read_ref(out, shard)
         assert m["complete"] and m["model"] == "tiny-dino" and m["pool"] == "mean" and mat.shape[0] == n

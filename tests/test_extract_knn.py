@@ -244,7 +244,7 @@ def random_store(tmp_path: Path, n: int = 40) -> Path:
 
 
 def test_count_self_equals_the_formula_on_random_data(tmp_path):
-    """Per image: KNOR_self@k = (1 + (k-1)·KNOR_excl@(k-1)) / k (the seed's faiss search counted the query)."""
+    """Per image: KNOR_self@k = (1 + (k-1)·KNOR_excl@(k-1)) / k (the original pipeline's faiss search counted the query)."""
     vec = random_store(tmp_path)
     ks = "1,2,5,6,10,11,39,40"
     assert run_cli("--pre_pt", vec, "--post_pt", vec, "--out_dir", tmp_path / "ex", "--k", ks, "--device", "cpu") == 0

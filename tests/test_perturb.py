@@ -93,7 +93,7 @@ def test_haar_sign_fix_gives_unique_positive_diag_r():
 
 
 def test_haar_first_entry_is_centred_and_raw_qr_is_not():
-    """Q[0,0] of a Haar matrix is symmetric around 0 with E[Q00²] = 1/d; raw QR's is biased (the seed's bug)."""
+    """Q[0,0] of a Haar matrix is symmetric around 0 with E[Q00²] = 1/d; raw QR's is biased (the original pipeline's bug)."""
     d, n = 4, 2000
     fixed, raw = [], []
     for i in range(n):

@@ -71,8 +71,8 @@ def test_plain_bash_runs_every_shard_inline(stub):
     assert flag(argv, "--shards") == ",".join(SHARDS)
     assert flag(argv, "--root") == env["ROOT"] and flag(argv, "--out_dir") == env["OUT"]
     # the cluster defaults: every family, each one's published checkpoint (no --model-path), --device auto
-    assert flag(argv, "--models") == "all" and "--model-path" not in argv and flag(argv, "--device") == "auto"
-    assert "--skip_existing" in argv and c["task"] is None
+    assert flag(argv, "--model") == "all" and "--model-path" not in argv and flag(argv, "--device") == "auto"
+    assert "--resume" in argv and c["task"] is None
     assert argv[-6:] == ["--batch_size", "3", "--max_items", "5", "--prompt", "two words"]
 
 

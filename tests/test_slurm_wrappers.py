@@ -167,7 +167,7 @@ def test_vec_cluster_defaults_pass_no_model_path(stub):
     r = bash([SCRIPTS / "vec.sh"], env=plain_env(ROOT=str(tmp_path / "img"), **env), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     (argv,) = calls(tmp_path)
-    assert flag(argv, "--models") == "all" and "--model-path" not in argv and "--model_path" not in argv
+    assert flag(argv, "--model") == "all" and "--model-path" not in argv and "--model_path" not in argv
     assert flag(argv, "--device") == "auto" and flag(argv, "--out_dir") == str(REPO / "data" / "vector")
 
 
@@ -211,7 +211,7 @@ def test_renamed_settings(stub, tmp_path):
     assert r.returncode == 0 and "MODEL_ID is deprecated" in r.stderr and "MODEL_TYPE=mlp ignored" in r.stderr
     assert "POOL=max ignored (cal.sh's kNN pooling)" in r.stderr
     emb, _, clip = calls(tmp)
-    assert flag(emb, "--model_type") == "linear" and flag(clip, "--model_type") == "auto"
+    assert flag(emb, "--recon_type") == "linear" and flag(clip, "--ref_type") == "auto"
     assert flag(clip, "--pool") == "cls"
     assert flag(clip, "--model_id") == "tiny-clip"
 
@@ -235,9 +235,9 @@ with open(os.environ["STUB_LOG"], "a") as f:
 get = lambda k: a[a.index(k) + 1] if k in a else None
 script = Path(a[0]).name if a else ""
 if script == "scenes.py":
-    d = Path(get("--out")) / "00000"; d.mkdir(parents=True); (d / "000001999.png").write_bytes(b""); (d / "000001999.txt").write_text("x")
+    d = Path(get("--out_dir")) / "00000"; d.mkdir(parents=True); (d / "000001999.png").write_bytes(b""); (d / "000001999.txt").write_text("x")
 elif script == "extract_vectors.py":
-    for m in get("--models").split(","): (Path(get("--out_dir")) / m).mkdir(parents=True, exist_ok=True)
+    for m in get("--model").split(","): (Path(get("--out_dir")) / m).mkdir(parents=True, exist_ok=True)
 elif script == "train_recon.py":
     Path(get("--out_dir")).mkdir(parents=True, exist_ok=True); (Path(get("--out_dir")) / "best_model.pt").write_bytes(b"")
 elif get("--out_dir"):
@@ -263,11 +263,11 @@ def test_pipeline_cluster_profile_runs_every_stage_on_published_checkpoints(tmp_
     (tmp_path / "img" / "s0").mkdir(parents=True)
     (tmp_path / "img" / "s0" / "a.png").write_bytes(b"")
     by = _pipeline_calls(tmp_path, ROOT=str(tmp_path / "img"), MODELS="llava qwen3.5", PERTURB="mask")
-    assert [flag(a, "--models") for a in by["extract_vectors.py"]] == ["llava", "qwen3.5"]
+    assert [flag(a, "--model") for a in by["extract_vectors.py"]] == ["llava", "qwen3.5"]
     assert all("--model-path" not in a and flag(a, "--root") == str(tmp_path / "img") for a in by["extract_vectors.py"])
     (clip,) = by["extract_clip.py"]
-    assert flag(clip, "--model_id") == "openai/clip-vit-large-patch14" and flag(clip, "--model_type") == "auto"
-    assert [flag(a, "--model_type") for a in by["train_recon.py"]] == ["mlp", "mlp"]
+    assert flag(clip, "--model_id") == "openai/clip-vit-large-patch14" and flag(clip, "--ref_type") == "auto"
+    assert [flag(a, "--recon_type") for a in by["train_recon.py"]] == ["mlp", "mlp"]
     assert all(flag(a, "--image_dir") == str(tmp_path / "img") for a in by["eval_captions.py"] + by["eval_perturb.py"])
     assert len(by["extract_knn.py"]) == 2 and len(by["eval_recon.py"]) == 2 and "vlmc.plot.make_figures" in by
 
@@ -279,7 +279,7 @@ def test_pipeline_demo_keeps_the_testbed_profile(tmp_path):
                           str(tmp_path / "data" / "images_eval")}
     assert all(flag(a, "--model-path") == "testbed" for a in roots.values())
     assert flag(by["extract_clip.py"][0], "--model_id") == "testbed-clip"
-    assert [flag(a, "--model_type") for a in by["train_recon.py"]] == ["transformer"]  # MODEL_TYPE, deprecated
+    assert [flag(a, "--recon_type") for a in by["train_recon.py"]] == ["transformer"]  # MODEL_TYPE, deprecated
 
 
 # ---------------------------------------------------------------- sizing: stub sinfo / scontrol

@@ -180,7 +180,7 @@ def test_stages_1_to_8_on_default_sources_from_the_hf_cache(hf_cache, images, tm
         m = json.loads((tmp_path / "vec" / fam / "00000" / "manifest.json").read_text())
         default_id = get_adapter(fam).default_id
         assert (m["source"], m["revision"], m["complete"]) == (default_id, c[default_id], True), fam
-    # 2: the seed's reference, openai/clip-vit-large-patch14
+    # 2: the original pipeline's reference, openai/clip-vit-large-patch14
     assert extract_clip.main(["--root", str(images), "--out_dir", str(tmp_path / "ref"), "--num_workers", "0",
                               *dev]) == 0
     m = json.loads((tmp_path / "ref" / "00000" / "manifest.json").read_text())

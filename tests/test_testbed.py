@@ -1,4 +1,4 @@
-"""The calibrated testbed (issue #7): training plumbing on every family, and the committed models' quality."""
+"""The calibrated testbed: training plumbing on every family, and the committed models' quality."""
 
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def _committed() -> dict:
 @pytest.mark.parametrize("family", TESTBED_FAMILIES)
 def test_committed_family_captions_held_out_scenes(family):
     """On the sample's held-out scenes (seeds 0 and 1) each model scores what its report says (±0.1) and
-    ≥ 0.9 (issue #7's bar); the report's parameter count is the weights', and they are <= 8 MB."""
+    ≥ 0.9 (the testbed's quality bar); the report's parameter count is the weights', and they are <= 8 MB."""
     from PIL import Image
 
     from vlmc.eval.scoring import gt_caption_for

@@ -345,7 +345,7 @@ def test_train_sh_under_plain_bash(env):
                    EXTRA_ARGS="--num_workers 0 --batch_size 8 --max_new_tokens 3")
     r = subprocess.run(["bash", str(TRAIN_SH), "llava"], env=run_env, cwd=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "--resume" in r.stderr and "--connector invertible" in r.stderr and "--embed_model llava" in r.stderr
+    assert "--resume" in r.stderr and "--connector invertible" in r.stderr and "--model llava" in r.stderr
     assert (out / "best_model.pt").exists() and [row["epoch"] for row in _history(out)] == ["1"]
     assert (out / "captions.csv").exists()
 

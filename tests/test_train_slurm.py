@@ -46,7 +46,7 @@ def test_emb_then_export_under_plain_bash(tmp_path):
     env = _plain_env(VEC=str(vec), OUT=str(out), RECON_TYPE="linear", DEVICE="cpu", EXTRA_ARGS="--num_workers 0")
     r = subprocess.run(["bash", str(EMB), "synth"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert (out / "best_model.pt").exists() and "--resume" in r.stderr and "--embed_model synth" in r.stderr
+    assert (out / "best_model.pt").exists() and "--resume" in r.stderr and "--model synth" in r.stderr
     env = _plain_env(MODEL_DIR=str(out), OUT_BASE=str(tmp_path / "vr"), DEVICE="cpu")
     r = subprocess.run(["bash", str(EXPORT), "synth", "--no_reproj", "--num_workers", "0"], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)

@@ -106,7 +106,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """CLI: build the committed sample set."""
     parser = make_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="sample image root")
+    cli.add_out_dir_arg(parser, "--out", type=Path, default=DEFAULT_OUT, help="sample image root")
     parser.add_argument("--n-per-shard", type=cli.positive_int, default=24, help="synthetic scenes per scene shard")
     parser.add_argument("--overlap", type=cli.nonneg_int, default=12, help="keys shard 00001 shares with shard 00000")
     parser.add_argument("--size", type=cli.positive_int, default=224, help="scene image side in pixels")

@@ -535,11 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: write a folder of captioned synthetic scenes."""
     parser = make_parser(
         "Write captioned synthetic scenes (1-3 coloured shapes on a 3x3 grid) as\n"
-        "OUT/<shard>/<key>.png + <key>.txt. Scene <key> depends only on (--seed, key).\n"
+        "OUT_DIR/<shard>/<key>.png + <key>.txt. Scene <key> depends only on (--seed, key).\n"
         "Existing files with the same names are overwritten (atomically)."
     )
-    parser.add_argument(
-        "--out", required=True, type=Path, default=argparse.SUPPRESS, help="output image root"
+    cli.add_out_dir_arg(
+        parser, "--out", required=True, type=Path, default=argparse.SUPPRESS, help="output image root"
     )
     parser.add_argument("--n", type=cli.positive_int, default=1000, help="number of scenes")
     parser.add_argument("--shards", type=cli.positive_int, default=1, help="number of shard folders (00000, 00001, ...)")
@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
         "--count-seen", type=int, default=0, metavar="N",
-        help="also write OUT/scenes.json counting the written scenes whose caption equals one of the training "
+        help="also write OUT_DIR/scenes.json counting the written scenes whose caption equals one of the training "
              "scenes' (keys 0..N-1, seed 0; the testbed VLMs trained on N=8000); 0 = no report",
     )
     args = parser.parse_args(argv)

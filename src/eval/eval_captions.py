@@ -56,29 +56,29 @@ from vlmc.utils.tracking import add_tracking_args, column_means
 
 log = logging.getLogger("vlmc.eval_captions")
 
-RECON_SUFFIXES = (".pt", ".pth", ".ckpt")  # a --model_path file with one of these is the seed's reconstructor
+RECON_SUFFIXES = (".pt", ".pth", ".ckpt")  # a --model_path file with one of these is the original pipeline's reconstructor
 
 
 def build_parser():
     """The stage-7 argument parser."""
     p = make_parser(__doc__ + inject.help_notes(" caption_recon replaces only the merger output: with 'original' the "
                                                  "image's own deepstack features go with it."))
-    p.add_argument("--vec_dir", default=None, help="stage-1 store: base folder (+ --embed_model), model folder or one shard "
+    p.add_argument("--vec_dir", default=None, help="stage-1 store: base folder (+ --model), model folder or one shard "
                    "folder (default: data/vector; with --recon_dir: the store the reconstructor was trained on)")
     p.add_argument("--image_dir", default="sample/images", help="the images the store was extracted from (see above)")
-    p.add_argument("--embed_model", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
+    cli.add_model_arg(p, "--embed_model", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
     p.add_argument("--model_path", "--model-path", dest="model_path", default=None,
                    help=f"VLM weights: {VLM_SOURCE_HELP}. Default: the store manifest's source at its recorded commit. "
-                   "A *.pt/*.pth/*.ckpt file is the seed's reconstructor checkpoint: its folder is taken as --recon_dir "
+                   "A *.pt/*.pth/*.ckpt file is the original pipeline's reconstructor checkpoint: its folder is taken as --recon_dir "
                    "(docs/seed_compat.md)")
     p.add_argument("--recon_dir", default=None,
                    help="train_recon --out_dir (best_model.pt, normalization.safetensors, split.json); unset: no caption_recon")
-    # the seed's flags, kept for its command lines (docs/seed_compat.md), not listed in --help
+    # the original pipeline's flags, kept for its command lines (docs/seed_compat.md), not listed in --help
     p.add_argument("--recon_stats_path", default=None, help=argparse.SUPPRESS)
     p.add_argument("--split", default="test", choices=["test", "all"],
                    help="with --recon_dir: test = only images the reconstructor was neither fitted nor selected on "
                    "(its split's test part; every image of a store other than its training store); all = every image")
-    p.add_argument("--out_dir", default="data/output/captions", help="output folder of captions_<model>.csv")
+    cli.add_out_dir_arg(p, default="data/output/captions", help="output folder of captions_<model>.csv")
     p.add_argument("--cache_dir", default=None, help="caption_post_direct cache folder (default <out_dir>/cache)")
     p.add_argument("--batch_size", type=cli.positive_int, default=8, help="images per generate call")
     p.add_argument("--shards", default=None, help="comma list of shards (default: all)")
@@ -99,19 +99,19 @@ def build_parser():
     p.add_argument("--deepstack", default=None, choices=list(inject.DEEPSTACK_MODES),
                    help="Qwen3-VL only (default original; see above)")
     p.add_argument("--save_every", type=cli.positive_int, default=256, help="rewrite the CSV after this many new rows")
-    p.add_argument("--resume", action="store_true", help="keep rows an earlier run wrote; generate only the rest")
+    cli.add_resume_arg(p, help="keep rows an earlier run wrote; generate only the rest")
     add_scoring_args(p, standalone=False)
     add_tracking_args(p)
     return p
 
 
 def check_args(args) -> None:
-    """Reject impossible numbers and the seed's old meanings before anything is loaded."""
+    """Reject impossible numbers and the original pipeline's old meanings before anything is loaded."""
     if args.batch_size < 1 or args.save_every < 1 or args.max_new_tokens < 1:
         raise UsageError("--batch_size, --save_every and --caption_max_new_tokens must be >= 1")
     if args.shard_limit < 0 or args.max_items < 0:
         raise UsageError("--shard_limit and --max_items must be >= 0")
-    if args.model_path and args.model_path.endswith(RECON_SUFFIXES):  # the seed's meaning: the reconstructor
+    if args.model_path and args.model_path.endswith(RECON_SUFFIXES):  # the original pipeline's meaning: the reconstructor
         _seed_recon_flag(args, "--model_path", Path(args.model_path).parent)
         args.model_path = None
     if args.recon_stats_path:
@@ -122,10 +122,10 @@ def check_args(args) -> None:
 
 
 def _seed_recon_flag(args, flag: str, folder: Path) -> None:
-    """The seed named the reconstructor by its checkpoint or stats file: take that file's folder as --recon_dir."""
+    """The original pipeline named the reconstructor by its checkpoint or stats file: take that file's folder as --recon_dir."""
     if args.recon_dir and Path(args.recon_dir).resolve() != folder.resolve():
         raise UsageError(f"{flag} (folder {folder}) and --recon_dir {args.recon_dir} name different reconstructors")
-    log.warning("%s %s: the seed's reconstructor file; using its folder %s as --recon_dir", flag, getattr(args, flag[2:]),
+    log.warning("%s %s: the original pipeline's reconstructor file; using its folder %s as --recon_dir", flag, getattr(args, flag[2:]),
                 folder)
     args.recon_dir = str(folder)
 

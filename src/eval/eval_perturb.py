@@ -59,9 +59,9 @@ COLUMNS = ("key", "shard", "image_path", "caption_original", "caption_perturbed"
 def build_parser():
     """The stage-8 argument parser."""
     p = make_parser(__doc__ + inject.help_notes())
-    p.add_argument("--vec_dir", default="data/vector", help="stage-1 store: base folder (+ --model_name), model folder or one shard folder")
+    p.add_argument("--vec_dir", default="data/vector", help="stage-1 store: base folder (+ --model), model folder or one shard folder")
     p.add_argument("--image_dir", default="sample/images", help="the images the store was extracted from (see above)")
-    p.add_argument("--model_name", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
+    cli.add_model_arg(p, "--model_name", default=None, help="model name: a subfolder of --vec_dir (e.g. llava); default: the manifest's")
     p.add_argument("--model_path", "--model-path", dest="model_path", default=None,
                    help=f"VLM weights: {VLM_SOURCE_HELP}. Default: the store manifest's source at its recorded commit")
     p.add_argument("--mode", default="mask", choices=list(PERTURBATIONS), help="perturbation")
@@ -74,7 +74,7 @@ def build_parser():
     p.add_argument("--centred", action="store_true",
                    help="noise: SNR against the token-centred power mean((X - mean token)^2) instead of mean(X^2) "
                         "(default: off; recorded in the run's options, use its own --out_dir)")
-    p.add_argument("--out_dir", default="data/perturb_out", help="output folder of perturb_<model>_<mode>_<level>.csv")
+    cli.add_out_dir_arg(p, default="data/output/perturb_out", help="output folder of perturb_<model>_<mode>_<level>.csv")
     p.add_argument("--cache_dir", default=None, help="caption_original cache folder (default <out_dir>/cache); "
                    "point stage 7's --cache_dir here to share it")
     p.add_argument("--prompt", "--caption_prompt", dest="prompt", default=None,
@@ -88,10 +88,10 @@ def build_parser():
     p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     add_attn_arg(p)
     p.add_argument("--dtype", default="auto", help="model compute dtype: auto (the stage-1 run's), fp32, bf16, fp16")
-    p.add_argument("--amp", action="store_true", help="the seed's flag: same as --dtype bf16")
+    p.add_argument("--amp", action="store_true", help="the original pipeline's flag: same as --dtype bf16")
     p.add_argument("--deepstack", default=None, choices=list(inject.DEEPSTACK_MODES),
                    help="Qwen3-VL only (default original; see above)")
-    p.add_argument("--resume", action="store_true", help="keep rows an earlier run wrote; generate only the rest")
+    cli.add_resume_arg(p, help="keep rows an earlier run wrote; generate only the rest")
     add_tracking_args(p)
     return p
 

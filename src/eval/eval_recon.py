@@ -79,16 +79,16 @@ METRICS = ("mse_pre", "cosine_pre", "reproj_mse", "reproj_cosine")
 def build_parser():
     """The stage-6 argument parser."""
     p = make_parser(__doc__)
-    p.add_argument("--model_dir", default=None, help="the train_recon --out_dir; default: the one run of --embed_model under "
-                   "data/output/recon/<model>_<type> or the seed's data/output/out/out_<model>[_mlp]_norm")
-    p.add_argument("--embed_model", default=None, help="model name (default: the checkpoint's)")
+    p.add_argument("--model_dir", default=None, help="the train_recon --out_dir; default: the one run of --model under "
+                   "data/output/recon/<model>_<type> or the original pipeline's data/output/out/out_<model>[_mlp]_norm")
+    cli.add_model_arg(p, "--embed_model", default=None, help="model name (default: the checkpoint's)")
     p.add_argument("--vec_dir", default=None, help="stage-1 store (default: the shard folders recorded at training time)")
     p.add_argument("--shards", default=None, help="comma list of shards of the store to score (held-out images only; "
-                   "default: the store's). Shards beside the training store's folder count too (the seed's call)")
-    p.add_argument("--out_dir", default=None, help="output folder (default data/output/recon_eval/<model>)")
+                   "default: the store's). Shards beside the training store's folder count too (the original pipeline's call)")
+    cli.add_out_dir_arg(p, default=None, help="output folder (default data/output/recon_eval/<model>)")
     p.add_argument("--batch_size", type=cli.positive_int, default=32, help="images per forward pass")
     p.add_argument("--limit", type=cli.nonneg_int, default=0, help="score at most this many held-out images (store order); 0 = all")
-    p.add_argument("--resume", action="store_true", help="keep rows an earlier run wrote; score only the rest")
+    cli.add_resume_arg(p, help="keep rows an earlier run wrote; score only the rest")
     p.add_argument("--save_every", type=cli.positive_int, default=256, help="rewrite a shard's outputs after this many new images")
     p.add_argument("--no_reproj", action="store_true", help="skip connector(Ê_pre) (no VLM needed)")
     p.add_argument("--model-path", "--model_path", dest="model_path", default=None,

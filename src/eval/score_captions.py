@@ -121,11 +121,11 @@ def build_parser():
         "--caption_dir", default=None, help="folder of caption CSVs (every *.csv with caption_* columns)"
     )
     p.add_argument("--csv", nargs="+", default=None, help="score these CSV files")
-    p.add_argument("--out_dir", default=None, help="where scored CSVs go; unset: rewrite the inputs in place")
+    cli.add_out_dir_arg(p, default=None, help="where scored CSVs go; unset: rewrite the inputs in place")
     p.add_argument(
         "--caption_cols", default=None, help="comma list of caption columns (default: caption_* but gt)"
     )
-    p.add_argument("--skip_existing", action="store_true", help="score only rows/cells not scored yet")
+    cli.add_resume_arg(p, "--skip_existing", help="score only rows/cells not scored yet")
     p.add_argument("--save_every", type=cli.positive_int, default=1000, help="rows per atomic checkpoint write")
     add_scoring_args(p)
     return p

@@ -98,8 +98,8 @@ def build_parser():
     p.add_argument(
         "--csv", nargs="+", default=None, help="score these CSV files (instead of / besides --perturb_dir)"
     )
-    p.add_argument("--out_dir", default=None, help="where scored CSVs go; unset: rewrite the inputs in place")
-    p.add_argument("--skip_existing", action="store_true", help="score only rows/cells not scored yet")
+    cli.add_out_dir_arg(p, default=None, help="where scored CSVs go; unset: rewrite the inputs in place")
+    cli.add_resume_arg(p, "--skip_existing", help="score only rows/cells not scored yet")
     p.add_argument("--save_every", type=cli.positive_int, default=1000, help="rows per atomic checkpoint write")
     add_scoring_args(p)
     return p

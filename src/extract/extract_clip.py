@@ -7,14 +7,14 @@ Writes, per shard (the same images and keys as stage 1, so kNN neighbourhoods ca
                                                 skipped images; written after every chunk, complete=true at the end)
 
 One reference model per --out_dir (e.g. data/clip_ref/clip-l14, data/clip_ref/dinov2-base).
---model_id (default openai/clip-vit-large-patch14, the seed's reference, through the Hugging Face cache):
+--model_id (default openai/clip-vit-large-patch14, the original pipeline's reference, through the Hugging Face cache):
 tiny-clip (= tiny) | tiny-dino | tiny-dino-reg (offline, seeded random weights built into $VLMC_CACHE),
     testbed-clip (= testbed: the CLIP trained on synthetic scenes, sample/models/clip),
 an HF id (org/name[@revision]; --revision pins a commit, recorded in the manifest) or local folder (CLIPModel, CLIPVisionModel[WithProjection], SiglipModel, SiglipVisionModel,
 Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel, or any AutoModel vision encoder + its
 AutoImageProcessor), or open_clip:<name>:<pretrained> (or open_clip:<name> with --pretrained TAG|FILE) (<name> may also be
 hf-hub:org/repo or local-dir:/path, which carry their own weights).
---model_type auto detects the type from config.model_type / the open_clip: prefix; images are preprocessed
+--ref_type auto detects the type from config.model_type / the open_clip: prefix; images are preprocessed
 by the model's own processor / open_clip transform (resize + centre crop at its native size).
 
 Examples:
@@ -41,6 +41,7 @@ from vlmc.extract.reference import (
 )
 from vlmc.extract.runner import RunConfig, add_run_args, check_run_args, group_by_shard, run_shards
 from vlmc.store.vectors import MANIFEST
+from vlmc.utils import cli
 from vlmc.utils.cli import (
     UsageError,
     ensure_writable_dir,
@@ -64,11 +65,11 @@ def build_parser():
     """The stage-2 argument parser."""
     p = make_parser(f"{__doc__}\n{POOL_DOC}")
     p.add_argument("--root", default="sample/images", help="image folder: <root>/<shard>/<key>.<ext> (a flat folder is one shard)")
-    p.add_argument("--out_dir", default="data/clip_ref", help="output folder; files go to <out_dir>/<shard>/")
+    cli.add_out_dir_arg(p, default="data/clip_ref", help="output folder; files go to <out_dir>/<shard>/")
     p.add_argument("--model_id", default=DEFAULT_REFERENCE, help=REFERENCE_SOURCE_HELP)
     p.add_argument("--revision", default=None, help="branch, tag or commit of an HF id (unset: main); the manifest "
                    "records the resolved commit")
-    p.add_argument("--model_type", default="auto", help=f"one of {', '.join(MODEL_TYPES)}: which pooling rule applies (auto: from the config)")
+    cli.add_ref_type_arg(p, "--model_type", default="auto", help=f"one of {', '.join(MODEL_TYPES)}: which pooling rule applies (auto: from the config)")
     p.add_argument("--pretrained", default=None, help="open_clip only: pretrained tag (e.g. laion2b_s34b_b79k) or checkpoint file")
     p.add_argument("--pool", default="cls", help=f"one of {', '.join(POOLS)}; exact tensors per backend above")
     add_run_args(p, batch_size=32)
@@ -79,7 +80,7 @@ def check_args(args) -> None:
     """Reject impossible values before any model is loaded."""
     check_run_args(args)
     if args.model_type not in MODEL_TYPES:
-        raise UsageError(f"unknown --model_type {args.model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+        raise UsageError(f"unknown --ref_type {args.model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
     if args.pool not in POOLS:
         raise UsageError(f"unknown --pool {args.pool!r}; choose one of {', '.join(POOLS)}")
     parse_dtype(args.store_dtype)

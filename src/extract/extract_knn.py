@@ -1,5 +1,7 @@
-"""Stage 3: geometry of the connector — kNN overlap (KNOR), CKA, Procrustes, distance correlations,
-reference agreement and per-image token spectra, from the stage-1 (and stage-2 reference) stores.
+"""Stage 3: geometry of the connector (kNN overlap, CKA, Procrustes, spectra) from the vector stores.
+
+KNOR, CKA, Procrustes, distance correlations, reference agreement and per-image token spectra, from the
+stage-1 (and stage-2 reference) stores.
 
     python src/extract/extract_knn.py --pre_pt data/vector/llava --post_pt data/vector/llava \\
         --ref clip:data/clip_ref --out_dir data/output/knn_out/llava --pool mean --metric l2 --svd_per_image_csv
@@ -12,12 +14,12 @@ present in pre, post and every ref are used, and how many each space lost is log
 reference stores hold one vector per image and are used as stored.
 
 Neighbours exclude the query by id; ``--count_self`` counts it as the first neighbour of its own list,
-as the seed's faiss ``IndexFlatL2.search(X, k)`` did, so per image
+as the original pipeline's faiss ``IndexFlatL2.search(X, k)`` did, so per image
 KNOR_self@k = (1 + (k-1)·KNOR_excl@(k-1)) / k. Ties are broken by index among equal float32 scores (see
 ``vlmc.metrics.knn``: exact distance ties can be reordered by fp32 rounding).
 
 Protocols: by default ONE GLOBAL gallery: the neighbours of an image are searched among all aligned images
-of all shards. ``--per_shard`` is the seed's protocol: neighbours only within the image's own shard (then
+of all shards. ``--per_shard`` is the original pipeline's protocol: neighbours only within the image's own shard (then
 k is clipped to the smallest shard's size - 1). ``--k`` is clipped to N - 1 (global) with a warning.
 Neighbour lists are computed once at the largest k and sliced. CKA / Procrustes / distance correlations
 are whole-set measures over all aligned images in both protocols.
@@ -103,7 +105,7 @@ def build_parser():
     p.add_argument("--post_pt", required=True, help="stage-1 store for E_post (usually the same as --pre_pt)")
     p.add_argument("--ref", action="append", default=[], metavar="LABEL:PATH",
                    help="stage-2 reference store, repeatable (e.g. clip:data/clip_ref)")
-    p.add_argument("--out_dir", required=True, help="output folder")
+    cli.add_out_dir_arg(p, required=True, help="output folder")
     p.add_argument("--k", default="10,50,100", help="comma-separated neighbourhood sizes (clipped to N-1)")
     p.add_argument("--metric", default="l2", choices=["l2", "cosine"], help="distance for kNN and distance correlations")
     p.add_argument("--pool", default="mean", choices=["mean", "first", "max", "cls"],
@@ -112,7 +114,7 @@ def build_parser():
                         "stage-1 family stores a CLS token: CLS is dropped as the model does)")
     p.add_argument("--per_shard", action="store_true", help="neighbours only within each shard (seed protocol)")
     p.add_argument("--count_self", action="store_true",
-                   help="count the query as its own first neighbour, as the seed's faiss IndexFlatL2.search(X, k) "
+                   help="count the query as its own first neighbour, as the original pipeline's faiss IndexFlatL2.search(X, k) "
                         "did (default: excluded). Per image, KNOR_self@k = (1 + (k-1)*KNOR_excl@(k-1)) / k; "
                         "k is then clipped to N (or the shard size) instead of N-1")
     p.add_argument("--pairs_sample", type=cli.positive_int, default=100_000, help="max pairs for distance correlations")

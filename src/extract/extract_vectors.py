@@ -53,8 +53,8 @@ def build_parser():
     """The stage-1 argument parser."""
     p = make_parser(__doc__)
     p.add_argument("--root", default="sample/images", help="image folder: <root>/<shard>/<key>.<ext> (a flat folder is one shard)")
-    p.add_argument("--out_dir", default="data/vector", help="output folder; files go to <out_dir>/<model>/<shard>/")
-    p.add_argument("--models", default="all", help=f"'all' or a comma list of: {', '.join(families())}")
+    cli.add_out_dir_arg(p, default="data/vector", help="output folder; files go to <out_dir>/<model>/<shard>/")
+    cli.add_model_arg(p, "--models", multiple=True, default="all", help=f"'all' or a comma list of: {', '.join(families())}")
     p.add_argument(
         "--model-path",
         "--model_path",

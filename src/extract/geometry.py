@@ -195,7 +195,7 @@ def neighbours(X: torch.Tensor, k: int, *, metric: str, backend: str, device: to
 
 
 def with_self(nn: np.ndarray, k: int) -> np.ndarray:
-    """The seed's self-inclusive lists at ``k``: each row's own index, then its first k-1 other neighbours.
+    """The original pipeline's self-inclusive lists at ``k``: each row's own index, then its first k-1 other neighbours.
 
     faiss's ``IndexFlatL2.search(X, k)`` on X itself returns the query first (distance 0), so its KNOR@k
     counts the query in both lists: KNOR_self@k = (1 + (k-1)·KNOR_excl@(k-1)) / k for every image.

@@ -65,7 +65,7 @@ POOL_DEFS: dict[tuple[str, str], str] = {
     ("hf", "cls"): "the model's pooler_output (whatever the architecture defines), flattened",
     ("hf", "mean"): (
         "mean of last_hidden_state over all tokens ([B,T,D]) or all positions ([B,C,H,W]); prefix tokens "
-        "(CLS/registers) are NOT excluded: use --model_type clip|siglip|dino for those"
+        "(CLS/registers) are NOT excluded: use --ref_type clip|siglip|dino for those"
     ),
     ("open_clip", "cls"): (
         "model.encode_image(x) (not L2-normalised): the model's own pooled image embedding after ln_post "
@@ -432,14 +432,14 @@ def load_reference(
         UsageError: unknown type or pool, model not found, type mismatch, unsupported pooling.
     """
     if model_type not in MODEL_TYPES:
-        raise UsageError(f"unknown --model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+        raise UsageError(f"unknown --ref_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
     if pool not in POOLS:
         raise UsageError(f"unknown --pool {pool!r}; choose one of {', '.join(POOLS)}")
     device = torch.device(device)
     is_oc = model_id.startswith(OPEN_CLIP_PREFIX)
     if is_oc or model_type == "open_clip":
         if model_type not in ("auto", "open_clip"):
-            raise UsageError(f"--model_type {model_type} conflicts with the open_clip model {model_id!r}")
+            raise UsageError(f"--ref_type {model_type} conflicts with the open_clip model {model_id!r}")
         if revision:
             raise UsageError("--revision is for HF ids only (open_clip pins its weights by the pretrained tag)")
         name = model_id[len(OPEN_CLIP_PREFIX):] if is_oc else model_id
@@ -458,8 +458,8 @@ def load_reference(
         detected = detect_model_type(hf_type)
         if model_type not in ("auto", "hf") and model_type != detected:
             raise UsageError(
-                f"--model_type {model_type} does not fit {model_id} (config.model_type={hf_type!r}, "
-                f"handled as {detected!r}); use --model_type auto or hf"
+                f"--ref_type {model_type} does not fit {model_id} (config.model_type={hf_type!r}, "
+                f"handled as {detected!r}); use --ref_type auto or hf"
             )
         kind = detected if model_type == "auto" else model_type
         enc = HFReferenceEncoder(model_id, source, kind, pool, device, dtype)

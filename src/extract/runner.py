@@ -105,7 +105,7 @@ def add_run_args(p, batch_size: int) -> None:
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="DataLoader workers decoding and preprocessing images")
     p.add_argument("--max_items", type=cli.nonneg_int, default=0, help="process at most this many images (in shard, key order); 0 = all")
     p.add_argument("--save_every", type=cli.positive_int, default=256, help="images per chunk file (the resume granularity)")
-    p.add_argument("--skip_existing", action="store_true", help="keep chunks an earlier run committed; redo the rest")
+    cli.add_resume_arg(p, "--skip_existing", help="keep chunks an earlier run committed; redo the rest")
     p.add_argument("--dtype", default="auto", help="model compute dtype: auto (bf16 on cuda, fp32 on cpu), bf16, fp16, fp32")
     p.add_argument("--store_dtype", default="fp16", help="dtype of the stored vectors: fp16, bf16 or fp32")
     p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")

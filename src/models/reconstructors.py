@@ -132,7 +132,7 @@ def make_spec(
 ) -> ReconSpec:
     """A spec with per-correspondence defaults for every override left as ``None``."""
     if model_type not in MODEL_TYPES:
-        raise UsageError(f"unknown --model_type {model_type!r}; choose {', '.join(MODEL_TYPES)}")
+        raise UsageError(f"unknown --recon_type {model_type!r}; choose {', '.join(MODEL_TYPES)}")
     if corr.kind == "merge" and (pre_grid[0] != post_grid[0] * corr.merge or pre_grid[1] != post_grid[1] * corr.merge):
         raise UsageError(f"pre grid {pre_grid} is not post grid {post_grid} × merge {corr.merge}")
     if corr.kind == "1:1" and tuple(pre_grid) != tuple(post_grid):

@@ -3,7 +3,7 @@
 Data: the scored caption CSVs (stage 7, ``captions_<model>.csv``) joined on ``(model, shard, key)`` with
 the held-out reconstruction metrics of stage 6 (``recon_eval/<model>/per_sample.csv``). The join is
 inner: only images the reconstructor never trained on are used. Without a recon_eval folder, the
-``reproj_mse`` / ``reproj_cosine`` columns eval_captions writes (or the seed's ``reproj_*_recon``) are used,
+``reproj_mse`` / ``reproj_cosine`` columns eval_captions writes (or the original pipeline's ``reproj_*_recon``) are used,
 restricted to ``split == val`` when there is a split column.
 
 Caption metrics (score_captions.py; drop = reference − altered, positive = the reconstructed caption is worse):
@@ -71,7 +71,7 @@ def load_joined(args) -> pd.DataFrame:
     recon_dir = stage_dir(args, "recon")
     if not recon_dir.is_dir():
         log.warning("%s not found: using the reproj_* columns of the caption CSVs", recon_dir)
-        for m in RECON_METRICS:  # the seed's CSVs call them reproj_<metric>_recon
+        for m in RECON_METRICS:  # the original pipeline's CSVs call them reproj_<metric>_recon
             if m not in caps.columns and f"{m}_recon" in caps.columns:
                 caps[m] = caps[f"{m}_recon"]
         if "split" in caps.columns:  # eval_captions --split all: keep the reconstructor's held-out images

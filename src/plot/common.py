@@ -39,6 +39,7 @@ from vlmc.plot.style import (  # noqa: F401  (re-exported: the plot CLIs import 
     sort_models,
     wrap,
 )
+from vlmc.utils import cli
 from vlmc.utils.cli import UsageError, ensure_writable_dir, parse_csv_list
 from vlmc.utils.io import atomic_open, atomic_write_text
 
@@ -58,7 +59,7 @@ class FigureError(UsageError):
 
 
 def model_slug(model: str) -> str:
-    """File-name form used by the seed's figures (``qwen2.5vl`` → ``qwen25vl``)."""
+    """File-name form used by the original pipeline's figures (``qwen2.5vl`` → ``qwen25vl``)."""
     return re.sub(r"[^A-Za-z0-9_]+", "", model)
 
 
@@ -69,12 +70,12 @@ def add_io_args(p, figures: bool = True, tables: bool = False) -> None:
     """The flags every plot CLI shares."""
     p.add_argument("--in_dir", default="sample", help="stage outputs to read (layout: src/plot/data.py)")
     if figures:
-        p.add_argument("--out_dir", default="figures", help="where figures are written")
+        cli.add_out_dir_arg(p, default="figures", help="where figures are written")
         p.add_argument("--pdf", action="store_true", help="also write each figure as PDF")
         p.add_argument("--dpi", type=int, default=120, help="PNG resolution (dots per inch)")
     if tables:
         p.add_argument("--results_dir", default="results", help="where tables (CSV + LaTeX) are written")
-    p.add_argument("--models", default="", help="comma list of models to include; empty = every model found")
+    cli.add_model_arg(p, "--models", multiple=True, default="", help="comma list of models to include; empty = every model found")
 
 
 def pick_models(found: Iterable[str], wanted: str) -> list[str]:

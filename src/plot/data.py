@@ -1,7 +1,7 @@
 """Readers of the stage outputs the plot CLIs use: one small function per file format.
 
 Layout under ``--in_dir`` (default ``sample/``): the pipeline's own folder names (``data/output/...``,
-``data/perturb_out``), so a run's outputs can be copied as they are. Each stage folder is the first of
+``data/output/perturb_out``), so a run's outputs can be copied as they are. Each stage folder is the first of
 the listed names that exists, or the one given by its own flag (``--knn_dir`` ...):
 
     knn_out|knn/<model>/overlap_top<K>_<metric>.json   stage 3 (extract_knn): global + per-k summaries
@@ -136,7 +136,7 @@ def parse_overlap_json(d: dict) -> KnnSummary:
         global.*  numeric leaves → scalars ("pre_post.cka_debiased", ...); lists under a "pre"/"post" key
                   whose name contains "energy" / "singular" → spectra (global.spectra.pre.energy_mean_normalized)
 
-    ``per_k`` keys may be ``"10"`` or ``"top10"``; null is NaN. The seed's layout (``"top<k>"``,
+    ``per_k`` keys may be ``"10"`` or ``"top10"``; null is NaN. The original pipeline's layout (``"top<k>"``,
     ``"<ref>_pre_top<k>"`` at the top level) is read too.
     """
     if "per_k" not in d:
@@ -159,7 +159,7 @@ def parse_overlap_json(d: dict) -> KnnSummary:
 
 
 def _parse_seed_overlap(d: dict) -> KnnSummary:
-    """The seed repo's JSON: ``top<k>`` = pre→post, ``<ref>_pre_top<k>`` / ``<ref>_post_top<k>``."""
+    """The original pipeline's JSON: ``top<k>`` = pre→post, ``<ref>_pre_top<k>`` / ``<ref>_post_top<k>``."""
     pat = re.compile(r"^(?:(?P<ref>.+)_(?P<side>pre|post)_)?top(?P<k>\d+)$")
     knor = []
     for key, stats in d.items():

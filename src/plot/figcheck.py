@@ -1,5 +1,6 @@
-"""Checks a figure must pass before it is written: no blank or constant panel, no text cut by the canvas,
-no two text boxes on top of each other.
+"""Checks a figure must pass before it is written (no blank panel, no clipped or overlapping text).
+
+No blank or constant panel, no text cut by the canvas, no two text boxes on top of each other.
 
 :func:`data_problems` needs no drawing: for every visible panel (colour bars excepted) it gathers the
 y-values of what is plotted in data coordinates — lines (except reference lines: ``gid="reference"`` or

@@ -39,6 +39,7 @@ from vlmc.plot import (
 )
 from vlmc.plot.common import require_dir
 from vlmc.plot.data import SUBDIRS, find_stage_dir, perturb_modes
+from vlmc.utils import cli
 from vlmc.utils.cli import UsageError, entry_point, make_parser
 
 log = logging.getLogger("vlmc.plot.make_figures")
@@ -102,7 +103,7 @@ def run_step(step) -> tuple[str, int, float, float]:
 def build_parser():
     p = make_parser(__doc__)
     p.add_argument("--in_dir", default="sample", help="stage outputs to read")
-    p.add_argument("--out_dir", default="figures", help="where figures are written")
+    cli.add_out_dir_arg(p, default="figures", help="where figures are written")
     p.add_argument("--results_dir", default="results", help="where tables are written")
     p.add_argument("--pdf", action="store_true", help="also write every figure as PDF")
     p.add_argument("--dpi", type=int, default=None, help="PNG resolution (default: each CLI's)")

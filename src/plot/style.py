@@ -1,5 +1,7 @@
-"""The one look of every figure: fonts and sizes, a colour per model family, markers per image group, and
-human labels for every column a figure shows.
+"""The one look of every figure: fonts, family colours, group markers and column labels.
+
+Fonts and sizes, a colour per model family, markers per image group, and human labels for every column a
+figure shows.
 
 * :data:`RC` (applied on import): font family and sizes, grid, constrained layout.
 * Models: :func:`model_color` (the family adapter's ``color``, else a stable pick from a spare palette),

@@ -153,7 +153,7 @@ def open_run(
     return ReconRun(model, spec, meta, std, load_split(d / SPLIT_FILE), store, index_samples(store), d)
 
 
-# where the seed's train_recon runs lived (its export/eval scripts found them there by --embed_model)
+# where the original pipeline's train_recon runs lived (its export/eval scripts found them there by --embed_model)
 SEED_RUN_DIRS = ("data/output/out/out_{m}_mlp_norm", "data/output/out/out_{m}_norm", "data/output/out/out_{m}")
 
 
@@ -161,7 +161,7 @@ def default_model_dirs(embed_model: str) -> list[Path]:
     """Run folders ``--model_dir`` defaults to for ``--embed_model``, in the order they are looked for.
 
     train_recon's own default ``data/output/recon/<model>_<model_type>`` for every model type, then the
-    seed's layout (``data/output/out/out_<model>_mlp_norm``, ``…_norm``, ``out_<model>``), relative to
+    original pipeline's layout (``data/output/out/out_<model>_mlp_norm``, ``…_norm``, ``out_<model>``), relative to
     the working directory.
     """
     ours = [Path(f"data/output/recon/{embed_model}_{t}") for t in MODEL_TYPES]
@@ -169,7 +169,7 @@ def default_model_dirs(embed_model: str) -> list[Path]:
 
 
 def resolve_model_dir(model_dir: str | None, embed_model: str | None) -> str:
-    """``--model_dir``, or the one existing default run folder of ``--embed_model`` (the seed's call).
+    """``--model_dir``, or the one existing default run folder of ``--embed_model`` (the original pipeline's call).
 
     Raises:
         UsageError: neither flag given, no default folder exists, or several do (ambiguous).

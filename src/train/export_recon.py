@@ -71,11 +71,11 @@ def build_parser():
     p = make_parser(__doc__)
     p.add_argument("--model_dir", default=None, help="the train_recon --out_dir (best_model.pt, normalization.safetensors, "
                    "split.json); default: the one run of --embed_model under data/output/recon/<model>_<type> or the "
-                   "seed's data/output/out/out_<model>[_mlp]_norm")
+                   "original pipeline's data/output/out/out_<model>[_mlp]_norm")
     p.add_argument("--vec_dir", default=None, help="stage-1 store (default: the shard folders recorded at training time)")
-    p.add_argument("--embed_model", default=None, help="model name (default: the checkpoint's)")
-    p.add_argument("--out_base", default="data/vector_recon", help="output base; files go to <out_base>/<out_name>/<shard>/")
-    p.add_argument("--out_name", default=None, help="model folder name (default: <embed_model>_recon)")
+    cli.add_model_arg(p, "--embed_model", default=None, help="model name (default: the checkpoint's)")
+    cli.add_out_dir_arg(p, "--out_base", default="data/vector_recon", help="output base; files go to <out_base>/<out_name>/<shard>/")
+    p.add_argument("--out_name", default=None, help="model folder name (default: <model>_recon)")
     p.add_argument("--model-path", "--model_path", dest="model_path", default=None,
                    help=f"VLM weights for the connector: {VLM_SOURCE_HELP}. Default: the stage-1 manifest's source at its recorded commit")
     p.add_argument("--shards", default=None, help="comma list of shards of the store to export (default: the store's)")
@@ -93,7 +93,7 @@ def build_parser():
     add_attn_arg(p)
     p.add_argument("--store_dtype", default=None, help="dtype of the stored vectors (default: the source store's)")
     p.add_argument("--no_reproj", action="store_true", help="do not load the VLM; store the original E_post as post")
-    p.add_argument("--skip_existing", action="store_true", help="keep chunks an earlier export committed")
+    cli.add_resume_arg(p, "--skip_existing", help="keep chunks an earlier export committed")
     return p
 
 

@@ -158,12 +158,12 @@ def build_parser():
     """The connector-training argument parser."""
     p = make_parser(__doc__)
     g = p.add_argument_group("data")
-    g.add_argument("--embed_model", default=None, help="model family (llava, idefics2, qwen2.5vl, qwen3.5, qwen3vl)")
+    cli.add_model_arg(g, "--embed_model", default=None, help="model family (llava, idefics2, qwen2.5vl, qwen3.5, qwen3vl)")
     g.add_argument("--model-path", "--model_path", dest="model_path", default=None,
                    help=f"weights: {VLM_SOURCE_HELP} [tiny]")
     g.add_argument("--image_dir", default=None, help="images + <key>.txt captions: <image_dir>/<shard>/<key>.<ext>")
     g.add_argument("--vec_dir", default=None,
-                   help="optional stage-1 store (base folder + --embed_model, or the model folder): read E_pre and the "
+                   help="optional stage-1 store (base folder + --model, or the model folder): read E_pre and the "
                    "original E_post from it instead of running the vision tower")
     g.add_argument("--shards", default=None, help="comma list of shards to use (default: all)")
     g.add_argument("--limit", type=cli.nonneg_int, default=None, help="use at most this many captioned images; 0 = all")
@@ -200,8 +200,8 @@ def build_parser():
     o.add_argument("--geometry_weight", type=cli.nonneg_float, default=0.0,
                    help="weight of the MSE to the original connector's E_post (standardised); 0 = off")
     r = p.add_argument_group("run")
-    r.add_argument("--out_dir", default=None, help="run folder (default data/output/connector/<model>_<connector>)")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out_dir from last.pt (or start it)")
+    cli.add_out_dir_arg(r, default=None, help="run folder (default data/output/connector/<model>_<connector>)")
+    cli.add_resume_arg(r, help="continue the run in --out_dir from last.pt (or start it)")
     r.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in --out_dir and start afresh")
     r.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     add_attn_arg(r)

@@ -163,10 +163,10 @@ def parse_models(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = make_parser(__doc__)
-    parser.add_argument(
-        "--models", default="all", help=f"'all' ({', '.join(ALL)}) or a comma list of: {', '.join(TRAINABLE)}"
+    cli.add_model_arg(
+        parser, "--models", multiple=True, default="all", help=f"'all' ({', '.join(ALL)}) or a comma list of: {', '.join(TRAINABLE)}"
     )
-    parser.add_argument("--out", type=Path, default=default_testbed_dir(), help="output folder")
+    cli.add_out_dir_arg(parser, "--out", type=Path, default=default_testbed_dir(), help="output folder")
     d = TrainConfig()
     # These default to None (= the model's recipe); "%(default).0s" prints nothing and stops argparse's
     # formatter from appending "(default: None)".
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
         "--continue", dest="cont", action="store_true",
-        help="continue from the models already in --out (a second schedule of --steps) instead of a fresh init",
+        help="continue from the models already in --out_dir (a second schedule of --steps) instead of a fresh init",
     )
     args = parser.parse_args(argv)
     names = parse_models(args.models)

@@ -236,3 +236,54 @@ def device_name(text: str) -> str:
 
 
 split_fraction = float_in(0.0, 1.0, low_open=True, high_open=True)
+
+
+
+# -- one flag vocabulary across stages: the new name first, today's names kept as aliases ------------
+# Each helper keeps the attribute (``dest``) of the first old name, so a CLI's code reads what it read before;
+# ``--help`` shows ``--model MODEL, --embed_model MODEL``.
+
+
+def add_renamed_flag(parser, new: str, *old_names: str, dest: str | None = None, **kwargs) -> argparse.Action:
+    """Add flag ``new`` with ``old_names`` as aliases that keep working.
+
+    Args:
+        parser: the parser or argument group.
+        new: the flag's name in the shared vocabulary (e.g. ``--model``).
+        *old_names: earlier spellings, shown in ``--help`` beside ``new``.
+        dest: the attribute name; default: the first old name's (``new``'s when there is none).
+        **kwargs: passed to ``add_argument``; ``metavar`` defaults to ``new`` in capitals for valued flags.
+
+    Returns:
+        The argparse action.
+    """
+    if kwargs.get("action") not in ("store_true", "store_false"):
+        kwargs.setdefault("metavar", new.lstrip("-").upper())
+    dest = dest or (old_names[0] if old_names else new).lstrip("-").replace("-", "_")
+    return parser.add_argument(new, *old_names, dest=dest, **kwargs)
+
+
+def add_model_arg(parser, *old_names: str, multiple: bool = False, **kwargs) -> argparse.Action:
+    """``--model``: the model family (``multiple``: ``all`` or a comma list of families); see ``add_renamed_flag``."""
+    kwargs.setdefault("metavar", "MODELS" if multiple else "MODEL")
+    return add_renamed_flag(parser, "--model", *old_names, **kwargs)
+
+
+def add_out_dir_arg(parser, *old_names: str, **kwargs) -> argparse.Action:
+    """``--out_dir``: the output folder (old names e.g. ``--out``, ``--out_base``); see ``add_renamed_flag``."""
+    return add_renamed_flag(parser, "--out_dir", *old_names, **kwargs)
+
+
+def add_resume_arg(parser, *old_names: str, **kwargs) -> argparse.Action:
+    """The switch ``--resume`` (keep what an earlier run committed, do the rest; old name e.g. ``--skip_existing``)."""
+    return add_renamed_flag(parser, "--resume", *old_names, action="store_true", **kwargs)
+
+
+def add_recon_type_arg(parser, *old_names: str, **kwargs) -> argparse.Action:
+    """``--recon_type``: the reconstructor architecture (was ``--model_type`` in train_recon)."""
+    return add_renamed_flag(parser, "--recon_type", *old_names, **kwargs)
+
+
+def add_ref_type_arg(parser, *old_names: str, **kwargs) -> argparse.Action:
+    """``--ref_type``: the reference backbone's model type, its pooling rule (was ``--model_type`` in extract_clip)."""
+    return add_renamed_flag(parser, "--ref_type", *old_names, **kwargs)

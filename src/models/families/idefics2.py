@@ -287,7 +287,7 @@ def _distinct_latents(model: Idefics2ForConditionalGeneration, seed: int) -> Non
     """Small distinct random perceiver latents.
 
     At the default init the latents are all ones: every latent is the same vector and dominates the
-    residual stream, so E_post barely sees the image (FIELD_NOTES), and training cannot tell them apart.
+    residual stream, so E_post barely sees the image, and training cannot tell them apart.
     """
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
