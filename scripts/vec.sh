@@ -33,7 +33,7 @@ source "$_d/scripts/common.sh" || { echo "${0##*/}: scripts/common.sh not found;
 
 setting -p ROOT data/images "images: <shard>/<key>.<ext> (a flat folder is one shard)" sample/images
 setting -p OUT data/vector "output root: OUT/<model>/<shard>/"
-setting MODELS all "families: all or a comma list (llava, idefics2, qwen2.5vl, qwen3.5, qwen3vl)" llava,idefics2,qwen2.5vl,qwen3.5
+setting MODELS all "families: all or a comma list of names (python -m vlmc.models list)" llava,idefics2,qwen2.5vl,qwen3.5
 setting -e MODEL_PATH "" "weights: empty = each family's published HF checkpoint; an HF id, a folder, tiny, testbed, config:<name>, or per family llava=...,idefics2=..." testbed
 setting DTYPE auto "compute dtype: auto = bf16 on GPU, fp32 on CPU"
 setting DEVICE auto "auto, cpu, cuda, cuda:N"

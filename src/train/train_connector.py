@@ -76,7 +76,7 @@ from vlmc.data.images import ImageRecord, discover_images, read_caption, try_loa
 from vlmc.extract.runner import Encoded, RunConfig, run_shards, versions
 from vlmc.extract.vectors import shape_meta
 from vlmc.models.attention import add_attn_arg, check_attn_implementation
-from vlmc.models.base import VLM, Captured, get_adapter
+from vlmc.models.base import VLM, Captured, families, get_adapter
 from vlmc.models.families.common import to_model
 from vlmc.models.load import VLM_SOURCE_HELP, load_vlm
 from vlmc.models.partial import on_vision_side
@@ -158,7 +158,7 @@ def build_parser():
     """The connector-training argument parser."""
     p = make_parser(__doc__)
     g = p.add_argument_group("data")
-    cli.add_model_arg(g, "--embed_model", default=None, help="model family (llava, idefics2, qwen2.5vl, qwen3.5, qwen3vl)")
+    cli.add_model_arg(g, "--embed_model", default=None, help=f"model family ({', '.join(families())})")
     g.add_argument("--model-path", "--model_path", dest="model_path", default=None,
                    help=f"weights: {VLM_SOURCE_HELP} [tiny]")
     g.add_argument("--image_dir", default=None, help="images + <key>.txt captions: <image_dir>/<shard>/<key>.<ext>")
@@ -932,7 +932,7 @@ def resolve_args(args, config: dict[str, Any] | None) -> None:
         if getattr(args, k) is None:
             setattr(args, k, v)
     if not args.embed_model:
-        raise UsageError("--embed_model is required (llava, idefics2, qwen2.5vl, qwen3.5, qwen3vl)")
+        raise UsageError(f"--model is required ({', '.join(families())})")
 
 
 def check_resume(out: Path, args) -> dict[str, Any] | None:
