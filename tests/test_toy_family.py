@@ -83,6 +83,11 @@ def test_a_broken_family_file_fails_loudly_naming_it(plugin_dir):
         discover()
     with pytest.raises(FamilyImportError, match="broken_family"):
         families()  # every registry question fails the same way, not a family silently missing
+    env = {**os.environ, FAMILY_PATH_ENV: str(plugin_dir)}
+    r = subprocess.run([sys.executable, "-m", "vlmc.models", "list"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]  # a stage prints one line naming the file, no traceback
+    assert str(broken) in r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_module_defined_twice_is_refused(plugin_dir):

@@ -18,12 +18,14 @@ import pkgutil
 from importlib import import_module
 from pathlib import Path
 
+from vlmc.utils.cli import UsageError
+
 FAMILY_PATH_ENV = "VLMC_FAMILY_PATH"
 _discovered: tuple[list[str], list[str]] | None = None  # (plugin folders, module names) of the last discovery
 
 
-class FamilyImportError(ImportError):
-    """A family module failed to import (its file is named in the message)."""
+class FamilyImportError(UsageError, ImportError):
+    """A family module failed to import (its file is named in the message; a stage prints it as one line)."""
 
 
 def plugin_dirs() -> list[str]:
