@@ -350,3 +350,22 @@ def test_erank_vs_clip_reads_knn_root_when_geometry_is_on_an_evaluation_set(tree
     steps = {name: argv for name, _, argv in plan(alt, ["--out_dir", "f"], ["--results_dir", "r"])}
     assert steps["plot_erank_vs_clip"][-2:] == ["--knn_dir", str(alt / "knn_root")]
     assert "--knn_dir" not in {name: argv for name, _, argv in plan(tree, [], [])}["plot_erank_vs_clip"]
+
+
+def test_erank_vs_clip_alone_defaults_to_knn_root(tree, tmp_path):
+    """Run by hand on such a folder (the original pipeline's `python src/plot/plot_erank_vs_clip.py` on sample/),
+    it finds the captioned images' geometry in knn_root, not the evaluation set's in knn_out."""
+    import shutil
+
+    alt = tmp_path / "t"
+    shutil.copytree(tree, alt)
+    shutil.move(alt / "knn_out", alt / "knn_root")
+    shutil.copytree(tree / "knn_out", alt / "knn_out")
+    for f in (alt / "knn_out").glob("*/per_image.csv"):  # other images: nothing in common with the captions
+        f.write_text(f.read_text().replace(",0000", ",9999"))
+    args = plot_erank_vs_clip.build_parser().parse_args(["--in_dir", str(alt)])
+    assert plot_erank_vs_clip.geometry_dir(args) == alt / "knn_root"
+    assert plot_erank_vs_clip.main(["--in_dir", str(alt), "--out_dir", str(tmp_path / "f"),
+                                    "--results_dir", str(tmp_path / "r")]) == 0
+    args = plot_erank_vs_clip.build_parser().parse_args(["--in_dir", str(alt), "--knn_dir", str(alt / "knn_out")])
+    assert plot_erank_vs_clip.geometry_dir(args) == alt / "knn_out"

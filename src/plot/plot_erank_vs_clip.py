@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -82,6 +83,8 @@ def build_parser():
     p = make_parser(__doc__)
     add_io_args(p, tables=True)
     add_stage_args(p, "knn", "captions", "perturb", "images")
+    knn = next(a for a in p._actions if a.dest == "knn_dir")
+    knn.help = "stage folder; None = <in_dir>/knn_root (the captioned images' geometry) if it exists, else knn_out|knn"
     p.add_argument("--space", choices=("post", "pre"), default="post", help="effective rank of E_post or E_pre")
     p.add_argument("--normalized", action="store_true", help="use effective rank / min(T-1, D)")
     p.add_argument("--clip_source", choices=("auto", "captions", "perturb"), default="auto",
@@ -91,9 +94,17 @@ def build_parser():
     return p
 
 
+def geometry_dir(args) -> Path:
+    """``--knn_dir``; else ``<in_dir>/knn_root`` when it exists (a pipeline run with ``EVAL_ROOT`` computes the
+    geometry on the evaluation set in ``knn_out`` and the captioned images' own in ``knn_root``: only the latter
+    shares images with the CLIPScores); else the knn folder."""
+    root = Path(args.in_dir) / "knn_root"
+    return root if not args.knn_dir and root.is_dir() else stage_dir(args, "knn")
+
+
 def joined(args) -> tuple[pd.DataFrame, str, str]:
     """``model, shard, key, erank, clipscore[, group]`` rows, the erank column's name and the CLIPScore label."""
-    runs = load_knn(require_dir(stage_dir(args, "knn"), "knn folder"), args.metric)
+    runs = load_knn(require_dir(geometry_dir(args), "knn folder"), args.metric)
     clip, ylabel = clip_scores(args)
     frames, col = [], None
     for m, run in runs.items():
