@@ -82,9 +82,9 @@ def clip_scores(args) -> tuple[pd.DataFrame, str]:
 def build_parser():
     p = make_parser(__doc__)
     add_io_args(p, tables=True)
-    add_stage_args(p, "knn", "captions", "perturb", "images")
-    knn = next(a for a in p._actions if a.dest == "knn_dir")
-    knn.help = "stage folder; None = <in_dir>/knn_root (the captioned images' geometry) if it exists, else knn_out|knn"
+    p.add_argument("--knn_dir", default=None, help="stage folder; None = <in_dir>/knn_root (the captioned images' "
+                   "geometry) if it exists, else the first of <in_dir>/knn_out|knn that exists")
+    add_stage_args(p, "captions", "perturb", "images")
     p.add_argument("--space", choices=("post", "pre"), default="post", help="effective rank of E_post or E_pre")
     p.add_argument("--normalized", action="store_true", help="use effective rank / min(T-1, D)")
     p.add_argument("--clip_source", choices=("auto", "captions", "perturb"), default="auto",

@@ -238,7 +238,6 @@ def device_name(text: str) -> str:
 split_fraction = float_in(0.0, 1.0, low_open=True, high_open=True)
 
 
-
 # -- one flag vocabulary across stages: the new name first, today's names kept as aliases ------------
 # Each helper keeps the attribute (``dest``) of the first old name, so a CLI's code reads what it read before;
 # ``--help`` shows ``--model MODEL, --embed_model MODEL``.
